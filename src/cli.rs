@@ -1,0 +1,143 @@
+//! Command-line interface: `keepfs mount s3://BUCKET[/PREFIX] MOUNTPOINT [flags]`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    ConfigError, LogFormat, MountConfig, S3Url, parse_duration, parse_mode, parse_size,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keepfs",
+    version,
+    about = "Mount an S3 bucket (or a prefix of one) as a POSIX filesystem through FUSE",
+    long_about = "Mount an S3 bucket (or a prefix of one) as a POSIX filesystem through FUSE.\n\n\
+        Credentials and region come from the AWS default chain (environment, profile, web \
+        identity/IRSA, EKS Pod Identity, ECS, IMDS). This version mounts read-only."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount s3://BUCKET[/PREFIX] at MOUNTPOINT.
+    Mount(MountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// What to mount: s3://BUCKET or s3://BUCKET/PREFIX.
+    #[arg(value_name = "s3://BUCKET[/PREFIX]")]
+    pub source: String,
+
+    /// An existing, empty directory that is not already a mount point.
+    pub mountpoint: PathBuf,
+
+    /// S3 endpoint for S3-compatible servers (for example http://127.0.0.1:9000). Also read
+    /// from AWS_ENDPOINT_URL by the AWS default chain.
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// AWS region of the bucket (default: from the AWS chain, else us-east-1).
+    #[arg(long)]
+    pub region: Option<String>,
+
+    /// Address the bucket as ENDPOINT/BUCKET instead of BUCKET.ENDPOINT (most S3-compatible
+    /// servers need this).
+    #[arg(long)]
+    pub force_path_style: bool,
+
+    /// Mount read-only: every write fails with EROFS. This is currently the only mode.
+    #[arg(long, default_value_t = true)]
+    pub read_only: bool,
+
+    /// Stay in the foreground (the default); logs go to stderr.
+    #[arg(long, conflicts_with = "daemon")]
+    pub foreground: bool,
+
+    /// Detach once the mount is ready; the command exits 0 when the filesystem is usable, or
+    /// non-zero with the reason if mounting failed.
+    #[arg(long)]
+    pub daemon: bool,
+
+    /// Let users other than the one who mounted access the filesystem (needs root or
+    /// user_allow_other in /etc/fuse.conf). Off by default.
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Owner of files and directories without x-amz-meta-uid (default: the mounting user).
+    #[arg(long)]
+    pub uid: Option<u32>,
+
+    /// Group of files and directories without x-amz-meta-gid (default: the mounting group).
+    #[arg(long)]
+    pub gid: Option<u32>,
+
+    /// Permission bits (octal) of files without x-amz-meta-mode.
+    #[arg(long, default_value = "644", value_name = "OCTAL")]
+    pub file_mode: String,
+
+    /// Permission bits (octal) of directories.
+    #[arg(long, default_value = "755", value_name = "OCTAL")]
+    pub dir_mode: String,
+
+    /// How long file attributes and names are trusted before asking S3 again (seconds, or
+    /// 500ms / 2s). Directory listings are always fresh.
+    #[arg(long, default_value = "1", value_name = "DURATION")]
+    pub metadata_ttl: String,
+
+    /// Memory for cached file blocks (bytes, or with K/M/G suffix). 0 disables the cache.
+    #[arg(long, default_value = "512MiB", value_name = "SIZE")]
+    pub max_memory_cache: String,
+
+    /// Largest read-ahead window of one sequential reader.
+    #[arg(long, default_value = "64MiB", value_name = "SIZE")]
+    pub max_prefetch: String,
+
+    /// Threads serving FUSE requests.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub fuse_threads: u16,
+
+    /// Bound on connecting to the endpoint; the check before mounting gives up after twice this.
+    #[arg(long, default_value = "5", value_name = "DURATION")]
+    pub connect_timeout: String,
+
+    /// Log level (error, warn, info, debug, trace). RUST_LOG, when set, takes precedence.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl MountArgs {
+    /// Validates the arguments into a [`MountConfig`].
+    pub fn to_config(&self) -> Result<MountConfig, ConfigError> {
+        let source: S3Url = self.source.parse()?;
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Ok(MountConfig {
+            source,
+            mountpoint: self.mountpoint.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            force_path_style: self.force_path_style,
+            allow_other: self.allow_other,
+            uid: self.uid.unwrap_or(uid),
+            gid: self.gid.unwrap_or(gid),
+            file_mode: parse_mode(&self.file_mode)?,
+            dir_mode: parse_mode(&self.dir_mode)?,
+            metadata_ttl: parse_duration(&self.metadata_ttl)?,
+            max_memory_cache: parse_size(&self.max_memory_cache)?,
+            max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
+            fuse_threads: usize::from(self.fuse_threads),
+            connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
+        })
+    }
+}

@@ -1,0 +1,57 @@
+//! Errors of filesystem operations, each with the errno the kernel gets.
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDirectory,
+    #[error("is a directory")]
+    IsDirectory,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("inode {0} is not known (stale)")]
+    StaleInode(u64),
+    #[error("file handle {0} is not open")]
+    BadHandle(u64),
+    #[error("invalid argument")]
+    InvalidArgument,
+    #[error("{key}: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl FsError {
+    pub fn store(key: &str, source: StoreError) -> Self {
+        match source {
+            StoreError::NotFound => FsError::NotFound,
+            source => FsError::Store {
+                key: key.to_owned(),
+                source,
+            },
+        }
+    }
+
+    /// The errno reported to the application.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDirectory => libc::ENOTDIR,
+            FsError::IsDirectory => libc::EISDIR,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::StaleInode(_) => libc::ESTALE,
+            FsError::BadHandle(_) => libc::EBADF,
+            FsError::InvalidArgument => libc::EINVAL,
+            FsError::Store { source, .. } => match source {
+                StoreError::NotFound | StoreError::NoSuchBucket(_) => libc::ENOENT,
+                StoreError::AccessDenied(_) | StoreError::Credentials(_) => libc::EACCES,
+                _ => libc::EIO,
+            },
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! keepfs: a FUSE filesystem that gives containers a POSIX view of an S3 bucket.
+//!
+//! Data flows one way: [`cli`]/[`config`] → [`fs`] (the FUSE adapter) → [`namespace`] (paths,
+//! inodes, attributes) and [`cache`] (memory blocks) → [`prefetch`] → [`store`] (S3).
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fs;
+pub mod logging;
+pub mod mount;
+pub mod namespace;
+pub mod prefetch;
+pub mod store;

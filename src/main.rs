@@ -1,0 +1,35 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use keepfs::cli::{Cli, Command};
+use keepfs::mount::{DAEMON_CHILD_ENV, daemonize, run};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mount(args) => {
+            let config = match args.to_config() {
+                Ok(config) => config,
+                Err(e) => return fail(&format!("invalid arguments: {e}")),
+            };
+            if args.daemon && std::env::var_os(DAEMON_CHILD_ENV).is_none() {
+                return match daemonize() {
+                    Ok(0) => ExitCode::SUCCESS,
+                    Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                    Err(e) => fail(&format!("could not start in the background: {e}")),
+                };
+            }
+            keepfs::logging::init(&args.log_level, args.log_format);
+            let what = format!("{} at {}", config.source, config.mountpoint.display());
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("could not mount {what}: {}", anyhow::Error::from(e))),
+            }
+        }
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("keepfs: {message}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,345 @@
+//! Mounting: checks before anything is mounted, the FUSE session, and a clean unmount on
+//! SIGINT/SIGTERM or an external `umount`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::cache::MemoryCache;
+use crate::config::MountConfig;
+use crate::fs::KeepFs;
+use crate::namespace::{Defaults, Namespace};
+use crate::prefetch::{BlockFetcher, PrefetchConfig};
+use crate::store::{ObjectStore, S3Store, S3StoreConfig, StoreError};
+
+/// Environment variable through which a `--daemon` parent tells its child to report readiness
+/// on stdout.
+pub const DAEMON_CHILD_ENV: &str = "KEEPFS_DAEMON_CHILD";
+const READY_LINE: &str = "keepfs: mounted";
+
+/// Why a mount could not be made; the message is meant for the person who ran the command.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mountpoint {0} does not exist")]
+    MountpointMissing(PathBuf),
+    #[error("mountpoint {0} is not a directory")]
+    MountpointNotDirectory(PathBuf),
+    #[error("mountpoint {0} is already a mount point (unmount it first)")]
+    MountpointInUse(PathBuf),
+    #[error("cannot use mountpoint {path}: {source}")]
+    MountpointAccess {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bucket {0:?} does not exist (check the name, --region and --endpoint-url)")]
+    BucketNotFound(String),
+    #[error("access denied to bucket {bucket:?} ({detail}); check the credentials and the bucket policy")]
+    AccessDenied { bucket: String, detail: String },
+    #[error("could not load AWS credentials: {0}")]
+    Credentials(String),
+    #[error("bucket {bucket:?} is in another region: {detail} (set --region)")]
+    WrongRegion { bucket: String, detail: String },
+    #[error("could not reach the S3 endpoint {endpoint} within {seconds}s: {detail}")]
+    Unreachable {
+        endpoint: String,
+        seconds: u64,
+        detail: String,
+    },
+    #[error("checking bucket {bucket:?} failed: {detail}")]
+    Check { bucket: String, detail: String },
+    #[error("FUSE mount failed: {0} (is /dev/fuse available and fusermount3 installed?)")]
+    Fuse(std::io::Error),
+    #[error("could not start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Checks that `path` can be mounted on: an existing directory that is not a mount point yet.
+pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(MountError::MountpointMissing(path.to_owned()));
+        }
+        // A dead FUSE mount answers ENOTCONN: it is a mount point.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(MountError::MountpointInUse(path.to_owned()));
+        }
+        Err(source) => {
+            return Err(MountError::MountpointAccess {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if !meta.is_dir() {
+        return Err(MountError::MountpointNotDirectory(path.to_owned()));
+    }
+    let canonical = path
+        .canonicalize()
+        .map_err(|source| MountError::MountpointAccess {
+            path: path.to_owned(),
+            source,
+        })?;
+    if is_mount_point(&canonical) {
+        return Err(MountError::MountpointInUse(canonical));
+    }
+    Ok(canonical)
+}
+
+/// Whether `path` (canonical) appears as a mount point in this namespace's mount table.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    table.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|mp| Path::new(&unescape_mount_path(mp)) == path)
+    })
+}
+
+/// Mount tables escape space, tab, newline and backslash as octal (`\040`).
+fn unescape_mount_path(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len() + 0
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs the pre-mount bucket check, translating failures into [`MountError`]s.
+async fn check_bucket(store: &S3Store, config: &MountConfig) -> Result<(), MountError> {
+    let bound = config.connect_timeout * 2 + Duration::from_secs(2);
+    let bucket = config.source.bucket.clone();
+    let endpoint = config
+        .endpoint_url
+        .clone()
+        .unwrap_or_else(|| "(AWS default)".into());
+    let unreachable = |detail: String| MountError::Unreachable {
+        endpoint: endpoint.clone(),
+        seconds: bound.as_secs(),
+        detail,
+    };
+    match tokio::time::timeout(bound, store.check_access(&config.source.prefix)).await {
+        Err(_) => Err(unreachable("timed out".into())),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(match e {
+            StoreError::NoSuchBucket(_) | StoreError::NotFound => MountError::BucketNotFound(bucket),
+            StoreError::AccessDenied(detail) => MountError::AccessDenied { bucket, detail },
+            StoreError::Credentials(detail) => MountError::Credentials(detail),
+            StoreError::WrongRegion(detail) => MountError::WrongRegion { bucket, detail },
+            StoreError::Unreachable(detail) => unreachable(detail),
+            other => MountError::Check {
+                bucket,
+                detail: other.to_string(),
+            },
+        }),
+    }
+}
+
+fn fuse_config(config: &MountConfig) -> Config {
+    let mut fuse = Config::default();
+    fuse.mount_options = vec![
+        MountOption::FSName(format!("keepfs:{}", config.source)),
+        MountOption::Subtype("keepfs".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        // The kernel enforces the mode bits keepfs reports.
+        MountOption::DefaultPermissions,
+    ];
+    fuse.acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse.n_threads = Some(config.fuse_threads);
+    fuse.clone_fd = true;
+    fuse
+}
+
+/// Mounts and serves until unmounted (by a signal or from outside). Returns once the
+/// filesystem is unmounted.
+pub fn run(config: MountConfig) -> Result<(), MountError> {
+    let mountpoint = check_mountpoint(&config.mountpoint)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keepfs-io")
+        .build()
+        .map_err(MountError::Runtime)?;
+
+    let store = runtime.block_on(async {
+        let store = S3Store::new(&S3StoreConfig {
+            bucket: config.source.bucket.clone(),
+            endpoint_url: config.endpoint_url.clone(),
+            region: config.region.clone(),
+            force_path_style: config.force_path_style,
+            connect_timeout: config.connect_timeout,
+        })
+        .await;
+        check_bucket(&store, &config).await.map(|()| store)
+    })?;
+    let store = Arc::new(store);
+
+    let defaults = Defaults {
+        uid: config.uid,
+        gid: config.gid,
+        file_mode: config.file_mode,
+        dir_mode: config.dir_mode,
+        mount_time: SystemTime::now(),
+    };
+    let namespace = Namespace::new(
+        Arc::clone(&store),
+        &config.source.prefix,
+        defaults,
+        config.metadata_ttl,
+    );
+    let fetcher = Arc::new(BlockFetcher::new(
+        Arc::clone(&store),
+        MemoryCache::new(config.max_memory_cache),
+    ));
+    let prefetch = PrefetchConfig {
+        max_window: config.max_prefetch,
+        ..PrefetchConfig::default()
+    };
+    let fs = KeepFs::new(namespace, fetcher, prefetch, runtime.handle().clone());
+
+    let mut session =
+        Session::new(fs, &mountpoint, &fuse_config(&config)).map_err(MountError::Fuse)?;
+    tracing::info!(source = %config.source, mountpoint = %mountpoint.display(), "mounted");
+    report_ready();
+
+    let mut unmounter = session.unmount_callable();
+    let signal_mountpoint = mountpoint.clone();
+    runtime.spawn(async move {
+        wait_for_stop_signal().await;
+        tracing::info!(mountpoint = %signal_mountpoint.display(), "stop signal received; unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!(error = %e, "unmount failed (mountpoint busy?); detaching lazily");
+            lazy_unmount(&signal_mountpoint);
+            std::process::exit(0);
+        }
+    });
+
+    let result = session.run();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => {
+            tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+            Ok(())
+        }
+        Err(e) => Err(MountError::Fuse(e)),
+    }
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("could not install signal handlers; stop keepfs with umount");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Detaches the mount even while files are open (`umount -l`).
+fn lazy_unmount(path: &Path) {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        let _ = std::process::Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(path)
+            .status();
+    }
+}
+
+/// Tells a waiting `--daemon` parent that the mount is ready.
+fn report_ready() {
+    if std::env::var_os(DAEMON_CHILD_ENV).is_some() {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{READY_LINE}");
+        let _ = out.flush();
+    }
+}
+
+/// `--daemon`: re-runs this command in the background and waits until it reports the mount is
+/// ready (exit 0) or exits with an error (its status is returned).
+pub fn daemonize() -> std::io::Result<i32> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env(DAEMON_CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        // A new process group: the terminal's Ctrl-C no longer reaches the daemon.
+        .process_group(0)
+        .spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim_end() == READY_LINE {
+        return Ok(0);
+    }
+    let status = child.wait()?;
+    Ok(status.code().unwrap_or(1).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_table_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert_eq!(unescape_mount_path("/x\\134y"), "/x\\y");
+    }
+
+    #[test]
+    fn mountpoint_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        assert!(matches!(
+            check_mountpoint(&missing),
+            Err(MountError::MountpointMissing(_))
+        ));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            check_mountpoint(&file),
+            Err(MountError::MountpointNotDirectory(_))
+        ));
+        assert!(check_mountpoint(dir.path()).is_ok());
+        assert!(matches!(
+            check_mountpoint(Path::new("/proc")),
+            Err(MountError::MountpointInUse(_))
+        ));
+    }
+}

@@ -1,0 +1,156 @@
+//! File attributes: what `stat` shows, derived from object metadata or the mount's defaults.
+
+use std::time::{Duration, SystemTime};
+
+use crate::store::ObjectMeta;
+
+/// What a path is. A name that is both an object and a prefix is a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeKind {
+    Directory,
+    File,
+    Symlink,
+}
+
+/// Attributes as `stat` reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Permission bits only (`0o7777`).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Ownership and modes for objects that carry no metadata of their own.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    /// Directories have no timestamp in S3; they show the mount time.
+    pub mount_time: SystemTime,
+}
+
+// s3fs-fuse compatible user metadata names (values are decimal strings).
+const META_MODE: &str = "mode";
+const META_UID: &str = "uid";
+const META_GID: &str = "gid";
+const META_MTIME: &str = "mtime";
+
+const S_IFMT: u32 = libc::S_IFMT;
+const S_IFLNK: u32 = libc::S_IFLNK;
+const S_IFDIR: u32 = libc::S_IFDIR;
+
+impl Defaults {
+    /// Attributes of a directory (inferred from a prefix or a `dir/` marker).
+    pub fn directory(&self, ino: u64) -> Attr {
+        Attr {
+            ino,
+            kind: NodeKind::Directory,
+            size: 0,
+            mtime: self.mount_time,
+            perm: self.dir_mode,
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+
+    /// Attributes of an object: its `x-amz-meta-*` where present and parseable, defaults otherwise.
+    pub fn object(&self, ino: u64, meta: &ObjectMeta) -> Attr {
+        let md = &meta.user_metadata;
+        let number = |name: &str| md.get(name).and_then(|v| v.trim().parse::<u32>().ok());
+        let mode = number(META_MODE);
+        let kind = match mode.map(|m| m & S_IFMT) {
+            Some(S_IFLNK) => NodeKind::Symlink,
+            // A plain object marked as a directory by another tool is still shown as a file:
+            // only prefixes and `dir/` markers are directories here.
+            Some(S_IFDIR) | Some(_) | None => NodeKind::File,
+        };
+        Attr {
+            ino,
+            kind,
+            size: meta.size,
+            mtime: md
+                .get(META_MTIME)
+                .and_then(|v| parse_mtime(v))
+                .unwrap_or(meta.last_modified),
+            perm: mode.map(|m| (m & 0o7777) as u16).unwrap_or(self.file_mode),
+            uid: number(META_UID).unwrap_or(self.uid),
+            gid: number(META_GID).unwrap_or(self.gid),
+        }
+    }
+}
+
+/// Parses `x-amz-meta-mtime`: seconds since the epoch, optionally with a fraction.
+fn parse_mtime(value: &str) -> Option<SystemTime> {
+    let value = value.trim();
+    let (secs, frac) = value.split_once('.').unwrap_or((value, ""));
+    let secs: u64 = secs.parse().ok()?;
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        let scale = 10u32.pow(9 - digits.len() as u32);
+        digits.parse::<u32>().ok()? * scale
+    };
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn defaults() -> Defaults {
+        Defaults {
+            uid: 7,
+            gid: 8,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            mount_time: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn meta(pairs: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            size: 3,
+            etag: "\"e\"".into(),
+            last_modified: SystemTime::UNIX_EPOCH + Duration::from_secs(100),
+            user_metadata: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+        }
+    }
+
+    #[test]
+    fn defaults_apply_without_metadata() {
+        let a = defaults().object(5, &meta(&[]));
+        assert_eq!((a.kind, a.perm, a.uid, a.gid), (NodeKind::File, 0o644, 7, 8));
+        assert_eq!(a.mtime, SystemTime::UNIX_EPOCH + Duration::from_secs(100));
+    }
+
+    #[test]
+    fn metadata_overrides_defaults() {
+        let a = defaults().object(
+            5,
+            &meta(&[("mode", "33261"), ("uid", "1000"), ("gid", "50"), ("mtime", "12.5")]),
+        );
+        assert_eq!((a.kind, a.perm, a.uid, a.gid), (NodeKind::File, 0o755, 1000, 50));
+        assert_eq!(a.mtime, SystemTime::UNIX_EPOCH + Duration::from_millis(12_500));
+    }
+
+    #[test]
+    fn symlink_mode_and_garbage() {
+        let a = defaults().object(5, &meta(&[("mode", "41471")])); // 0o120777
+        assert_eq!(a.kind, NodeKind::Symlink);
+        let b = defaults().object(5, &meta(&[("mode", "rwx"), ("mtime", "soon")]));
+        assert_eq!((b.kind, b.perm), (NodeKind::File, 0o644));
+        assert_eq!(b.mtime, SystemTime::UNIX_EPOCH + Duration::from_secs(100));
+    }
+}

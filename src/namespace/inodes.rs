@@ -1,0 +1,223 @@
+//! The inode table: stable numbers for paths, and the kernel's lookup counts.
+//!
+//! An inode number is a hash of the path and its kind, so the same path gets the same number for
+//! as long as the mount lives, even after the kernel forgot it and looked it up again. Entries
+//! exist only while the kernel holds a reference (lookup count > 0), which bounds memory by what
+//! the kernel caches rather than by the bucket's size.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Instant;
+
+use super::attr::{Attr, NodeKind};
+
+pub const ROOT_INO: u64 = 1;
+
+/// One path the kernel knows about.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Path relative to the mount root (`""` for the root).
+    pub path: String,
+    pub attr: Attr,
+    /// ETag of the object this node was last seen as (files and symlinks).
+    pub etag: Option<String>,
+    /// Whether `attr` came from HEAD (user metadata applied) rather than a listing.
+    pub from_head: bool,
+    /// When `attr` was last confirmed with the server.
+    pub validated: Instant,
+    /// ETag the last `open` saw; the kernel page cache is kept while it is unchanged.
+    pub opened_etag: Option<String>,
+    lookups: u64,
+}
+
+/// What the server said about a path, to be recorded in the table.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub attr: Attr,
+    pub etag: Option<String>,
+    pub from_head: bool,
+}
+
+#[derive(Debug)]
+pub struct InodeTable {
+    nodes: HashMap<u64, Node>,
+    by_path: HashMap<String, u64>,
+}
+
+fn hashed_ino(path: &str, kind: NodeKind) -> u64 {
+    let mut h = DefaultHasher::new();
+    path.hash(&mut h);
+    kind.hash(&mut h);
+    h.finish()
+}
+
+impl InodeTable {
+    pub fn new(root: Attr) -> Self {
+        let root = Node {
+            path: String::new(),
+            attr: Attr {
+                ino: ROOT_INO,
+                ..root
+            },
+            etag: None,
+            from_head: true,
+            validated: Instant::now(),
+            opened_etag: None,
+            // The kernel never forgets the root.
+            lookups: 1,
+        };
+        Self {
+            nodes: HashMap::from([(ROOT_INO, root)]),
+            by_path: HashMap::from([(String::new(), ROOT_INO)]),
+        }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino)
+    }
+
+    /// The live node for `path`, if the kernel holds one.
+    pub fn find(&self, path: &str) -> Option<&Node> {
+        self.by_path.get(path).and_then(|ino| self.nodes.get(ino))
+    }
+
+    /// The number `path` has or would get (without registering it).
+    pub fn ino_for(&self, path: &str, kind: NodeKind) -> u64 {
+        let mut ino = hashed_ino(path, kind);
+        loop {
+            match self.nodes.get(&ino) {
+                _ if ino <= ROOT_INO => {}
+                None => return ino,
+                Some(n) if n.path == path && n.attr.kind == kind => return ino,
+                Some(_) => {} // collision with another live path: probe on
+            }
+            ino = ino.wrapping_add(1);
+        }
+    }
+
+    /// Records `seen` for `path`, adds one kernel reference, and returns the attributes with the
+    /// inode number filled in. Listing data never overwrites HEAD metadata of the same version.
+    pub fn remember(&mut self, path: &str, seen: Seen) -> Attr {
+        let ino = self.ino_for(path, seen.attr.kind);
+        let now = Instant::now();
+        let node = self.nodes.entry(ino).or_insert_with(|| Node {
+            path: path.to_owned(),
+            attr: seen.attr.clone(),
+            etag: None,
+            from_head: false,
+            validated: now,
+            opened_etag: None,
+            lookups: 0,
+        });
+        let keep_head_metadata = node.from_head && !seen.from_head && node.etag == seen.etag;
+        if keep_head_metadata {
+            node.attr.size = seen.attr.size;
+        } else {
+            node.attr = seen.attr;
+            node.from_head = seen.from_head;
+        }
+        node.attr.ino = ino;
+        node.etag = seen.etag;
+        node.validated = now;
+        node.lookups += 1;
+        let attr = node.attr.clone();
+        self.by_path.insert(path.to_owned(), ino);
+        attr
+    }
+
+    /// Adds one kernel reference to an existing node.
+    pub fn add_lookup(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.lookups += 1;
+        }
+    }
+
+    /// Drops `n` kernel references; the node goes away when none remain.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(n);
+        if node.lookups == 0 {
+            let node = self.nodes.remove(&ino).expect("node present");
+            if self.by_path.get(&node.path) == Some(&ino) {
+                self.by_path.remove(&node.path);
+            }
+        }
+    }
+
+    /// Number of live nodes (root included).
+    pub fn live_count(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn attr(kind: NodeKind, size: u64, perm: u16) -> Attr {
+        Attr {
+            ino: 0,
+            kind,
+            size,
+            mtime: SystemTime::UNIX_EPOCH,
+            perm,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn seen(kind: NodeKind, etag: &str, from_head: bool, perm: u16) -> Seen {
+        Seen {
+            attr: attr(kind, 1, perm),
+            etag: Some(etag.into()),
+            from_head,
+        }
+    }
+
+    #[test]
+    fn numbers_are_stable_across_forget() {
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let a = t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600)).ino;
+        assert!(a > ROOT_INO);
+        assert_eq!(t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600)).ino, a);
+        t.forget(a, 1);
+        assert!(t.get(a).is_some(), "one reference left");
+        t.forget(a, 1);
+        assert!(t.get(a).is_none() && t.find("a/b").is_none());
+        assert_eq!(t.live_count(), 1);
+        assert_eq!(t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600)).ino, a);
+        // Another kind at the same path is another inode.
+        let d = t.remember("a/b", seen(NodeKind::Directory, "e1", true, 0o700)).ino;
+        assert_ne!(d, a);
+        assert_eq!(t.find("a/b").map(|n| n.attr.ino), Some(d));
+        t.forget(a, 1);
+        assert_eq!(t.find("a/b").map(|n| n.attr.ino), Some(d), "old inode's forget keeps new");
+    }
+
+    #[test]
+    fn root_is_never_forgotten() {
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        t.forget(ROOT_INO, 100);
+        assert!(t.get(ROOT_INO).is_some());
+    }
+
+    #[test]
+    fn listing_keeps_head_metadata_of_same_version() {
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        t.remember("f", seen(NodeKind::Symlink, "e1", true, 0o777));
+        let listed = t.remember("f", seen(NodeKind::Symlink, "e1", false, 0o644));
+        assert_eq!(listed.perm, 0o777);
+        let changed = t.remember("f", seen(NodeKind::Symlink, "e2", false, 0o644));
+        assert_eq!(changed.perm, 0o644);
+    }
+}

@@ -1,0 +1,337 @@
+//! Paths ↔ keys: lookups, listings, attributes and the inode table.
+//!
+//! Key `PREFIX/a/b.txt` is file `a/b.txt`; directories come from `/` in keys (ListObjectsV2 with
+//! a delimiter) and from `dir/` marker objects. A name that is both a file and a directory shows
+//! the directory. Keys that can't be file names are skipped and logged once.
+
+mod attr;
+mod inodes;
+mod names;
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use attr::{Attr, Defaults, NodeKind};
+pub use inodes::ROOT_INO;
+use inodes::{InodeTable, Seen};
+pub use names::normalize_prefix;
+use names::{InvalidName, check_component, dir_key, join};
+
+use crate::error::FsError;
+use crate::store::{ObjectMeta, ObjectStore};
+
+/// How many skipped keys are remembered for "log once"; beyond it they are logged again.
+const SKIPPED_LOG_CAPACITY: usize = 100_000;
+
+/// One entry of a directory listing, before the kernel has been told about it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub name: String,
+    pub attr: Attr,
+    etag: Option<String>,
+    from_head: bool,
+}
+
+/// An object opened for reading, pinned to the version seen at open.
+#[derive(Debug, Clone)]
+pub struct OpenedObject {
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    /// The kernel may keep its page cache: the version is the one the last open saw.
+    pub keep_cache: bool,
+}
+
+pub struct Namespace<S> {
+    store: Arc<S>,
+    prefix: String,
+    defaults: Defaults,
+    ttl: Duration,
+    table: Mutex<InodeTable>,
+    skipped: Mutex<HashSet<String>>,
+}
+
+impl<S: ObjectStore> Namespace<S> {
+    /// `prefix` is normalised (`""` or ending in `/`); `ttl` bounds how long attributes are
+    /// trusted without asking the server again.
+    pub fn new(store: Arc<S>, prefix: &str, defaults: Defaults, ttl: Duration) -> Self {
+        let table = InodeTable::new(defaults.directory(ROOT_INO));
+        Self {
+            store,
+            prefix: normalize_prefix(prefix),
+            defaults,
+            ttl,
+            table: Mutex::new(table),
+            skipped: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, InodeTable> {
+        // A panic while holding the lock leaves a consistent table (every mutation is a few
+        // plain assignments), so a poisoned lock is safe to keep using.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path_of(&self, ino: u64) -> Result<(String, NodeKind), FsError> {
+        self.table()
+            .get(ino)
+            .map(|n| (n.path.clone(), n.attr.kind))
+            .ok_or(FsError::StaleInode(ino))
+    }
+
+    fn object_key(&self, path: &str) -> String {
+        format!("{}{}", self.prefix, path)
+    }
+
+    /// Logs a key that can't be shown, once per key.
+    fn skip_key(&self, key: &str, why: InvalidName) {
+        let mut skipped = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
+        if skipped.len() >= SKIPPED_LOG_CAPACITY {
+            skipped.clear();
+        }
+        if skipped.insert(key.to_owned()) {
+            tracing::warn!(key, reason = %why, "skipping key that can't be a file name");
+        }
+    }
+
+    fn seen_object(&self, meta: &ObjectMeta, from_head: bool) -> Seen {
+        Seen {
+            attr: self.defaults.object(0, meta),
+            etag: Some(meta.etag.clone()),
+            from_head,
+        }
+    }
+
+    fn seen_directory(&self) -> Seen {
+        Seen {
+            attr: self.defaults.directory(0),
+            etag: None,
+            from_head: true,
+        }
+    }
+
+    /// Resolves `name` in directory `parent`, adding one kernel reference on success.
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
+        let (dir, kind) = self.path_of(parent)?;
+        if kind != NodeKind::Directory {
+            return Err(FsError::NotDirectory);
+        }
+        let name = name.to_str().ok_or(FsError::NotFound)?;
+        match check_component(name) {
+            Ok(()) => {}
+            Err(InvalidName::TooLong) => return Err(FsError::NameTooLong),
+            Err(_) => return Err(FsError::NotFound),
+        }
+        let path = join(&dir, name);
+        {
+            let mut table = self.table();
+            if let Some(node) = table.find(&path)
+                && node.validated.elapsed() < self.ttl
+            {
+                let attr = node.attr.clone();
+                table.add_lookup(attr.ino);
+                return Ok(attr);
+            }
+        }
+        let seen = self.resolve(&path).await?;
+        Ok(self.table().remember(&path, seen))
+    }
+
+    /// Asks the server what `path` is: HEAD of the key and a 1-key listing of `key/`, together.
+    async fn resolve(&self, path: &str) -> Result<Seen, FsError> {
+        let key = self.object_key(path);
+        let as_dir = dir_key(&self.prefix, path);
+        let (head, list) = tokio::join!(
+            self.store.head(&key),
+            self.store.list_page(&as_dir, None, Some(1))
+        );
+        let list = list.map_err(|e| FsError::store(&as_dir, e))?;
+        if !list.objects.is_empty() || !list.prefixes.is_empty() {
+            return Ok(self.seen_directory());
+        }
+        let meta = head.map_err(|e| FsError::store(&key, e))?;
+        Ok(self.seen_object(&meta, true))
+    }
+
+    /// Current attributes of `ino`, re-validated with the server once the TTL has passed.
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let (path, attr, fresh) = {
+            let table = self.table();
+            let node = table.get(ino).ok_or(FsError::StaleInode(ino))?;
+            let fresh = node.validated.elapsed() < self.ttl;
+            (node.path.clone(), node.attr.clone(), fresh)
+        };
+        // Directories carry nothing to re-validate; the root always exists.
+        if fresh || attr.kind == NodeKind::Directory {
+            return Ok(attr);
+        }
+        let key = self.object_key(&path);
+        let meta = self.store.head(&key).await.map_err(|e| FsError::store(&key, e))?;
+        Ok(self.update_from_head(ino, &meta).unwrap_or(attr))
+    }
+
+    /// Refreshes a live node from a HEAD result, unless the object changed kind.
+    fn update_from_head(&self, ino: u64, meta: &ObjectMeta) -> Option<Attr> {
+        let seen = self.seen_object(meta, true);
+        let mut table = self.table();
+        let node = table.get_mut(ino)?;
+        if node.attr.kind != seen.attr.kind {
+            return None;
+        }
+        node.attr = Attr { ino, ..seen.attr };
+        node.etag = seen.etag;
+        node.from_head = true;
+        node.validated = Instant::now();
+        Some(node.attr.clone())
+    }
+
+    /// Drops `n` kernel references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.table().forget(ino, n);
+    }
+
+    /// Number of inodes the kernel currently references (root included).
+    pub fn live_inodes(&self) -> usize {
+        self.table().live_count()
+    }
+
+    /// A fresh, complete listing of directory `ino`, sorted by name. Nothing is registered:
+    /// call [`Namespace::remember`] for each entry handed to the kernel with attributes.
+    pub async fn list(&self, ino: u64) -> Result<Vec<Listed>, FsError> {
+        let (dir, kind) = self.path_of(ino)?;
+        if kind != NodeKind::Directory {
+            return Err(FsError::NotDirectory);
+        }
+        let prefix = dir_key(&self.prefix, &dir);
+        let mut entries: BTreeMap<String, Listed> = BTreeMap::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .store
+                .list_page(&prefix, token, None)
+                .await
+                .map_err(|e| FsError::store(&prefix, e))?;
+            for sub in &page.prefixes {
+                let name = sub[prefix.len()..].trim_end_matches('/');
+                if let Err(why) = check_component(name) {
+                    self.skip_key(sub, why);
+                    continue;
+                }
+                let seen = self.seen_directory();
+                entries.insert(name.to_owned(), self.listed(&dir, name, seen));
+            }
+            for (key, meta) in &page.objects {
+                let name = &key[prefix.len()..];
+                if name.is_empty() {
+                    continue; // this directory's own marker
+                }
+                if let Err(why) = check_component(name) {
+                    self.skip_key(key, why);
+                    continue;
+                }
+                if entries.contains_key(name) {
+                    continue; // the directory of the same name wins
+                }
+                let seen = self.seen_object(meta, false);
+                entries.insert(name.to_owned(), self.listed(&dir, name, seen));
+            }
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(entries.into_values().collect())
+    }
+
+    /// A listing entry; a live node of the same version lends it HEAD-only details (kind, mode).
+    fn listed(&self, dir: &str, name: &str, mut seen: Seen) -> Listed {
+        let path = join(dir, name);
+        let table = self.table();
+        if let Some(node) = table.find(&path)
+            && node.from_head
+            && node.etag == seen.etag
+            && seen.attr.kind != NodeKind::Directory
+        {
+            seen.attr = Attr {
+                size: seen.attr.size,
+                ..node.attr.clone()
+            };
+            seen.from_head = true;
+        }
+        seen.attr.ino = table.ino_for(&path, seen.attr.kind);
+        Listed {
+            name: name.to_owned(),
+            attr: seen.attr,
+            etag: seen.etag,
+            from_head: seen.from_head,
+        }
+    }
+
+    /// Registers a listing entry with the kernel (one reference); returns its attributes.
+    pub fn remember(&self, dir_ino: u64, entry: &Listed) -> Result<Attr, FsError> {
+        let (dir, _) = self.path_of(dir_ino)?;
+        let seen = Seen {
+            attr: entry.attr.clone(),
+            etag: entry.etag.clone(),
+            from_head: entry.from_head,
+        };
+        Ok(self.table().remember(&join(&dir, &entry.name), seen))
+    }
+
+    /// The parent of directory `ino` (for `..`); the root is its own parent.
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        let Ok((path, _)) = self.path_of(ino) else {
+            return ROOT_INO;
+        };
+        match path.rsplit_once('/') {
+            Some((parent, _)) => self.table().ino_for(parent, NodeKind::Directory),
+            None => ROOT_INO,
+        }
+    }
+
+    /// Opens file `ino` for reading: HEAD pins the current version (close-to-open consistency).
+    pub async fn open(&self, ino: u64) -> Result<OpenedObject, FsError> {
+        let (path, kind) = self.path_of(ino)?;
+        if kind == NodeKind::Directory {
+            return Err(FsError::IsDirectory);
+        }
+        let key = self.object_key(&path);
+        let meta = self.store.head(&key).await.map_err(|e| FsError::store(&key, e))?;
+        self.update_from_head(ino, &meta);
+        let keep_cache = {
+            let mut table = self.table();
+            match table.get_mut(ino) {
+                Some(node) => {
+                    let same = node.opened_etag.as_deref() == Some(meta.etag.as_str());
+                    node.opened_etag = Some(meta.etag.clone());
+                    same
+                }
+                None => false,
+            }
+        };
+        Ok(OpenedObject {
+            key,
+            etag: meta.etag,
+            size: meta.size,
+            keep_cache,
+        })
+    }
+
+    /// The object key behind `ino` (files and symlinks).
+    pub fn key_of(&self, ino: u64) -> Result<String, FsError> {
+        let (path, _) = self.path_of(ino)?;
+        Ok(self.object_key(&path))
+    }
+
+    /// The defaults used for objects without metadata.
+    pub fn defaults(&self) -> &Defaults {
+        &self.defaults
+    }
+}

@@ -1,0 +1,96 @@
+//! Which S3 key components can be POSIX file names, and how paths become keys.
+
+/// The longest file name most Linux filesystems (and the kernel's FUSE layer) accept.
+pub const NAME_MAX: usize = 255;
+
+/// Why a key component can't be shown as a file name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidName {
+    Empty,
+    Dot,
+    DotDot,
+    TooLong,
+    Nul,
+}
+
+impl std::fmt::Display for InvalidName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InvalidName::Empty => "empty path component",
+            InvalidName::Dot => "component is \".\"",
+            InvalidName::DotDot => "component is \"..\"",
+            InvalidName::TooLong => "component longer than 255 bytes",
+            InvalidName::Nul => "contains a NUL byte",
+        })
+    }
+}
+
+/// Checks one path component (no `/` inside: callers split on it).
+pub fn check_component(name: &str) -> Result<(), InvalidName> {
+    match name {
+        "" => Err(InvalidName::Empty),
+        "." => Err(InvalidName::Dot),
+        ".." => Err(InvalidName::DotDot),
+        _ if name.len() > NAME_MAX => Err(InvalidName::TooLong),
+        _ if name.contains('\0') => Err(InvalidName::Nul),
+        _ => Ok(()),
+    }
+}
+
+/// Joins a directory path (relative to the mount root, `""` for the root) and a child name.
+pub fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// The key prefix under which a directory's children live: `PREFIX` + `dir/`.
+pub fn dir_key(prefix: &str, dir: &str) -> String {
+    if dir.is_empty() {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}{dir}/")
+    }
+}
+
+/// Normalises a mount prefix: no leading `/`, exactly one trailing `/`, `""` for the bucket root.
+pub fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components() {
+        assert_eq!(check_component("a b+%é"), Ok(()));
+        assert_eq!(check_component(""), Err(InvalidName::Empty));
+        assert_eq!(check_component("."), Err(InvalidName::Dot));
+        assert_eq!(check_component(".."), Err(InvalidName::DotDot));
+        assert_eq!(check_component("a\0b"), Err(InvalidName::Nul));
+        assert_eq!(check_component(&"x".repeat(255)), Ok(()));
+        assert_eq!(check_component(&"x".repeat(256)), Err(InvalidName::TooLong));
+        // 128 two-byte characters: 256 bytes.
+        assert_eq!(check_component(&"é".repeat(128)), Err(InvalidName::TooLong));
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(join("", "a"), "a");
+        assert_eq!(join("a/b", "c"), "a/b/c");
+        assert_eq!(dir_key("", ""), "");
+        assert_eq!(dir_key("p/", "a/b"), "p/a/b/");
+        assert_eq!(normalize_prefix("/x/y/"), "x/y/");
+        assert_eq!(normalize_prefix("x"), "x/");
+        assert_eq!(normalize_prefix(""), "");
+        assert_eq!(normalize_prefix("/"), "");
+    }
+}

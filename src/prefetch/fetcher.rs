@@ -1,0 +1,222 @@
+//! Shared block fetching: one GET per run of missing blocks, deduplicated across readers.
+//!
+//! A block is either in the memory cache, in flight (some GET is streaming it: waiters hold a
+//! `watch` receiver), or absent. Requesting absent blocks starts GETs that stream the body and
+//! publish each block the moment it is complete, so a reader can consume the start of a large
+//! range while the rest is still arriving.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cache::{BLOCK_SIZE, BlockId, MemoryCache};
+use crate::store::{ObjectStore, StoreError};
+
+/// One object version being read.
+#[derive(Debug, Clone)]
+pub struct ObjectVersion {
+    pub key: Arc<str>,
+    pub etag: Arc<str>,
+    pub size: u64,
+}
+
+impl ObjectVersion {
+    pub fn block_count(&self) -> u64 {
+        self.size.div_ceil(BLOCK_SIZE)
+    }
+
+    fn block_id(&self, index: u64) -> BlockId {
+        BlockId {
+            key: self.key.clone(),
+            etag: self.etag.clone(),
+            index,
+        }
+    }
+
+    fn block_range(&self, index: u64) -> Range<u64> {
+        index * BLOCK_SIZE..((index + 1) * BLOCK_SIZE).min(self.size)
+    }
+}
+
+/// A block's eventual content: `None` until its GET delivers or fails.
+pub type BlockSlot = watch::Receiver<Option<Result<Bytes, StoreError>>>;
+
+/// Counters for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    pub get_requests: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+}
+
+pub struct BlockFetcher<S> {
+    store: Arc<S>,
+    cache: MemoryCache,
+    inflight: Mutex<HashMap<BlockId, BlockSlot>>,
+    pub stats: FetchStats,
+}
+
+impl<S: ObjectStore> BlockFetcher<S> {
+    pub fn new(store: Arc<S>, cache: MemoryCache) -> Self {
+        Self {
+            store,
+            cache,
+            inflight: Mutex::new(HashMap::new()),
+            stats: FetchStats::default(),
+        }
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<BlockId, BlockSlot>> {
+        // Entries are inserted and removed whole; a poisoned map is still consistent.
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Slots for `blocks` of `obj`. Blocks neither cached nor in flight are fetched by new GETs
+    /// of at most `max_request_blocks` blocks each; their task handles are returned so the
+    /// caller can abort fetches it no longer wants.
+    pub fn request(
+        self: &Arc<Self>,
+        obj: &ObjectVersion,
+        blocks: Range<u64>,
+        max_request_blocks: u64,
+    ) -> (Vec<BlockSlot>, Vec<JoinHandle<()>>) {
+        let mut slots = Vec::with_capacity(blocks.clone().count());
+        let mut tasks = Vec::new();
+        let mut run: Vec<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)> = Vec::new();
+        let mut inflight = self.inflight();
+        for index in blocks {
+            let id = obj.block_id(index);
+            if let Some(slot) = inflight.get(&id) {
+                slots.push(slot.clone());
+            } else if let Some(data) = self.cache.get(&id) {
+                slots.push(watch::channel(Some(Ok(data))).1);
+            } else {
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(id.clone(), rx.clone());
+                slots.push(rx);
+                // Only contiguous missing blocks share a GET.
+                if run.last().is_some_and(|(last, _)| last.index + 1 != index)
+                    || run.len() as u64 >= max_request_blocks
+                {
+                    tasks.push(self.spawn_run(obj, std::mem::take(&mut run)));
+                }
+                run.push((id, tx));
+            }
+        }
+        drop(inflight);
+        if !run.is_empty() {
+            tasks.push(self.spawn_run(obj, run));
+        }
+        (slots, tasks)
+    }
+
+    fn spawn_run(
+        self: &Arc<Self>,
+        obj: &ObjectVersion,
+        run: Vec<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
+    ) -> JoinHandle<()> {
+        let this = Arc::clone(self);
+        let obj = obj.clone();
+        tokio::spawn(async move { this.fetch_run(obj, run).await })
+    }
+
+    /// GETs one contiguous run of blocks and publishes each as soon as it is complete.
+    async fn fetch_run(
+        self: Arc<Self>,
+        obj: ObjectVersion,
+        run: Vec<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
+    ) {
+        let mut guard = RunGuard {
+            fetcher: &self,
+            pending: run.into_iter().collect(),
+        };
+        let (Some(first), Some(last)) = (guard.pending.front(), guard.pending.back()) else {
+            return;
+        };
+        let start = obj.block_range(first.0.index).start;
+        let end = obj.block_range(last.0.index).end;
+        self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
+        let mut buf = BytesMut::new();
+        let mut sink = |chunk: Bytes| {
+            let mut chunk = chunk;
+            while !chunk.is_empty() {
+                let Some((id, _)) = guard.pending.front() else {
+                    return;
+                };
+                let want = obj.block_range(id.index);
+                let want = (want.end - want.start) as usize;
+                if buf.is_empty() {
+                    buf.reserve(want);
+                }
+                let take = (want - buf.len()).min(chunk.len());
+                buf.extend_from_slice(&chunk.split_to(take));
+                if buf.len() == want {
+                    let data = buf.split().freeze();
+                    guard.publish(Ok(data));
+                }
+            }
+        };
+        let result = self
+            .store
+            .get_range(&obj.key, &obj.etag, start, end, &mut sink)
+            .await;
+        self.stats.bytes_fetched.fetch_add(end - start, Ordering::Relaxed);
+        if let Err(e) = result {
+            if matches!(e, StoreError::PreconditionFailed) {
+                tracing::warn!(key = %obj.key, etag = %obj.etag, "object changed on the server while being read; failing the read");
+            } else {
+                tracing::warn!(key = %obj.key, error = %e, "ranged GET failed");
+            }
+            while !guard.pending.is_empty() {
+                guard.publish(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// The blocks a GET still owes. Dropping it (task finished or aborted) withdraws them from the
+/// in-flight map so later readers start a new GET instead of waiting forever.
+struct RunGuard<'a, S> {
+    fetcher: &'a BlockFetcher<S>,
+    pending: std::collections::VecDeque<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
+}
+
+impl<S> RunGuard<'_, S> {
+    fn publish(&mut self, result: Result<Bytes, StoreError>) {
+        let Some((id, tx)) = self.pending.pop_front() else {
+            return;
+        };
+        if let Ok(data) = &result {
+            self.fetcher.cache.insert(id.clone(), data.clone());
+        }
+        tx.send_replace(Some(result));
+        self.fetcher
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
+impl<S> Drop for RunGuard<'_, S> {
+    fn drop(&mut self) {
+        let mut inflight = self.fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, _) in self.pending.drain(..) {
+            inflight.remove(&id);
+        }
+    }
+}
+
+/// Waits for a block; `None` when its GET was abandoned before delivering it.
+pub async fn wait(mut slot: BlockSlot) -> Option<Result<Bytes, StoreError>> {
+    if let Ok(value) = slot.wait_for(Option::is_some).await {
+        return value.clone();
+    }
+    // The sender is gone; it may still have delivered just before.
+    let value = slot.borrow().clone();
+    value
+}

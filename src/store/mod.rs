@@ -1,0 +1,107 @@
+//! The storage boundary: the handful of S3 operations keepfs needs, behind one trait.
+//!
+//! Everything above this module (namespace, prefetch, fs) talks to [`ObjectStore`] and never to
+//! the SDK, so the contract of each method is written down here. The only production
+//! implementation is [`S3Store`] on `aws-sdk-s3`; tests run it against real servers.
+
+mod s3;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+pub use s3::{S3Store, S3StoreConfig};
+
+/// What HEAD (or a listing) tells about one object version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Content length in bytes.
+    pub size: u64,
+    /// Entity tag as the server sent it (quotes included); identifies this version.
+    pub etag: String,
+    /// Server-side modification time.
+    pub last_modified: SystemTime,
+    /// User metadata (`x-amz-meta-*`), names lower-cased without the prefix.
+    /// Empty when it came from a listing, which does not carry user metadata.
+    pub user_metadata: HashMap<String, String>,
+}
+
+/// One page of a delimited listing.
+#[derive(Debug, Default, Clone)]
+pub struct ListPage {
+    /// Objects directly under the prefix: full key and metadata (no user metadata).
+    pub objects: Vec<(String, ObjectMeta)>,
+    /// Common prefixes ("subdirectories"), full prefix including the trailing delimiter.
+    pub prefixes: Vec<String>,
+    /// Token for the next page, `None` on the last page.
+    pub next_token: Option<String>,
+}
+
+/// Errors from the store, classified by what the caller can do about them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The key (or bucket, see [`StoreError::NoSuchBucket`]) does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The bucket does not exist.
+    #[error("bucket {0:?} does not exist")]
+    NoSuchBucket(String),
+    /// A conditional request failed: the object is no longer the version asked for.
+    #[error("object changed on the server (precondition failed)")]
+    PreconditionFailed,
+    /// Credentials were rejected or lack permission.
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// The bucket lives in another region than the one configured.
+    #[error("wrong region: {0}")]
+    WrongRegion(String),
+    /// The endpoint could not be reached (connection refused, DNS, timeout).
+    #[error("endpoint unreachable: {0}")]
+    Unreachable(String),
+    /// Credentials could not be loaded from the default chain.
+    #[error("no usable credentials: {0}")]
+    Credentials(String),
+    /// Anything else the server or the transport reported.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The S3 operations keepfs uses. Keys are full keys (the mount prefix included).
+///
+/// Implementations retry transient failures themselves; an error returned from here is final
+/// for that call.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// The bucket this store talks to (for messages).
+    fn bucket(&self) -> &str;
+
+    /// HEAD `key`. Returns [`StoreError::NotFound`] when no object has exactly this key.
+    fn head(&self, key: &str) -> impl Future<Output = Result<ObjectMeta, StoreError>> + Send;
+
+    /// One page (at most `max_keys` entries) of ListObjectsV2 under `prefix` with delimiter `/`,
+    /// continuing from `token`. An empty result is not an error.
+    fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> impl Future<Output = Result<ListPage, StoreError>> + Send;
+
+    /// GET bytes `start..end` (end exclusive, `start < end`) of `key`, only if its ETag is still
+    /// `etag` (`If-Match`). A changed object yields [`StoreError::PreconditionFailed`] on servers
+    /// that honour `If-Match`. The body is streamed: chunks arrive through `sink` in order, and the
+    /// call returns once all `end - start` bytes were delivered. A short body is an error.
+    fn get_range(
+        &self,
+        key: &str,
+        etag: &str,
+        start: u64,
+        end: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Checks that the bucket exists and that the credentials may list `prefix`, within the
+    /// store's configured timeouts. Used before mounting to fail early with a clear reason.
+    fn check_access(&self, prefix: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

@@ -1,0 +1,231 @@
+//! [`ObjectStore`] on `aws-sdk-s3`, with credentials and region from `aws-config`'s default chain.
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{Region, timeout::TimeoutConfig};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use bytes::Bytes;
+
+use super::{ListPage, ObjectMeta, ObjectStore, StoreError};
+
+/// Where and how to reach the bucket.
+#[derive(Debug, Clone, Default)]
+pub struct S3StoreConfig {
+    pub bucket: String,
+    /// Custom endpoint (S3-compatible servers); `None` for AWS.
+    pub endpoint_url: Option<String>,
+    /// Region; `None` takes the default chain's, falling back to `us-east-1`.
+    pub region: Option<String>,
+    /// Address buckets as `endpoint/bucket` rather than `bucket.endpoint`.
+    pub force_path_style: bool,
+    /// How long a TCP/TLS connect may take before the attempt fails.
+    pub connect_timeout: Duration,
+}
+
+/// The aws-sdk-s3 implementation of [`ObjectStore`].
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    /// Builds a client from the default credential/region chain plus `config`.
+    pub async fn new(config: &S3StoreConfig) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &config.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let shared = loader.load().await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(config.force_path_style)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .build(),
+            );
+        if shared.region().is_none() {
+            builder = builder.region(Region::from_static("us-east-1"));
+        }
+        if let Some(url) = &config.endpoint_url {
+            builder = builder.endpoint_url(url);
+        }
+        Self {
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
+        }
+    }
+
+    /// The SDK client, for tools (benchmarks) that need the raw baseline.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Turns an SDK error into a [`StoreError`], keeping the server's code and message.
+fn classify<E>(err: SdkError<E, HttpResponse>, bucket: &str) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_owned);
+    let text = DisplayErrorContext(&err).to_string();
+    match &err {
+        SdkError::DispatchFailure(f) => {
+            if text.contains("credentials") || text.contains("identity") {
+                StoreError::Credentials(text)
+            } else if f.is_io() || f.is_timeout() {
+                StoreError::Unreachable(text)
+            } else {
+                StoreError::Other(text)
+            }
+        }
+        SdkError::TimeoutError(_) => StoreError::Unreachable(text),
+        _ => match (status, code.as_deref()) {
+            (_, Some("NoSuchBucket")) => StoreError::NoSuchBucket(bucket.to_owned()),
+            (_, Some("NoSuchKey" | "NotFound")) | (Some(404), None) => StoreError::NotFound,
+            (Some(412), _) | (_, Some("PreconditionFailed")) => StoreError::PreconditionFailed,
+            (
+                _,
+                Some(
+                    "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "Forbidden",
+                ),
+            )
+            | (Some(403), _) => StoreError::AccessDenied(code.unwrap_or_else(|| "403".into())),
+            (Some(301), _) | (_, Some("PermanentRedirect" | "AuthorizationHeaderMalformed")) => {
+                StoreError::WrongRegion(text)
+            }
+            _ => StoreError::Other(text),
+        },
+    }
+}
+
+fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+impl ObjectStore for S3Store {
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(ObjectMeta {
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: out.e_tag().unwrap_or_default().to_owned(),
+            last_modified: to_system_time(out.last_modified()),
+            user_metadata: out
+                .metadata()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage, StoreError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .delimiter("/")
+            .set_continuation_token(token)
+            .set_max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let key = o.key()?.to_owned();
+                let meta = ObjectMeta {
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().to_owned(),
+                    last_modified: to_system_time(o.last_modified()),
+                    user_metadata: Default::default(),
+                };
+                Some((key, meta))
+            })
+            .collect();
+        let prefixes = out
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_owned))
+            .collect();
+        let next_token = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok(ListPage {
+            objects,
+            prefixes,
+            next_token,
+        })
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        etag: &str,
+        start: u64,
+        end: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<(), StoreError> {
+        debug_assert!(start < end);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .if_match(etag)
+            .range(format!("bytes={}-{}", start, end - 1))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        let mut body = out.body;
+        let mut received = 0u64;
+        let wanted = end - start;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| StoreError::Other(format!("reading body of {key}: {e}")))?
+        {
+            let take = (wanted - received).min(chunk.len() as u64) as usize;
+            received += take as u64;
+            if take > 0 {
+                sink(chunk.slice(..take));
+            }
+        }
+        if received < wanted {
+            return Err(StoreError::Other(format!(
+                "short body for {key} bytes {start}-{end}: got {received} of {wanted}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn check_access(&self, prefix: &str) -> Result<(), StoreError> {
+        self.list_page(prefix, None, Some(1)).await.map(|_| ())
+    }
+}
