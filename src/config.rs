@@ -12,7 +12,9 @@ pub enum ConfigError {
         "{0:?} is not a valid bucket name: 3-63 characters of lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
     )]
     InvalidBucket(String),
-    #[error("invalid size {0:?}: expected a number of bytes with an optional unit (K, M, G, KiB, MiB, GiB)")]
+    #[error(
+        "invalid size {0:?}: expected a number of bytes with an optional unit (K, M, G, KiB, MiB, GiB)"
+    )]
     InvalidSize(String),
     #[error("invalid mode {0:?}: expected octal permission bits such as 644")]
     InvalidMode(String),
@@ -59,11 +61,11 @@ fn check_bucket_name(name: &str) -> Result<(), ConfigError> {
     let bytes = name.as_bytes();
     let edge_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     let looks_like_ip = name.split('.').count() == 4
-        && name.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        && name
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if !(3..=63).contains(&bytes.len())
-        || !bytes
-            .iter()
-            .all(|&b| edge_ok(b) || b == b'.' || b == b'-')
+        || !bytes.iter().all(|&b| edge_ok(b) || b == b'.' || b == b'-')
         || !edge_ok(bytes[0])
         || !edge_ok(bytes[bytes.len() - 1])
         || name.contains("..")
@@ -152,14 +154,31 @@ mod tests {
         let u: S3Url = "s3://my-bucket".parse().unwrap();
         assert_eq!((u.bucket.as_str(), u.prefix.as_str()), ("my-bucket", ""));
         let u: S3Url = "s3://b.c1/some/prefix".parse().unwrap();
-        assert_eq!((u.bucket.as_str(), u.prefix.as_str()), ("b.c1", "some/prefix/"));
+        assert_eq!(
+            (u.bucket.as_str(), u.prefix.as_str()),
+            ("b.c1", "some/prefix/")
+        );
         let u: S3Url = "s3://abc/".parse().unwrap();
         assert_eq!(u.prefix, "");
         for bad in ["bucket", "http://bucket", "s3://", "s3:///x"] {
-            assert!(matches!(bad.parse::<S3Url>(), Err(ConfigError::NotS3Url(_))), "{bad}");
+            assert!(
+                matches!(bad.parse::<S3Url>(), Err(ConfigError::NotS3Url(_))),
+                "{bad}"
+            );
         }
-        for bad in ["s3://ab", "s3://Bucket", "s3://a..b", "s3://-ab", "s3://ab-", "s3://1.2.3.4", "s3://a_b"] {
-            assert!(matches!(bad.parse::<S3Url>(), Err(ConfigError::InvalidBucket(_))), "{bad}");
+        for bad in [
+            "s3://ab",
+            "s3://Bucket",
+            "s3://a..b",
+            "s3://-ab",
+            "s3://ab-",
+            "s3://1.2.3.4",
+            "s3://a_b",
+        ] {
+            assert!(
+                matches!(bad.parse::<S3Url>(), Err(ConfigError::InvalidBucket(_))),
+                "{bad}"
+            );
         }
     }
 

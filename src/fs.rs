@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use tokio::runtime::Handle;
 
@@ -144,7 +144,10 @@ impl<S: ObjectStore> Inner<S> {
 
     /// The listing behind directory handle `fh`.
     fn listing(&self, fh: u64) -> Result<Arc<Vec<Listed>>, FsError> {
-        lock(&self.dirs).get(&fh).cloned().ok_or(FsError::BadHandle(fh))
+        lock(&self.dirs)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle(fh))
     }
 }
 
@@ -323,7 +326,14 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let dots = [(ino.0, "."), (parent, "..")];
         for (i, (dot_ino, name)) in dots.iter().enumerate().skip(offset as usize) {
             let attr = file_attr(&defaults.directory(*dot_ino));
-            if reply.add(INodeNo(*dot_ino), i as u64 + 1, name, &ttl, &attr, Generation(0)) {
+            if reply.add(
+                INodeNo(*dot_ino),
+                i as u64 + 1,
+                name,
+                &ttl,
+                &attr,
+                Generation(0),
+            ) {
                 return reply.ok();
             }
         }
@@ -334,8 +344,14 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 Err(e) => return reply.error(errno(&e)),
             };
             let fattr = file_attr(&attr);
-            if reply.add(INodeNo(attr.ino), i as u64 + 3, &entry.name, &ttl, &fattr, Generation(0))
-            {
+            if reply.add(
+                INodeNo(attr.ino),
+                i as u64 + 3,
+                &entry.name,
+                &ttl,
+                &fattr,
+                Generation(0),
+            ) {
                 // Not sent: the kernel holds no reference for it.
                 fs.namespace.forget(attr.ino, 1);
                 break;

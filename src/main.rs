@@ -23,7 +23,10 @@ fn main() -> ExitCode {
             let what = format!("{} at {}", config.source, config.mountpoint.display());
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&format!("could not mount {what}: {}", anyhow::Error::from(e))),
+                Err(e) => fail(&format!(
+                    "could not mount {what}: {}",
+                    anyhow::Error::from(e)
+                )),
             }
         }
     }

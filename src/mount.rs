@@ -36,7 +36,9 @@ pub enum MountError {
     },
     #[error("bucket {0:?} does not exist (check the name, --region and --endpoint-url)")]
     BucketNotFound(String),
-    #[error("access denied to bucket {bucket:?} ({detail}); check the credentials and the bucket policy")]
+    #[error(
+        "access denied to bucket {bucket:?} ({detail}); check the credentials and the bucket policy"
+    )]
     AccessDenied { bucket: String, detail: String },
     #[error("could not load AWS credentials: {0}")]
     Credentials(String),
@@ -138,7 +140,9 @@ async fn check_bucket(store: &S3Store, config: &MountConfig) -> Result<(), Mount
         Err(_) => Err(unreachable("timed out".into())),
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(match e {
-            StoreError::NoSuchBucket(_) | StoreError::NotFound => MountError::BucketNotFound(bucket),
+            StoreError::NoSuchBucket(_) | StoreError::NotFound => {
+                MountError::BucketNotFound(bucket)
+            }
             StoreError::AccessDenied(detail) => MountError::AccessDenied { bucket, detail },
             StoreError::Credentials(detail) => MountError::Credentials(detail),
             StoreError::WrongRegion(detail) => MountError::WrongRegion { bucket, detail },

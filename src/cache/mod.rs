@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use moka::sync::Cache;
 use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
 
 /// Size of a cache block, and the unit of every ranged GET. Small enough that a random reader
 /// fetches little it does not need; large enough that sequential reads move few entries.

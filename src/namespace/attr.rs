@@ -131,7 +131,10 @@ mod tests {
     #[test]
     fn defaults_apply_without_metadata() {
         let a = defaults().object(5, &meta(&[]));
-        assert_eq!((a.kind, a.perm, a.uid, a.gid), (NodeKind::File, 0o644, 7, 8));
+        assert_eq!(
+            (a.kind, a.perm, a.uid, a.gid),
+            (NodeKind::File, 0o644, 7, 8)
+        );
         assert_eq!(a.mtime, SystemTime::UNIX_EPOCH + Duration::from_secs(100));
     }
 
@@ -139,10 +142,21 @@ mod tests {
     fn metadata_overrides_defaults() {
         let a = defaults().object(
             5,
-            &meta(&[("mode", "33261"), ("uid", "1000"), ("gid", "50"), ("mtime", "12.5")]),
+            &meta(&[
+                ("mode", "33261"),
+                ("uid", "1000"),
+                ("gid", "50"),
+                ("mtime", "12.5"),
+            ]),
         );
-        assert_eq!((a.kind, a.perm, a.uid, a.gid), (NodeKind::File, 0o755, 1000, 50));
-        assert_eq!(a.mtime, SystemTime::UNIX_EPOCH + Duration::from_millis(12_500));
+        assert_eq!(
+            (a.kind, a.perm, a.uid, a.gid),
+            (NodeKind::File, 0o755, 1000, 50)
+        );
+        assert_eq!(
+            a.mtime,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(12_500)
+        );
     }
 
     #[test]

@@ -187,21 +187,37 @@ mod tests {
     #[test]
     fn numbers_are_stable_across_forget() {
         let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
-        let a = t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600)).ino;
+        let a = t
+            .remember("a/b", seen(NodeKind::File, "e1", true, 0o600))
+            .ino;
         assert!(a > ROOT_INO);
-        assert_eq!(t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600)).ino, a);
+        assert_eq!(
+            t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600))
+                .ino,
+            a
+        );
         t.forget(a, 1);
         assert!(t.get(a).is_some(), "one reference left");
         t.forget(a, 1);
         assert!(t.get(a).is_none() && t.find("a/b").is_none());
         assert_eq!(t.live_count(), 1);
-        assert_eq!(t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600)).ino, a);
+        assert_eq!(
+            t.remember("a/b", seen(NodeKind::File, "e1", true, 0o600))
+                .ino,
+            a
+        );
         // Another kind at the same path is another inode.
-        let d = t.remember("a/b", seen(NodeKind::Directory, "e1", true, 0o700)).ino;
+        let d = t
+            .remember("a/b", seen(NodeKind::Directory, "e1", true, 0o700))
+            .ino;
         assert_ne!(d, a);
         assert_eq!(t.find("a/b").map(|n| n.attr.ino), Some(d));
         t.forget(a, 1);
-        assert_eq!(t.find("a/b").map(|n| n.attr.ino), Some(d), "old inode's forget keeps new");
+        assert_eq!(
+            t.find("a/b").map(|n| n.attr.ino),
+            Some(d),
+            "old inode's forget keeps new"
+        );
     }
 
     #[test]

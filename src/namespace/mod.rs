@@ -173,7 +173,11 @@ impl<S: ObjectStore> Namespace<S> {
             return Ok(attr);
         }
         let key = self.object_key(&path);
-        let meta = self.store.head(&key).await.map_err(|e| FsError::store(&key, e))?;
+        let meta = self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| FsError::store(&key, e))?;
         Ok(self.update_from_head(ino, &meta).unwrap_or(attr))
     }
 
@@ -303,7 +307,11 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::IsDirectory);
         }
         let key = self.object_key(&path);
-        let meta = self.store.head(&key).await.map_err(|e| FsError::store(&key, e))?;
+        let meta = self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| FsError::store(&key, e))?;
         self.update_from_head(ino, &meta);
         let keep_cache = {
             let mut table = self.table();

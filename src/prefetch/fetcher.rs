@@ -164,7 +164,9 @@ impl<S: ObjectStore> BlockFetcher<S> {
             .store
             .get_range(&obj.key, &obj.etag, start, end, &mut sink)
             .await;
-        self.stats.bytes_fetched.fetch_add(end - start, Ordering::Relaxed);
+        self.stats
+            .bytes_fetched
+            .fetch_add(end - start, Ordering::Relaxed);
         if let Err(e) = result {
             if matches!(e, StoreError::PreconditionFailed) {
                 tracing::warn!(key = %obj.key, etag = %obj.etag, "object changed on the server while being read; failing the read");
@@ -182,7 +184,8 @@ impl<S: ObjectStore> BlockFetcher<S> {
 /// in-flight map so later readers start a new GET instead of waiting forever.
 struct RunGuard<'a, S> {
     fetcher: &'a BlockFetcher<S>,
-    pending: std::collections::VecDeque<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
+    pending:
+        std::collections::VecDeque<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
 }
 
 impl<S> RunGuard<'_, S> {
@@ -204,7 +207,11 @@ impl<S> RunGuard<'_, S> {
 
 impl<S> Drop for RunGuard<'_, S> {
     fn drop(&mut self) {
-        let mut inflight = self.fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inflight = self
+            .fetcher
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for (id, _) in self.pending.drain(..) {
             inflight.remove(&id);
         }

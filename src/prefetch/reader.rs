@@ -66,7 +66,11 @@ impl<S> Drop for FileReader<S> {
 }
 
 impl<S: ObjectStore> FileReader<S> {
-    pub fn new(fetcher: Arc<BlockFetcher<S>>, object: ObjectVersion, config: PrefetchConfig) -> Self {
+    pub fn new(
+        fetcher: Arc<BlockFetcher<S>>,
+        object: ObjectVersion,
+        config: PrefetchConfig,
+    ) -> Self {
         Self {
             fetcher,
             object,
@@ -172,9 +176,9 @@ impl<S: ObjectStore> FileReader<S> {
         let wanted_until = wanted_until.min(blocks);
         let from = w.requested_until.max(first);
         if from < wanted_until {
-            let (slots, tasks) = self
-                .fetcher
-                .request(&self.object, from..wanted_until, max_request_blocks);
+            let (slots, tasks) =
+                self.fetcher
+                    .request(&self.object, from..wanted_until, max_request_blocks);
             for (index, slot) in (from..wanted_until).zip(slots) {
                 w.pending.insert(index, slot);
             }
@@ -188,7 +192,8 @@ impl<S: ObjectStore> FileReader<S> {
             .collect();
         for index in missing {
             let (mut slots, tasks) = self.fetcher.request(&self.object, index..index + 1, 1);
-            w.pending.insert(index, slots.pop().expect("one slot per block"));
+            w.pending
+                .insert(index, slots.pop().expect("one slot per block"));
             w.tasks.extend(tasks);
         }
         let slots = (first..=last).map(|i| w.pending[&i].clone()).collect();

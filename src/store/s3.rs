@@ -89,9 +89,7 @@ where
             (Some(412), _) | (_, Some("PreconditionFailed")) => StoreError::PreconditionFailed,
             (
                 _,
-                Some(
-                    "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "Forbidden",
-                ),
+                Some("AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "Forbidden"),
             )
             | (Some(403), _) => StoreError::AccessDenied(code.unwrap_or_else(|| "403".into())),
             (Some(301), _) | (_, Some("PermanentRedirect" | "AuthorizationHeaderMalformed")) => {

@@ -1,0 +1,492 @@
+//! Shared test harness: a real S3 server over loopback, the real SDK client to seed it, and
+//! real FUSE mounts of the `keepfs` binary that are always unmounted.
+//!
+//! By default the server is s3s-fs, started in-process on `127.0.0.1:0` over a temporary
+//! directory. With `KEEPFS_TEST_S3_ENDPOINT` set, the same tests run against that server
+//! instead (CI starts moto there); `KEEPFS_TEST_S3_KIND` names it (`moto`, `garage`, ...).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use sha2::{Digest, Sha256};
+
+pub const ACCESS_KEY: &str = "keepfs-test";
+pub const SECRET_KEY: &str = "keepfs-test-secret";
+
+/// What the server under test does and does not support (see shared/S3-SERVERS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    S3sFs,
+    Moto,
+    Other,
+}
+
+pub struct TestServer {
+    pub endpoint: String,
+    pub kind: ServerKind,
+    access_key: String,
+    secret_key: String,
+    client: Client,
+}
+
+impl TestServer {
+    /// Whether a GET with a stale `If-Match` is refused (412) by this server.
+    pub fn honours_get_if_match(&self) -> bool {
+        self.kind != ServerKind::S3sFs
+    }
+
+    /// Whether the server checks signatures (moto accepts any credentials).
+    pub fn checks_credentials(&self) -> bool {
+        self.kind != ServerKind::Moto
+    }
+}
+
+/// One runtime for all harness I/O (seeding, in-process server).
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime")
+    })
+}
+
+pub fn server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| match std::env::var("KEEPFS_TEST_S3_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => {
+            let kind = match std::env::var("KEEPFS_TEST_S3_KIND").as_deref() {
+                Ok("moto") => ServerKind::Moto,
+                _ => ServerKind::Other,
+            };
+            let access = std::env::var("KEEPFS_TEST_S3_ACCESS_KEY").unwrap_or(ACCESS_KEY.into());
+            let secret = std::env::var("KEEPFS_TEST_S3_SECRET_KEY").unwrap_or(SECRET_KEY.into());
+            eprintln!("keepfs tests: using S3 server at {endpoint} ({kind:?})");
+            TestServer::new(endpoint, kind, access, secret)
+        }
+        _ => {
+            let endpoint = start_s3s_fs();
+            TestServer::new(
+                endpoint,
+                ServerKind::S3sFs,
+                ACCESS_KEY.into(),
+                SECRET_KEY.into(),
+            )
+        }
+    })
+}
+
+fn start_s3s_fs() -> String {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder as ConnBuilder;
+
+    let root = tempfile::Builder::new()
+        .prefix("keepfs-s3s-")
+        .tempdir()
+        .expect("server root")
+        .keep();
+    let fs = s3s_fs::FileSystem::new(&root).expect("s3s-fs over temp dir");
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    let listener = rt()
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    rt().spawn(async move {
+        let http = ConnBuilder::new(TokioExecutor::new());
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let conn = http
+                .serve_connection(TokioIo::new(socket), service.clone())
+                .into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+impl TestServer {
+    fn new(endpoint: String, kind: ServerKind, access_key: String, secret_key: String) -> Self {
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&endpoint)
+            .force_path_style(true)
+            .credentials_provider(Credentials::new(
+                &access_key,
+                &secret_key,
+                None,
+                None,
+                "test",
+            ))
+            .build();
+        TestServer {
+            endpoint,
+            kind,
+            access_key,
+            secret_key,
+            client: Client::from_conf(config),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Creates a fresh bucket with a unique name derived from `label`.
+    pub fn bucket(&self, label: &str) -> String {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let label: String = label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(30)
+            .collect();
+        let name = format!("kt-{label}-{}-{n}", std::process::id());
+        rt().block_on(self.client.create_bucket().bucket(&name).send())
+            .unwrap_or_else(|e| panic!("create bucket {name}: {e:?}"));
+        name
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, data: &[u8]) {
+        self.put_with_metadata(bucket, key, data, &[]);
+    }
+
+    pub fn put_with_metadata(&self, bucket: &str, key: &str, data: &[u8], meta: &[(&str, &str)]) {
+        let meta: HashMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        rt().block_on(
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .set_metadata(Some(meta))
+                .body(ByteStream::from(data.to_vec()))
+                .send(),
+        )
+        .unwrap_or_else(|e| panic!("put {bucket}/{key}: {e:?}"));
+    }
+
+    /// PUTs many small objects with bounded concurrency.
+    pub fn put_many(&self, bucket: &str, keys: &[String], data: &[u8]) {
+        rt().block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for key in keys {
+                if set.len() >= 32 {
+                    set.join_next().await.unwrap().unwrap();
+                }
+                let client = self.client.clone();
+                let (bucket, key, data) = (bucket.to_owned(), key.clone(), data.to_vec());
+                set.spawn(async move {
+                    client
+                        .put_object()
+                        .bucket(&bucket)
+                        .key(&key)
+                        .body(ByteStream::from(data))
+                        .send()
+                        .await
+                        .unwrap_or_else(|e| panic!("put {key}: {e:?}"));
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap();
+            }
+        });
+    }
+
+    /// Tries a PUT and reports whether the server accepted it.
+    pub fn try_put(&self, bucket: &str, key: &str, data: &[u8]) -> bool {
+        rt().block_on(
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(ByteStream::from(data.to_vec()))
+                .send(),
+        )
+        .is_ok()
+    }
+
+    /// All keys under `prefix` as the server lists them (no delimiter), and with delimiter `/`
+    /// the common prefixes at that level.
+    pub fn list(&self, bucket: &str, prefix: &str, delimited: bool) -> (Vec<String>, Vec<String>) {
+        rt().block_on(async {
+            let mut keys = Vec::new();
+            let mut prefixes = Vec::new();
+            let mut token = None;
+            loop {
+                let mut req = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(bucket)
+                    .prefix(prefix)
+                    .set_continuation_token(token);
+                if delimited {
+                    req = req.delimiter("/");
+                }
+                let out = req.send().await.expect("list");
+                keys.extend(
+                    out.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(String::from)),
+                );
+                prefixes.extend(
+                    out.common_prefixes()
+                        .iter()
+                        .filter_map(|p| p.prefix().map(String::from)),
+                );
+                token = out.next_continuation_token().map(String::from);
+                if token.is_none() {
+                    break;
+                }
+            }
+            (keys, prefixes)
+        })
+    }
+
+    /// Environment for a keepfs process talking to this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("AWS_REGION", "us-east-1".into()),
+            // Keep the developer's own AWS profile out of the tests.
+            ("AWS_CONFIG_FILE", "/nonexistent".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+}
+
+pub fn keepfs_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keepfs")
+}
+
+/// A `keepfs mount` command for `source` at `mountpoint`, wired to the test server.
+pub fn keepfs_command(source: &str, mountpoint: &Path, extra: &[&str]) -> Command {
+    let server = server();
+    let mut cmd = Command::new(keepfs_bin());
+    cmd.arg("mount")
+        .arg(source)
+        .arg(mountpoint)
+        .args(["--endpoint-url", &server.endpoint, "--force-path-style"])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL");
+    for (k, v) in server.env() {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Whether `path` is currently a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let path = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(path.as_str()))
+}
+
+/// A keepfs process with its mount. Dropping it unmounts (SIGTERM, then a lazy unmount as the
+/// last resort) and reaps the process, also when the test failed.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    stderr_path: PathBuf,
+}
+
+impl Mount {
+    /// Mounts `s3://bucket[/prefix]` in a fresh temporary directory and waits until it is ready.
+    pub fn new(source: &str, extra: &[&str]) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("keepfs-mnt-")
+            .tempdir()
+            .unwrap();
+        let stderr_path = dir.path().with_extension("log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let child = keepfs_command(source, dir.path(), extra)
+            .args(["--log-level", "debug"])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn keepfs");
+        let mut mount = Mount {
+            dir,
+            child: Some(child),
+            stderr_path,
+        };
+        mount.wait_ready();
+        mount
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(self.dir.path()) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keepfs exited before mounting ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount not ready in 30s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// What keepfs logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits for the process to exit; returns its exit code.
+    pub fn stop_with(&mut self, signal: i32) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                lazy_unmount(self.dir.path());
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit on its own (after an external unmount).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+fn lazy_unmount(path: &Path) {
+    if is_mounted(path) {
+        let _ = Command::new("umount").arg("-l").arg(path).status();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_with(libc::SIGTERM);
+        }
+        lazy_unmount(self.dir.path());
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Runs `keepfs mount` expecting it to fail; returns its output.
+pub fn mount_expecting_failure(source: &str, mountpoint: &Path, extra: &[&str]) -> Output {
+    let out = keepfs_command(source, mountpoint, extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run keepfs");
+    assert!(
+        !is_mounted(mountpoint),
+        "keepfs left {} mounted",
+        mountpoint.display()
+    );
+    out
+}
+
+/// Reports a check that could not run on this server. Written straight to stderr so it shows
+/// even though the test harness captures `eprintln!` of passing tests.
+pub fn skipped(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(data);
+    format!("{:x}", h.finalize())
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sorted names in `dir`.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
