@@ -304,13 +304,19 @@ pub fn keepfs_command(source: &str, mountpoint: &Path, extra: &[&str]) -> Comman
     cmd
 }
 
-/// Whether `path` is currently a mount point (per /proc/self/mountinfo).
-pub fn is_mounted(path: &Path) -> bool {
+/// How many mounts sit on `path` (per /proc/self/mountinfo).
+pub fn mount_count(path: &Path) -> usize {
     let path = path.to_string_lossy().replace(' ', "\\040");
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .any(|l| l.split(' ').nth(4) == Some(path.as_str()))
+        .filter(|l| l.split(' ').nth(4) == Some(path.as_str()))
+        .count()
+}
+
+/// Whether `path` is currently a mount point.
+pub fn is_mounted(path: &Path) -> bool {
+    mount_count(path) > 0
 }
 
 /// A keepfs process with its mount. Dropping it unmounts (SIGTERM, then a lazy unmount as the
@@ -426,13 +432,15 @@ impl Drop for Mount {
 
 /// Runs `keepfs mount` expecting it to fail; returns its output.
 pub fn mount_expecting_failure(source: &str, mountpoint: &Path, extra: &[&str]) -> Output {
+    let before = mount_count(mountpoint);
     let out = keepfs_command(source, mountpoint, extra)
         .stdin(Stdio::null())
         .output()
         .expect("run keepfs");
-    assert!(
-        !is_mounted(mountpoint),
-        "keepfs left {} mounted",
+    assert_eq!(
+        mount_count(mountpoint),
+        before,
+        "a failed keepfs changed the mounts on {}",
         mountpoint.display()
     );
     out

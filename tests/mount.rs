@@ -1,0 +1,275 @@
+//! The mount lifecycle: checks before mounting (each a clear one-line error, nothing mounted),
+//! and clean exits on signals and external unmounts.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Mount, is_mounted, keepfs_bin, keepfs_command, mount_expecting_failure, server};
+
+/// Asserts that a failed mount exited non-zero with `needle` in its one-line error.
+fn assert_fails_with(source: &str, mountpoint: &Path, extra: &[&str], needle: &str) -> String {
+    let out = mount_expecting_failure(source, mountpoint, extra);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "expected {needle:?} in the error, got:\n{stderr}"
+    );
+    let error_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("keepfs:"))
+        .collect();
+    assert_eq!(error_lines.len(), 1, "one error line expected:\n{stderr}");
+    stderr
+}
+
+#[test]
+fn malformed_urls_and_bucket_names() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_fails_with("my-bucket", dir.path(), &[], "is not an S3 URL");
+    assert_fails_with("http://my-bucket/x", dir.path(), &[], "is not an S3 URL");
+    assert_fails_with("s3://", dir.path(), &[], "is not an S3 URL");
+    assert_fails_with(
+        "s3://Bad_Bucket",
+        dir.path(),
+        &[],
+        "is not a valid bucket name",
+    );
+    assert_fails_with("s3://ab", dir.path(), &[], "is not a valid bucket name");
+    assert_fails_with(
+        "s3://bucket-ok",
+        dir.path(),
+        &["--file-mode", "999"],
+        "invalid mode",
+    );
+    assert_fails_with(
+        "s3://bucket-ok",
+        dir.path(),
+        &["--max-memory-cache", "lots"],
+        "invalid size",
+    );
+}
+
+#[test]
+fn missing_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("kt-missing-{}", std::process::id());
+    assert_fails_with(
+        &format!("s3://{missing}"),
+        dir.path(),
+        &[],
+        "does not exist",
+    );
+}
+
+#[test]
+fn bad_credentials() {
+    let s = server();
+    if !s.checks_credentials() {
+        common::skipped(&format!(
+            "bad_credentials: {:?} accepts any credentials",
+            s.kind
+        ));
+        return;
+    }
+    let bucket = s.bucket("creds");
+    let dir = tempfile::tempdir().unwrap();
+    let out = keepfs_command(&format!("s3://{bucket}"), dir.path(), &[])
+        .env("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("access denied"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-secret"),
+        "credentials must never be printed"
+    );
+    assert!(!is_mounted(dir.path()));
+}
+
+#[test]
+fn unreachable_endpoint_fails_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: connection refused.
+    let start = Instant::now();
+    let out = Command::new(keepfs_bin())
+        .args(["mount", "s3://some-bucket"])
+        .arg(dir.path())
+        .args([
+            "--endpoint-url",
+            "http://127.0.0.1:1",
+            "--force-path-style",
+            "--connect-timeout",
+            "1",
+        ])
+        .envs(server().env())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("could not reach the S3 endpoint"),
+        "{stderr}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+
+    // A server that accepts connections but never answers: bounded by the check's timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let start = Instant::now();
+    let out = Command::new(keepfs_bin())
+        .args(["mount", "s3://some-bucket"])
+        .arg(dir.path())
+        .args([
+            "--endpoint-url",
+            &endpoint,
+            "--force-path-style",
+            "--connect-timeout",
+            "1",
+        ])
+        .envs(server().env())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("within 4s"), "{stderr}");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(!is_mounted(dir.path()));
+    drop(listener);
+}
+
+#[test]
+fn bad_mountpoints() {
+    let s = server();
+    let bucket = s.bucket("mountpoints");
+    let src = format!("s3://{bucket}");
+    let dir = tempfile::tempdir().unwrap();
+    assert_fails_with(&src, &dir.path().join("missing"), &[], "does not exist");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert_fails_with(&src, &file, &[], "is not a directory");
+    let m = Mount::new(&src, &[]);
+    assert_fails_with(&src, m.path(), &[], "already a mount point");
+    assert!(is_mounted(m.path()), "the existing mount is untouched");
+}
+
+#[test]
+fn signals_unmount_cleanly() {
+    let s = server();
+    let bucket = s.bucket("signals");
+    s.put(&bucket, "f", b"data");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut m = Mount::new(&format!("s3://{bucket}"), &[]);
+        assert_eq!(std::fs::read(m.path().join("f")).unwrap(), b"data");
+        let code = m.stop_with(signal);
+        assert_eq!(
+            code,
+            Some(0),
+            "exit status after signal {signal}:\n{}",
+            m.log()
+        );
+        assert!(!is_mounted(m.path()), "unmounted after signal {signal}");
+    }
+}
+
+#[test]
+fn external_unmount_ends_the_process() {
+    let s = server();
+    let bucket = s.bucket("external");
+    for tool in [["umount", ""], ["fusermount3", "-u"]] {
+        let mut m = Mount::new(&format!("s3://{bucket}"), &[]);
+        let mut cmd = Command::new(tool[0]);
+        if !tool[1].is_empty() {
+            cmd.arg(tool[1]);
+        }
+        let status = cmd.arg(m.path()).status().unwrap();
+        assert!(status.success(), "{} failed", tool[0]);
+        assert_eq!(
+            m.wait_exit(Duration::from_secs(10)),
+            Some(0),
+            "{}:\n{}",
+            tool[0],
+            m.log()
+        );
+    }
+}
+
+#[test]
+fn daemon_mode_returns_when_ready() {
+    let s = server();
+    let bucket = s.bucket("daemon");
+    s.put(&bucket, "hello.txt", b"from the daemon");
+    let dir = tempfile::tempdir().unwrap();
+    let out = keepfs_command(&format!("s3://{bucket}"), dir.path(), &["--daemon"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(dir.path());
+    assert!(out.status.success(), "daemon exit: {:?}", out.status);
+    assert!(is_mounted(dir.path()), "mounted when --daemon returns");
+    assert_eq!(
+        std::fs::read(dir.path().join("hello.txt")).unwrap(),
+        b"from the daemon"
+    );
+
+    // A daemon that cannot mount reports the error and a failure status.
+    let other = tempfile::tempdir().unwrap();
+    let out = keepfs_command("s3://kt-no-such-bucket-daemon", other.path(), &["--daemon"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(!is_mounted(other.path()));
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(keepfs_bin())
+        .args(["mount", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--endpoint-url",
+        "--region",
+        "--force-path-style",
+        "--read-only",
+        "--foreground",
+        "--daemon",
+        "--allow-other",
+        "--uid",
+        "--gid",
+        "--file-mode",
+        "--dir-mode",
+        "--metadata-ttl",
+        "--max-memory-cache",
+        "--log-level",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from help:\n{help}");
+    }
+}
