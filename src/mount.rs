@@ -110,7 +110,7 @@ fn unescape_mount_path(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\'
-            && i + 3 < bytes.len() + 0
+            && i + 3 < bytes.len()
             && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
         {
             out.push(v);

@@ -45,6 +45,8 @@ impl ObjectVersion {
 
 /// A block's eventual content: `None` until its GET delivers or fails.
 pub type BlockSlot = watch::Receiver<Option<Result<Bytes, StoreError>>>;
+/// The delivering side of a [`BlockSlot`], held by the GET that fetches the block.
+type BlockSender = watch::Sender<Option<Result<Bytes, StoreError>>>;
 
 /// Counters for tests and benchmarks.
 #[derive(Debug, Default)]
@@ -86,7 +88,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
     ) -> (Vec<BlockSlot>, Vec<JoinHandle<()>>) {
         let mut slots = Vec::with_capacity(blocks.clone().count());
         let mut tasks = Vec::new();
-        let mut run: Vec<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)> = Vec::new();
+        let mut run: Vec<(BlockId, BlockSender)> = Vec::new();
         let mut inflight = self.inflight();
         for index in blocks {
             let id = obj.block_id(index);
@@ -117,7 +119,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
     fn spawn_run(
         self: &Arc<Self>,
         obj: &ObjectVersion,
-        run: Vec<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
+        run: Vec<(BlockId, BlockSender)>,
     ) -> JoinHandle<()> {
         let this = Arc::clone(self);
         let obj = obj.clone();
@@ -128,7 +130,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
     async fn fetch_run(
         self: Arc<Self>,
         obj: ObjectVersion,
-        run: Vec<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
+        run: Vec<(BlockId, BlockSender)>,
     ) {
         let mut guard = RunGuard {
             fetcher: &self,
@@ -185,7 +187,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
 struct RunGuard<'a, S> {
     fetcher: &'a BlockFetcher<S>,
     pending:
-        std::collections::VecDeque<(BlockId, watch::Sender<Option<Result<Bytes, StoreError>>>)>,
+        std::collections::VecDeque<(BlockId, BlockSender)>,
 }
 
 impl<S> RunGuard<'_, S> {
@@ -224,6 +226,5 @@ pub async fn wait(mut slot: BlockSlot) -> Option<Result<Bytes, StoreError>> {
         return value.clone();
     }
     // The sender is gone; it may still have delivered just before.
-    let value = slot.borrow().clone();
-    value
+    slot.borrow().clone()
 }

@@ -199,7 +199,7 @@ impl<S: ObjectStore> FileReader<S> {
         let slots = (first..=last).map(|i| w.pending[&i].clone()).collect();
 
         // Everything before this read is done with; so is the last block if read to its end.
-        let consumed_until = if end % BLOCK_SIZE == 0 || end == self.object.size {
+        let consumed_until = if end.is_multiple_of(BLOCK_SIZE) || end == self.object.size {
             last + 1
         } else {
             last
