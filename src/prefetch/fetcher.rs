@@ -127,11 +127,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
     }
 
     /// GETs one contiguous run of blocks and publishes each as soon as it is complete.
-    async fn fetch_run(
-        self: Arc<Self>,
-        obj: ObjectVersion,
-        run: Vec<(BlockId, BlockSender)>,
-    ) {
+    async fn fetch_run(self: Arc<Self>, obj: ObjectVersion, run: Vec<(BlockId, BlockSender)>) {
         let mut guard = RunGuard {
             fetcher: &self,
             pending: run.into_iter().collect(),
@@ -186,8 +182,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
 /// in-flight map so later readers start a new GET instead of waiting forever.
 struct RunGuard<'a, S> {
     fetcher: &'a BlockFetcher<S>,
-    pending:
-        std::collections::VecDeque<(BlockId, BlockSender)>,
+    pending: std::collections::VecDeque<(BlockId, BlockSender)>,
 }
 
 impl<S> RunGuard<'_, S> {

@@ -58,6 +58,14 @@ impl S3Store {
         }
     }
 
+    /// A store over an already configured SDK client (tests and benchmarks build their own).
+    pub fn from_client(client: Client, bucket: &str) -> Self {
+        Self {
+            client,
+            bucket: bucket.to_owned(),
+        }
+    }
+
     /// The SDK client, for tools (benchmarks) that need the raw baseline.
     pub fn client(&self) -> &Client {
         &self.client
