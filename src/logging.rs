@@ -1,5 +1,7 @@
 //! Log setup: `tracing` to stderr, as text or JSON, filtered by `--log-level` or `RUST_LOG`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -12,6 +14,7 @@ pub fn init(level: &str, format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("warn,keepfs=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

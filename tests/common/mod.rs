@@ -19,8 +19,9 @@ use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 
-pub const ACCESS_KEY: &str = "keepfs-test";
-pub const SECRET_KEY: &str = "keepfs-test-secret";
+pub mod embedded;
+
+pub use embedded::{ACCESS_KEY, SECRET_KEY};
 
 /// What the server under test does and does not support (see shared/S3-SERVERS.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,37 +89,12 @@ pub fn server() -> &'static TestServer {
 }
 
 fn start_s3s_fs() -> String {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder as ConnBuilder;
-
     let root = tempfile::Builder::new()
         .prefix("keepfs-s3s-")
         .tempdir()
         .expect("server root")
         .keep();
-    let fs = s3s_fs::FileSystem::new(&root).expect("s3s-fs over temp dir");
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = builder.build();
-    let listener = rt()
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    rt().spawn(async move {
-        let http = ConnBuilder::new(TokioExecutor::new());
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let conn = http
-                .serve_connection(TokioIo::new(socket), service.clone())
-                .into_owned();
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-    });
-    format!("http://{addr}")
+    embedded::start_s3s_fs(&root, rt())
 }
 
 impl TestServer {
