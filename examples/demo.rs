@@ -42,8 +42,14 @@ fn main() -> anyhow::Result<()> {
     println!("  ls -lR {}", mountpoint.display());
     println!("  cat {}/hello.txt", mountpoint.display());
     println!("  sha256sum {}/data/random-64MiB.bin", mountpoint.display());
-    println!("  dd if={}/data/random-64MiB.bin of=/dev/null bs=1M", mountpoint.display());
-    println!("  touch {}/new-file    # fails: read-only for now (EROFS)", mountpoint.display());
+    println!(
+        "  dd if={}/data/random-64MiB.bin of=/dev/null bs=1M",
+        mountpoint.display()
+    );
+    println!(
+        "  touch {}/new-file    # fails: read-only for now (EROFS)",
+        mountpoint.display()
+    );
     println!();
     println!("Press Ctrl-C to unmount and exit.");
 
@@ -100,9 +106,18 @@ async fn seed(endpoint: &str) -> anyhow::Result<()> {
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
     let objects: Vec<(&str, Vec<u8>)> = vec![
-        ("hello.txt", b"Hello from an S3 bucket, read through keepfs.\n".to_vec()),
-        ("docs/guide.md", b"# Guide\n\nDirectories come from `/` in object keys.\n".to_vec()),
-        ("docs/notes/todo.txt", b"- mount\n- read\n- enjoy\n".to_vec()),
+        (
+            "hello.txt",
+            b"Hello from an S3 bucket, read through keepfs.\n".to_vec(),
+        ),
+        (
+            "docs/guide.md",
+            b"# Guide\n\nDirectories come from `/` in object keys.\n".to_vec(),
+        ),
+        (
+            "docs/notes/todo.txt",
+            b"- mount\n- read\n- enjoy\n".to_vec(),
+        ),
         ("data/random-64MiB.bin", random),
     ];
     for (key, body) in objects {

@@ -27,6 +27,29 @@ pub const MAX_IO_SIZE: u32 = 1024 * 1024;
 /// Symlink targets longer than this are refused (Linux PATH_MAX).
 const MAX_SYMLINK_TARGET: u32 = 4096;
 
+/// Reply buffers for reads, reused: a fresh 1 MiB allocation per read costs page faults and
+/// page zeroing in the kernel, which showed up as a tenth of the CPU of a sequential read.
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    const KEEP: usize = 64;
+
+    fn take(&self) -> Vec<u8> {
+        lock(&self.free).pop().unwrap_or_default()
+    }
+
+    fn give(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut free = lock(&self.free);
+        if free.len() < Self::KEEP {
+            free.push(buf);
+        }
+    }
+}
+
 pub struct KeepFs<S> {
     inner: Arc<Inner<S>>,
     runtime: Handle,
@@ -39,6 +62,7 @@ struct Inner<S> {
     files: Mutex<HashMap<u64, Arc<FileReader<S>>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
     next_handle: AtomicU64,
+    buffers: BufferPool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,6 +120,7 @@ impl<S: ObjectStore> KeepFs<S> {
                 files: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
                 next_handle: AtomicU64::new(1),
+                buffers: BufferPool::default(),
             }),
             runtime,
         }
@@ -236,15 +261,18 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        tracing::trace!(fh = fh.0, offset, size, "read");
         let Some(reader) = lock(&self.inner.files).get(&fh.0).cloned() else {
             reply.error(Errno::EBADF);
             return;
         };
-        self.runtime.spawn(async move {
-            match reader.read(offset, size).await {
-                Ok(data) => reply.data(&data),
+        self.spawn(move |fs| async move {
+            let mut buf = fs.buffers.take();
+            match reader.read_into(offset, size, &mut buf).await {
+                Ok(()) => reply.data(&buf),
                 Err(e) => reply.error(errno(&e)),
             }
+            fs.buffers.give(buf);
         });
     }
 
@@ -357,6 +385,18 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 break;
             }
         }
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is buffered for writing yet: every close succeeds.
         reply.ok();
     }
 

@@ -4,6 +4,13 @@ use clap::Parser;
 use keepfs::cli::{Cli, Command};
 use keepfs::mount::{DAEMON_CHILD_ENV, daemonize, run};
 
+// Cache blocks are allocated on one thread and freed on another, 256 KiB at a time. With
+// glibc's default malloc, 4 readers through a full 1 GiB block cache ran at 390 MB/s with 5.4 s
+// of system time per 4 GiB (fresh pages faulted in for every block); jemalloc reuses the memory
+// and ran at 560-610 MB/s on the same run.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

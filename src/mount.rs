@@ -93,14 +93,7 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
 
 /// Whether `path` (canonical) appears as a mount point in this namespace's mount table.
 fn is_mount_point(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    table.lines().any(|line| {
-        line.split(' ')
-            .nth(4)
-            .is_some_and(|mp| Path::new(&unescape_mount_path(mp)) == path)
-    })
+    mount_device(path).is_some()
 }
 
 /// Mount tables escape space, tab, newline and backslash as octal (`\040`).
@@ -220,10 +213,12 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         max_window: config.max_prefetch,
         ..PrefetchConfig::default()
     };
+    runtime.spawn(log_usage(Arc::clone(&fetcher)));
     let fs = KeepFs::new(namespace, fetcher, prefetch, runtime.handle().clone());
 
     let mut session =
         Session::new(fs, &mountpoint, &fuse_config(&config)).map_err(MountError::Fuse)?;
+    tune_read_ahead(&mountpoint);
     tracing::info!(source = %config.source, mountpoint = %mountpoint.display(), "mounted");
     report_ready();
 
@@ -250,6 +245,18 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     }
 }
 
+/// Logs cache and fetch usage periodically (debug level), for diagnosing memory use.
+async fn log_usage(fetcher: Arc<BlockFetcher<S3Store>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let (inflight, (cache_bytes, cache_blocks)) = fetcher.usage();
+            tracing::debug!(inflight, cache_bytes, cache_blocks, "usage");
+        }
+    }
+}
+
 async fn wait_for_stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -263,6 +270,45 @@ async fn wait_for_stop_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Raises the kernel's read-ahead for this mount to the FUSE request size.
+///
+/// The kernel caps FUSE read-ahead at the device default (128 KiB) whatever the filesystem asks
+/// for, so sequential reads would arrive as 128 KiB requests. Writing the mount's backing-device
+/// setting lifts that; it needs root (or a writable /sys), so failure only costs speed.
+fn tune_read_ahead(mountpoint: &Path) {
+    // The device number comes from the mount table: a stat of the mountpoint would be a FUSE
+    // request that nobody serves yet.
+    let Some(device) = mount_device(mountpoint) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
+    let kib = crate::fs::MAX_IO_SIZE / 1024;
+    match std::fs::write(&knob, kib.to_string()) {
+        Ok(()) => tracing::debug!(knob, kib, "raised kernel read-ahead"),
+        Err(e) => tracing::info!(
+            knob,
+            error = %e,
+            "could not raise kernel read-ahead (needs root); sequential reads use 128 KiB requests"
+        ),
+    }
+}
+
+/// The `major:minor` of the filesystem mounted at `path` (canonical), from the mount table.
+fn mount_device(path: &Path) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .nth(4)
+                .is_some_and(|mp| Path::new(&unescape_mount_path(mp)) == path)
+        })
+        // The last entry is the topmost mount: ours.
+        .last()
+        .and_then(|line| line.split(' ').nth(2))
+        .map(str::to_owned)
 }
 
 /// Detaches the mount even while files are open (`umount -l`).

@@ -273,3 +273,21 @@ fn help_explains_every_flag() {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
     }
 }
+
+#[test]
+fn json_log_format() {
+    let s = server();
+    let bucket = s.bucket("jsonlogs");
+    let mut m = Mount::new(&format!("s3://{bucket}"), &["--log-format", "json"]);
+    let _ = std::fs::read_dir(m.path()).unwrap().count();
+    assert_eq!(m.stop_with(libc::SIGTERM), Some(0));
+    let log = m.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.iter().any(|l| l.contains("\"mounted\"")), "{log}");
+    for line in lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON line: {line}"
+        );
+    }
+}

@@ -21,10 +21,69 @@ pub struct BlockId {
     pub index: u64,
 }
 
-/// Bytes of recently read blocks, shared by every open file.
+/// The bytes of one block, kept as the chunks the network delivered them in: storing them
+/// costs no copy, and the one copy happens when a read assembles its reply.
+#[derive(Debug, Clone, Default)]
+pub struct Block {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Block {
+    pub fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        self.chunks.push(chunk);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The same bytes in one allocation of exactly their size. Network chunks are slices of
+    /// larger receive buffers that they keep alive; a cached block must own only its bytes, or
+    /// the cache's byte bound would not bound memory.
+    pub fn compact(self) -> Self {
+        if self.chunks.len() <= 1 {
+            return self;
+        }
+        let mut data = Vec::with_capacity(self.len);
+        self.copy_range(0, self.len, &mut data);
+        Bytes::from(data).into()
+    }
+
+    /// Appends bytes `from..to` of this block to `out`.
+    pub fn copy_range(&self, from: usize, to: usize, out: &mut Vec<u8>) {
+        let mut pos = 0;
+        for chunk in &self.chunks {
+            let (start, end) = (pos, pos + chunk.len());
+            pos = end;
+            if end <= from {
+                continue;
+            }
+            if start >= to {
+                break;
+            }
+            out.extend_from_slice(&chunk[from.max(start) - start..to.min(end) - start]);
+        }
+    }
+}
+
+impl From<Bytes> for Block {
+    fn from(chunk: Bytes) -> Self {
+        let mut block = Block::default();
+        block.push(chunk);
+        block
+    }
+}
+
+/// Recently read blocks, shared by every open file.
 #[derive(Clone)]
 pub struct MemoryCache {
-    blocks: Cache<BlockId, Bytes>,
+    blocks: Cache<BlockId, Arc<Block>>,
 }
 
 impl MemoryCache {
@@ -32,7 +91,7 @@ impl MemoryCache {
     pub fn new(max_bytes: u64) -> Self {
         let blocks = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_: &BlockId, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
+            .weigher(|_: &BlockId, b: &Arc<Block>| u32::try_from(b.len()).unwrap_or(u32::MAX))
             // Plain LRU: a re-read of what was just read sequentially must hit, which TinyLFU's
             // admission filter would refuse for blocks seen only once.
             .eviction_policy(EvictionPolicy::lru())
@@ -40,11 +99,17 @@ impl MemoryCache {
         Self { blocks }
     }
 
-    pub fn get(&self, id: &BlockId) -> Option<Bytes> {
+    pub fn get(&self, id: &BlockId) -> Option<Arc<Block>> {
         self.blocks.get(id)
     }
 
-    pub fn insert(&self, id: BlockId, data: Bytes) {
+    /// Bytes and blocks currently held (after pending evictions are applied).
+    pub fn usage(&self) -> (u64, u64) {
+        self.blocks.run_pending_tasks();
+        (self.blocks.weighted_size(), self.blocks.entry_count())
+    }
+
+    pub fn insert(&self, id: BlockId, data: Arc<Block>) {
         self.blocks.insert(id, data);
     }
 }
@@ -64,16 +129,33 @@ mod tests {
     #[test]
     fn versions_do_not_mix() {
         let cache = MemoryCache::new(1 << 20);
-        cache.insert(id("a", 0), Bytes::from_static(b"old"));
-        assert_eq!(cache.get(&id("a", 0)).as_deref(), Some(&b"old"[..]));
+        cache.insert(id("a", 0), Arc::new(Bytes::from_static(b"old").into()));
+        let mut out = Vec::new();
+        cache.get(&id("a", 0)).unwrap().copy_range(0, 3, &mut out);
+        assert_eq!(out, b"old");
         assert!(cache.get(&id("b", 0)).is_none());
+    }
+
+    #[test]
+    fn ranges_across_chunks() {
+        let mut block = Block::default();
+        for part in [&b"abc"[..], b"", b"defg", b"h"] {
+            block.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(block.len(), 8);
+        for (from, to) in [(0, 8), (2, 5), (3, 7), (7, 8), (4, 4), (0, 1)] {
+            let mut out = Vec::new();
+            block.copy_range(from, to, &mut out);
+            assert_eq!(out, &b"abcdefgh"[from..to], "{from}..{to}");
+        }
     }
 
     #[test]
     fn bounded_by_bytes() {
         let cache = MemoryCache::new(4 * BLOCK_SIZE);
         for i in 0..16 {
-            cache.insert(id("a", i), Bytes::from(vec![0u8; BLOCK_SIZE as usize]));
+            let data = Bytes::from(vec![0u8; BLOCK_SIZE as usize]);
+            cache.insert(id("a", i), Arc::new(data.into()));
         }
         cache.blocks.run_pending_tasks();
         assert!(cache.blocks.weighted_size() <= 4 * BLOCK_SIZE);

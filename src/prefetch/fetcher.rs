@@ -10,11 +10,11 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cache::{BLOCK_SIZE, BlockId, MemoryCache};
+use crate::cache::{BLOCK_SIZE, Block, BlockId, MemoryCache};
 use crate::store::{ObjectStore, StoreError};
 
 /// One object version being read.
@@ -44,9 +44,9 @@ impl ObjectVersion {
 }
 
 /// A block's eventual content: `None` until its GET delivers or fails.
-pub type BlockSlot = watch::Receiver<Option<Result<Bytes, StoreError>>>;
+pub type BlockSlot = watch::Receiver<Option<Result<Arc<Block>, StoreError>>>;
 /// The delivering side of a [`BlockSlot`], held by the GET that fetches the block.
-type BlockSender = watch::Sender<Option<Result<Bytes, StoreError>>>;
+type BlockSender = watch::Sender<Option<Result<Arc<Block>, StoreError>>>;
 
 /// Counters for tests and benchmarks.
 #[derive(Debug, Default)]
@@ -70,6 +70,11 @@ impl<S: ObjectStore> BlockFetcher<S> {
             inflight: Mutex::new(HashMap::new()),
             stats: FetchStats::default(),
         }
+    }
+
+    /// Blocks being fetched right now, and the memory cache's (bytes, blocks).
+    pub fn usage(&self) -> (usize, (u64, u64)) {
+        (self.inflight().len(), self.cache.usage())
     }
 
     fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<BlockId, BlockSlot>> {
@@ -138,23 +143,18 @@ impl<S: ObjectStore> BlockFetcher<S> {
         let start = obj.block_range(first.0.index).start;
         let end = obj.block_range(last.0.index).end;
         self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
-        let mut buf = BytesMut::new();
-        let mut sink = |chunk: Bytes| {
-            let mut chunk = chunk;
+        let mut block = Block::default();
+        let mut sink = |mut chunk: Bytes| {
             while !chunk.is_empty() {
                 let Some((id, _)) = guard.pending.front() else {
                     return;
                 };
                 let want = obj.block_range(id.index);
                 let want = (want.end - want.start) as usize;
-                if buf.is_empty() {
-                    buf.reserve(want);
-                }
-                let take = (want - buf.len()).min(chunk.len());
-                buf.extend_from_slice(&chunk.split_to(take));
-                if buf.len() == want {
-                    let data = buf.split().freeze();
-                    guard.publish(Ok(data));
+                let take = (want - block.len()).min(chunk.len());
+                block.push(chunk.split_to(take));
+                if block.len() == want {
+                    guard.publish(Ok(Arc::new(std::mem::take(&mut block).compact())));
                 }
             }
         };
@@ -186,7 +186,7 @@ struct RunGuard<'a, S> {
 }
 
 impl<S> RunGuard<'_, S> {
-    fn publish(&mut self, result: Result<Bytes, StoreError>) {
+    fn publish(&mut self, result: Result<Arc<Block>, StoreError>) {
         let Some((id, tx)) = self.pending.pop_front() else {
             return;
         };
@@ -216,7 +216,7 @@ impl<S> Drop for RunGuard<'_, S> {
 }
 
 /// Waits for a block; `None` when its GET was abandoned before delivering it.
-pub async fn wait(mut slot: BlockSlot) -> Option<Result<Bytes, StoreError>> {
+pub async fn wait(mut slot: BlockSlot) -> Option<Result<Arc<Block>, StoreError>> {
     if let Ok(value) = slot.wait_for(Option::is_some).await {
         return value.clone();
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
 
 use super::fetcher::{BlockFetcher, BlockSlot, ObjectVersion, wait};
-use crate::cache::BLOCK_SIZE;
+use crate::cache::{BLOCK_SIZE, Block};
 use crate::error::FsError;
 use crate::store::{ObjectStore, StoreError};
 
@@ -92,16 +92,23 @@ impl<S: ObjectStore> FileReader<S> {
 
     /// Reads up to `len` bytes at `offset` (fewer at end of file).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, FsError> {
+        let mut out = Vec::new();
+        self.read_into(offset, len, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Like [`FileReader::read`], appending to `out` (so callers can reuse buffers).
+    pub async fn read_into(&self, offset: u64, len: u32, out: &mut Vec<u8>) -> Result<(), FsError> {
         let size = self.object.size;
         if offset >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let end = (offset + u64::from(len)).min(size);
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
         let slots = self.plan(offset, end, first, last);
 
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        out.reserve((end - offset) as usize);
         for (index, slot) in (first..=last).zip(slots) {
             let data = match wait(slot).await {
                 Some(Ok(data)) => data,
@@ -118,16 +125,16 @@ impl<S: ObjectStore> FileReader<S> {
                     self.object.key
                 ))));
             }
-            out.extend_from_slice(&data[from..to]);
+            data.copy_range(from, to, out);
         }
-        Ok(out)
+        Ok(())
     }
 
     fn read_error(&self, e: StoreError) -> FsError {
         FsError::store(&self.object.key, e)
     }
 
-    async fn refetch(&self, index: u64) -> Result<bytes::Bytes, FsError> {
+    async fn refetch(&self, index: u64) -> Result<Arc<Block>, FsError> {
         let (mut slots, _tasks) = self.fetcher.request(&self.object, index..index + 1, 1);
         match wait(slots.pop().expect("one slot per block")).await {
             Some(Ok(data)) => Ok(data),
