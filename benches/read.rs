@@ -21,7 +21,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
@@ -313,20 +312,7 @@ fn target(rt: &tokio::runtime::Runtime) -> Target {
             )
         }
     };
-    let config = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(&endpoint)
-        .force_path_style(true)
-        .credentials_provider(Credentials::new(
-            &access_key,
-            &secret_key,
-            None,
-            None,
-            "bench",
-        ))
-        .build();
-    let client = Client::from_conf(config);
+    let client = embedded::sdk_client(&endpoint, &access_key, &secret_key);
     let _ = rt.block_on(client.create_bucket().bucket(&bucket).send());
     Target {
         endpoint,

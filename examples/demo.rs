@@ -8,7 +8,6 @@ mod embedded;
 
 use std::time::Duration;
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use keepfs::config::{LogFormat, MountConfig};
 
@@ -82,20 +81,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Creates the bucket and a few sample objects with the real SDK client.
 async fn seed(endpoint: &str) -> anyhow::Result<()> {
-    let config = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .force_path_style(true)
-        .credentials_provider(Credentials::new(
-            embedded::ACCESS_KEY,
-            embedded::SECRET_KEY,
-            None,
-            None,
-            "demo",
-        ))
-        .build();
-    let client = aws_sdk_s3::Client::from_conf(config);
+    let client = embedded::sdk_client(endpoint, embedded::ACCESS_KEY, embedded::SECRET_KEY);
     client.create_bucket().bucket(BUCKET).send().await?;
     let mut random = vec![0u8; 64 << 20];
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;

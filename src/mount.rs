@@ -300,13 +300,13 @@ fn mount_device(path: &Path) -> Option<String> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     table
         .lines()
-        .filter(|line| {
+        // The last entry is the topmost mount: ours.
+        .rev()
+        .find(|line| {
             line.split(' ')
                 .nth(4)
                 .is_some_and(|mp| Path::new(&unescape_mount_path(mp)) == path)
         })
-        // The last entry is the topmost mount: ours.
-        .last()
         .and_then(|line| line.split(' ').nth(2))
         .map(str::to_owned)
 }

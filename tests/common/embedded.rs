@@ -35,3 +35,18 @@ pub fn start_s3s_fs(root: &Path, runtime: &tokio::runtime::Runtime) -> String {
     });
     format!("http://{addr}")
 }
+
+/// An SDK client for `endpoint` with static credentials (path-style, us-east-1).
+pub fn sdk_client(endpoint: &str, access_key: &str, secret_key: &str) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(
+            access_key, secret_key, None, None, "static",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 
@@ -99,25 +98,13 @@ fn start_s3s_fs() -> String {
 
 impl TestServer {
     fn new(endpoint: String, kind: ServerKind, access_key: String, secret_key: String) -> Self {
-        let config = aws_sdk_s3::config::Builder::new()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(&endpoint)
-            .force_path_style(true)
-            .credentials_provider(Credentials::new(
-                &access_key,
-                &secret_key,
-                None,
-                None,
-                "test",
-            ))
-            .build();
+        let client = embedded::sdk_client(&endpoint, &access_key, &secret_key);
         TestServer {
             endpoint,
             kind,
             access_key,
             secret_key,
-            client: Client::from_conf(config),
+            client,
         }
     }
 
