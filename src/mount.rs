@@ -257,18 +257,30 @@ async fn log_usage(fetcher: Arc<BlockFetcher<S3Store>>) {
     }
 }
 
+/// Waits for SIGTERM or SIGINT. SIGHUP (the terminal went away) also stops a foreground
+/// keepfs, but a `--daemon` one has left its terminal and ignores it.
 async fn wait_for_stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("could not install signal handlers; stop keepfs with umount");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let daemon = std::env::var_os(DAEMON_CHILD_ENV).is_some();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                if !daemon {
+                    return;
+                }
+                tracing::info!("SIGHUP ignored (running as a daemon)");
+            }
+        }
     }
 }
 

@@ -134,3 +134,36 @@ fn reads_past_the_end_and_without_cache() {
         assert_eq!(sha256(&all), sha256(&f.data));
     });
 }
+
+#[test]
+fn concurrent_random_reads_on_one_handle_survive_aborted_gets() {
+    use rand::{Rng, SeedableRng};
+    // Each read that is not sequential aborts the GETs the handle started before, while other
+    // reads of the same handle may be waiting for them: every read must still get its bytes.
+    let f = fixture("aborts", 16 << 20, 0);
+    let reader = Arc::new(f.reader());
+    let data = Arc::new(f.data.clone());
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let (reader, data) = (reader.clone(), data.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                for _ in 0..40 {
+                    let offset = rng.random_range(0..data.len() as u64 - 300_000);
+                    let len = rng.random_range(1..300_000u32);
+                    let got = reader.read(offset, len).await.expect("read");
+                    let o = offset as usize;
+                    assert_eq!(
+                        sha256(&got),
+                        sha256(&data[o..o + len as usize]),
+                        "at {offset}+{len}"
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}

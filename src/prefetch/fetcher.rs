@@ -97,7 +97,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
         let mut inflight = self.inflight();
         for index in blocks {
             let id = obj.block_id(index);
-            if let Some(slot) = inflight.get(&id) {
+            if let Some(slot) = inflight.get(&id).filter(|slot| slot.has_changed().is_ok()) {
                 slots.push(slot.clone());
             } else if let Some(data) = self.cache.get(&id) {
                 slots.push(watch::channel(Some(Ok(data))).1);
@@ -126,66 +126,68 @@ impl<S: ObjectStore> BlockFetcher<S> {
         obj: &ObjectVersion,
         run: Vec<(BlockId, BlockSender)>,
     ) -> JoinHandle<()> {
-        let this = Arc::clone(self);
-        let obj = obj.clone();
-        tokio::spawn(async move { this.fetch_run(obj, run).await })
-    }
-
-    /// GETs one contiguous run of blocks and publishes each as soon as it is complete.
-    async fn fetch_run(self: Arc<Self>, obj: ObjectVersion, run: Vec<(BlockId, BlockSender)>) {
-        let mut guard = RunGuard {
-            fetcher: &self,
+        // The guard exists before the task does: a task aborted before its first poll still
+        // drops it and so withdraws its blocks from the in-flight map.
+        let guard = RunGuard {
+            fetcher: Arc::clone(self),
             pending: run.into_iter().collect(),
         };
-        let (Some(first), Some(last)) = (guard.pending.front(), guard.pending.back()) else {
-            return;
-        };
-        let start = obj.block_range(first.0.index).start;
-        let end = obj.block_range(last.0.index).end;
-        self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
-        let mut block = Block::default();
-        let mut sink = |mut chunk: Bytes| {
-            while !chunk.is_empty() {
-                let Some((id, _)) = guard.pending.front() else {
-                    return;
-                };
-                let want = obj.block_range(id.index);
-                let want = (want.end - want.start) as usize;
-                let take = (want - block.len()).min(chunk.len());
-                block.push(chunk.split_to(take));
-                if block.len() == want {
-                    guard.publish(Ok(Arc::new(std::mem::take(&mut block).compact())));
-                }
+        tokio::spawn(fetch_run(obj.clone(), guard))
+    }
+}
+
+/// GETs one contiguous run of blocks and publishes each as soon as it is complete.
+async fn fetch_run<S: ObjectStore>(obj: ObjectVersion, mut guard: RunGuard<S>) {
+    let fetcher = Arc::clone(&guard.fetcher);
+    let (Some(first), Some(last)) = (guard.pending.front(), guard.pending.back()) else {
+        return;
+    };
+    let start = obj.block_range(first.0.index).start;
+    let end = obj.block_range(last.0.index).end;
+    fetcher.stats.get_requests.fetch_add(1, Ordering::Relaxed);
+    let mut block = Block::default();
+    let mut sink = |mut chunk: Bytes| {
+        while !chunk.is_empty() {
+            let Some((id, _)) = guard.pending.front() else {
+                return;
+            };
+            let want = obj.block_range(id.index);
+            let want = (want.end - want.start) as usize;
+            let take = (want - block.len()).min(chunk.len());
+            block.push(chunk.split_to(take));
+            if block.len() == want {
+                guard.publish(Ok(Arc::new(std::mem::take(&mut block).compact())));
             }
-        };
-        let result = self
-            .store
-            .get_range(&obj.key, &obj.etag, start, end, &mut sink)
-            .await;
-        self.stats
-            .bytes_fetched
-            .fetch_add(end - start, Ordering::Relaxed);
-        if let Err(e) = result {
-            if matches!(e, StoreError::PreconditionFailed) {
-                tracing::warn!(key = %obj.key, etag = %obj.etag, "object changed on the server while being read; failing the read");
-            } else {
-                tracing::warn!(key = %obj.key, error = %e, "ranged GET failed");
-            }
-            while !guard.pending.is_empty() {
-                guard.publish(Err(e.clone()));
-            }
+        }
+    };
+    let result = fetcher
+        .store
+        .get_range(&obj.key, &obj.etag, start, end, &mut sink)
+        .await;
+    fetcher
+        .stats
+        .bytes_fetched
+        .fetch_add(end - start, Ordering::Relaxed);
+    if let Err(e) = result {
+        if matches!(e, StoreError::PreconditionFailed) {
+            tracing::warn!(key = %obj.key, etag = %obj.etag, "object changed on the server while being read; failing the read");
+        } else {
+            tracing::warn!(key = %obj.key, error = %e, "ranged GET failed");
+        }
+        while !guard.pending.is_empty() {
+            guard.publish(Err(e.clone()));
         }
     }
 }
 
 /// The blocks a GET still owes. Dropping it (task finished or aborted) withdraws them from the
 /// in-flight map so later readers start a new GET instead of waiting forever.
-struct RunGuard<'a, S> {
-    fetcher: &'a BlockFetcher<S>,
+struct RunGuard<S> {
+    fetcher: Arc<BlockFetcher<S>>,
     pending: std::collections::VecDeque<(BlockId, BlockSender)>,
 }
 
-impl<S> RunGuard<'_, S> {
+impl<S> RunGuard<S> {
     fn publish(&mut self, result: Result<Arc<Block>, StoreError>) {
         let Some((id, tx)) = self.pending.pop_front() else {
             return;
@@ -202,7 +204,7 @@ impl<S> RunGuard<'_, S> {
     }
 }
 
-impl<S> Drop for RunGuard<'_, S> {
+impl<S> Drop for RunGuard<S> {
     fn drop(&mut self) {
         let mut inflight = self
             .fetcher

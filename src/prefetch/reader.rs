@@ -134,13 +134,22 @@ impl<S: ObjectStore> FileReader<S> {
         FsError::store(&self.object.key, e)
     }
 
+    /// Fetches one block whose GET was abandoned. The retry covers a GET that was aborted
+    /// between our request and its start (the aborting reader seeked away meanwhile).
     async fn refetch(&self, index: u64) -> Result<Arc<Block>, FsError> {
-        let (mut slots, _tasks) = self.fetcher.request(&self.object, index..index + 1, 1);
-        match wait(slots.pop().expect("one slot per block")).await {
-            Some(Ok(data)) => Ok(data),
-            Some(Err(e)) => Err(self.read_error(e)),
-            None => Err(self.read_error(StoreError::Other("block fetch abandoned".into()))),
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let (mut slots, _tasks) = self.fetcher.request(&self.object, index..index + 1, 1);
+            match wait(slots.pop().expect("one slot per block")).await {
+                Some(Ok(data)) => return Ok(data),
+                Some(Err(e)) => return Err(self.read_error(e)),
+                None => tokio::task::yield_now().await,
+            }
         }
+        Err(self.read_error(StoreError::Other(format!(
+            "block {index} of {}: fetch abandoned {ATTEMPTS} times",
+            self.object.key
+        ))))
     }
 
     /// Decides what to fetch for a read of `offset..end` (blocks `first..=last`) and returns

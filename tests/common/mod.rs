@@ -385,6 +385,14 @@ fn lazy_unmount(path: &Path) {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "--- keepfs log ---\n{}--- end ---",
+                self.log()
+            );
+        }
         if self.child.is_some() {
             self.stop_with(libc::SIGTERM);
         }
