@@ -159,7 +159,7 @@ fn signals_unmount_cleanly() {
     let s = server();
     let bucket = s.bucket("signals");
     s.put(&bucket, "f", b"data");
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         let mut m = Mount::new(&format!("s3://{bucket}"), &[]);
         assert_eq!(std::fs::read(m.path().join("f")).unwrap(), b"data");
         let code = m.stop_with(signal);
