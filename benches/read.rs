@@ -415,6 +415,8 @@ impl KeepfsMount {
                 "--force-path-style",
                 "--max-memory-cache",
                 "1280MiB",
+                "--cache-dir",
+                &format!("{}.cache", dir.display()),
                 "--log-level",
                 "warn",
             ])
@@ -460,5 +462,6 @@ impl Drop for KeepfsMount {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir_all(format!("{}.cache", self.dir.display()));
     }
 }

@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         max_prefetch: 64 << 20,
         fuse_threads: 4,
         connect_timeout: Duration::from_secs(5),
+        cache_dir: base.join("cache"),
     };
     let result = keepfs::mount::run(config);
     server_rt.shutdown_timeout(Duration::from_secs(1));

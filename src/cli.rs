@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cache::default_cache_dir;
 use crate::config::{
     ConfigError, LogFormat, MountConfig, S3Url, parse_duration, parse_mode, parse_size,
 };
@@ -103,6 +104,12 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub fuse_threads: u16,
 
+    /// Local cache directory, created with mode 0700 and owned by one keepfs process at a time
+    /// (default: a directory per mounted bucket/prefix under $XDG_CACHE_HOME/keepfs, or
+    /// ~/.cache/keepfs, or /var/cache/keepfs for root).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
     /// Bound on connecting to the endpoint; the check before mounting gives up after twice this.
     #[arg(long, default_value = "5", value_name = "DURATION")]
     pub connect_timeout: String,
@@ -123,7 +130,6 @@ impl MountArgs {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Ok(MountConfig {
-            source,
             mountpoint: self.mountpoint.clone(),
             endpoint_url: self.endpoint_url.clone(),
             region: self.region.clone(),
@@ -138,6 +144,10 @@ impl MountArgs {
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
+            cache_dir: self.cache_dir.clone().unwrap_or_else(|| {
+                default_cache_dir(self.endpoint_url.as_deref(), &source.bucket, &source.prefix)
+            }),
+            source,
         })
     }
 }

@@ -143,6 +143,8 @@ pub struct MountConfig {
     pub fuse_threads: usize,
     /// Bound on the pre-mount bucket check (connect, list, retries).
     pub connect_timeout: Duration,
+    /// The cache directory this mount owns (locked while mounted).
+    pub cache_dir: PathBuf,
 }
 
 #[cfg(test)]

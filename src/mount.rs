@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
-use crate::cache::MemoryCache;
+use crate::cache::{CacheDir, CacheDirError, MemoryCache};
 use crate::config::MountConfig;
 use crate::fs::KeepFs;
 use crate::namespace::{Defaults, Namespace};
@@ -54,6 +54,8 @@ pub enum MountError {
     Check { bucket: String, detail: String },
     #[error("FUSE mount failed: {0} (is /dev/fuse available and fusermount3 installed?)")]
     Fuse(std::io::Error),
+    #[error(transparent)]
+    CacheDir(#[from] CacheDirError),
     #[error("could not start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -173,6 +175,9 @@ fn fuse_config(config: &MountConfig) -> Config {
 /// filesystem is unmounted.
 pub fn run(config: MountConfig) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(&config.mountpoint)?;
+    // Held (and locked) for as long as the mount lives.
+    let cache_dir = CacheDir::open(&config.cache_dir)?;
+    tracing::debug!(cache_dir = %cache_dir.path().display(), "cache directory locked");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keepfs-io")
@@ -236,6 +241,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
 
     let result = session.run();
     runtime.shutdown_timeout(Duration::from_secs(1));
+    drop(cache_dir);
     match result {
         Ok(()) => {
             tracing::info!(mountpoint = %mountpoint.display(), "unmounted");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,7 @@ fn bad_credentials() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    let _ = std::fs::remove_dir_all(common::default_test_cache(dir.path()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("access denied"), "{stderr}");
@@ -210,6 +211,7 @@ fn daemon_mode_returns_when_ready() {
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
             let _ = Command::new("umount").arg(self.0).status();
+            let _ = std::fs::remove_dir_all(common::default_test_cache(self.0));
         }
     }
     let _guard = Unmount(dir.path());
@@ -226,6 +228,7 @@ fn daemon_mode_returns_when_ready() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    let _ = std::fs::remove_dir_all(common::default_test_cache(other.path()));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     assert!(!is_mounted(other.path()));
@@ -275,4 +278,103 @@ fn json_log_format() {
             "not a JSON line: {line}"
         );
     }
+}
+
+#[test]
+fn cache_directory_is_private_and_owned_by_one_mount() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = server();
+    let bucket = s.bucket("cachedir");
+    let src = format!("s3://{bucket}");
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("nested/cache");
+    let cache_arg = cache.to_str().unwrap();
+    let m = Mount::new(&src, &["--cache-dir", cache_arg]);
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(
+        std::fs::read_to_string(cache.join("lock")).unwrap(),
+        m.pid().to_string()
+    );
+    // A second keepfs on the same cache directory refuses, naming the owner.
+    let other = tempfile::tempdir().unwrap();
+    let stderr = assert_fails_with(
+        &src,
+        other.path(),
+        &["--cache-dir", cache_arg],
+        "in use by another keepfs",
+    );
+    assert!(stderr.contains(&format!("pid {}", m.pid())), "{stderr}");
+    assert!(is_mounted(m.path()), "the first mount is untouched");
+    drop(m);
+    // Released when the owner exits: the next mount takes it.
+    let again = Mount::new(&src, &["--cache-dir", cache_arg]);
+    assert!(is_mounted(again.path()));
+}
+
+#[test]
+fn cache_directory_of_a_newer_keepfs_is_refused_untouched() {
+    let s = server();
+    let bucket = s.bucket("cachefmt");
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::write(cache.path().join("FORMAT"), "keepfs-cache-format 999\n").unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    assert_fails_with(
+        &format!("s3://{bucket}"),
+        mnt.path(),
+        &["--cache-dir", cache.path().to_str().unwrap()],
+        "newer than this keepfs understands",
+    );
+    assert_eq!(
+        std::fs::read_to_string(cache.path().join("FORMAT")).unwrap(),
+        "keepfs-cache-format 999\n"
+    );
+    assert!(!cache.path().join("journal").exists());
+}
+
+#[test]
+fn default_cache_directory_is_per_mount_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = server();
+    let bucket = s.bucket("defaultcache");
+    let src = format!("s3://{bucket}/some/prefix");
+    let home = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let base = if root {
+        PathBuf::from("/var/cache/keepfs")
+    } else {
+        home.path().join("keepfs")
+    };
+    let name = keepfs::cache::default_cache_dir(Some(&s.endpoint), &bucket, "some/prefix/");
+    let expected = base.join(name.file_name().unwrap());
+    // Run with the defaults: root uses /var/cache/keepfs, users $XDG_CACHE_HOME/keepfs.
+    let mut child = Command::new(keepfs_bin())
+        .args(["mount", &src])
+        .arg(mnt.path())
+        .args(["--endpoint-url", &s.endpoint, "--force-path-style"])
+        .envs(s.env())
+        .env("XDG_CACHE_HOME", home.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Cleanup<'a>(&'a Path, &'a Path, &'a mut std::process::Child);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+            let _ = self.2.wait();
+            let _ = std::fs::remove_dir_all(self.1);
+        }
+    }
+    let guard = Cleanup(mnt.path(), &expected, &mut child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(guard.0) {
+        assert!(Instant::now() < deadline, "not mounted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&expected).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", expected.display());
+    assert!(expected.join("lock").exists());
 }

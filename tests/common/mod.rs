@@ -249,7 +249,8 @@ pub fn keepfs_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keepfs")
 }
 
-/// A `keepfs mount` command for `source` at `mountpoint`, wired to the test server.
+/// A `keepfs mount` command for `source` at `mountpoint`, wired to the test server. Unless
+/// `extra` names one, the cache directory is `mountpoint` + `.cache` (removed by [`Mount`]).
 pub fn keepfs_command(source: &str, mountpoint: &Path, extra: &[&str]) -> Command {
     let server = server();
     let mut cmd = Command::new(keepfs_bin());
@@ -261,10 +262,17 @@ pub fn keepfs_command(source: &str, mountpoint: &Path, extra: &[&str]) -> Comman
         .env_remove("RUST_LOG")
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_ENDPOINT_URL");
+    if !extra.contains(&"--cache-dir") {
+        cmd.arg("--cache-dir").arg(default_test_cache(mountpoint));
+    }
     for (k, v) in server.env() {
         cmd.env(k, v);
     }
     cmd
+}
+
+pub fn default_test_cache(mountpoint: &Path) -> PathBuf {
+    mountpoint.with_extension("cache")
 }
 
 /// How many mounts sit on `path` (per /proc/self/mountinfo).
@@ -398,16 +406,22 @@ impl Drop for Mount {
         }
         lazy_unmount(self.dir.path());
         let _ = std::fs::remove_file(&self.stderr_path);
+        let _ = std::fs::remove_dir_all(default_test_cache(self.dir.path()));
     }
 }
 
 /// Runs `keepfs mount` expecting it to fail; returns its output.
 pub fn mount_expecting_failure(source: &str, mountpoint: &Path, extra: &[&str]) -> Output {
     let before = mount_count(mountpoint);
+    let cache = default_test_cache(mountpoint);
+    let cache_existed = cache.exists();
     let out = keepfs_command(source, mountpoint, extra)
         .stdin(Stdio::null())
         .output()
         .expect("run keepfs");
+    if !cache_existed {
+        let _ = std::fs::remove_dir_all(cache);
+    }
     assert_eq!(
         mount_count(mountpoint),
         before,

@@ -1,0 +1,221 @@
+//! The journal: one record per file whose local copy in the cache directory is the truth (written
+//! but not yet in S3). Records are replaced atomically: write a temporary file, fsync it, rename
+//! it over the record, fsync the directory. A crash leaves either the old or the new record,
+//! plus at most a stray temporary file that [`Journal::load`] removes.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use super::CacheDir;
+
+/// Version of the record encoding, stored in every record.
+pub const RECORD_VERSION: u32 = 1;
+const RECORD_SUFFIX: &str = ".rec";
+
+/// Where a journalled file stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    /// Local data is newer than S3 and must be uploaded.
+    Dirty,
+}
+
+/// What the journal knows about one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub version: u32,
+    /// Names the record and the data file (`data/<id>`); never derived from the key.
+    pub id: u64,
+    /// Full object key.
+    pub key: String,
+    pub size: u64,
+    /// `st_mode` as stored in `x-amz-meta-mode`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i128,
+    /// ETag of the object the local copy started from (`None` for a new file).
+    pub base_etag: Option<String>,
+    pub state: RecordState,
+}
+
+/// What [`Journal::load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub records: Vec<FileRecord>,
+    /// Record files that could not be read or parsed; left in place for an operator.
+    pub unreadable: Vec<(PathBuf, String)>,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    pub fn new(cache: &CacheDir) -> Self {
+        Journal {
+            dir: cache.journal_dir(),
+        }
+    }
+
+    fn record_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}{RECORD_SUFFIX}"))
+    }
+
+    /// Durably writes `record`, replacing any previous record with its id.
+    pub fn put(&self, record: &FileRecord) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        write_atomically(&self.dir, &self.record_path(record.id), &bytes)
+    }
+
+    /// Durably removes the record `id` (absent is fine).
+    pub fn remove(&self, id: u64) -> std::io::Result<()> {
+        match fs::remove_file(self.record_path(id)) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads every record, sorted by id; removes temporary files a crash left behind.
+    pub fn load(&self) -> std::io::Result<Loaded> {
+        let mut loaded = Loaded::default();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.starts_with(TMP_PREFIX) {
+                fs::remove_file(&path)?;
+                continue;
+            }
+            if !name.ends_with(RECORD_SUFFIX) {
+                continue;
+            }
+            let parsed = fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<FileRecord>(&b).map_err(|e| e.to_string()))
+                .and_then(|r| {
+                    if r.version > RECORD_VERSION {
+                        Err(format!(
+                            "record version {} is newer than {RECORD_VERSION}",
+                            r.version
+                        ))
+                    } else {
+                        Ok(r)
+                    }
+                });
+            match parsed {
+                Ok(record) => loaded.records.push(record),
+                Err(why) => {
+                    tracing::error!(path = %path.display(), why, "unreadable journal record left in place");
+                    loaded.unreadable.push((path, why));
+                }
+            }
+        }
+        loaded.records.sort_by_key(|r| r.id);
+        Ok(loaded)
+    }
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Replaces `path` (inside `dir`) with `bytes` so that a crash at any point leaves either the
+/// old or the new content: temporary file in the same directory, fsync, rename, fsync `dir`.
+pub fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Makes a directory's entries (creations, renames, removals) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, key: &str) -> FileRecord {
+        FileRecord {
+            version: RECORD_VERSION,
+            id,
+            key: key.into(),
+            size: 42,
+            mode: 0o100644,
+            uid: 1,
+            gid: 2,
+            mtime_ns: 1_700_000_000_123_456_789,
+            base_etag: Some("\"abc\"".into()),
+            state: RecordState::Dirty,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_replace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let journal = Journal::new(&cache);
+        journal.put(&record(2, "b/ünï code")).unwrap();
+        journal.put(&record(1, "a")).unwrap();
+        let mut updated = record(2, "b/ünï code");
+        updated.size = 7;
+        journal.put(&updated).unwrap();
+        let loaded = journal.load().unwrap();
+        assert_eq!(loaded.records, vec![record(1, "a"), updated]);
+        journal.remove(1).unwrap();
+        journal.remove(1).unwrap();
+        assert_eq!(journal.load().unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn crash_leftovers_are_cleaned_and_corrupt_records_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let journal = Journal::new(&cache);
+        journal.put(&record(1, "kept")).unwrap();
+        // A crash between writing the temporary file and the rename.
+        let stray = cache.journal_dir().join(".tmp-999-0");
+        fs::write(&stray, b"{half a rec").unwrap();
+        let corrupt = cache.journal_dir().join("0000000000000009.rec");
+        fs::write(&corrupt, b"not json").unwrap();
+        let loaded = journal.load().unwrap();
+        assert_eq!(loaded.records, vec![record(1, "kept")]);
+        assert!(!stray.exists());
+        assert_eq!(loaded.unreadable.len(), 1);
+        assert!(corrupt.exists(), "corrupt records are left for an operator");
+    }
+
+    #[test]
+    fn newer_records_are_not_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let journal = Journal::new(&cache);
+        let mut future = record(3, "x");
+        future.version = RECORD_VERSION + 1;
+        journal.put(&future).unwrap();
+        let loaded = journal.load().unwrap();
+        assert!(loaded.records.is_empty());
+        assert_eq!(loaded.unreadable.len(), 1);
+    }
+}
