@@ -71,6 +71,9 @@ fn main() -> anyhow::Result<()> {
         fuse_threads: 4,
         connect_timeout: Duration::from_secs(5),
         cache_dir: base.join("cache"),
+        read_write: false,
+        part_size: 8 << 20,
+        upload_concurrency: 16,
     };
     let result = keepfs::mount::run(config);
     server_rt.shutdown_timeout(Duration::from_secs(1));

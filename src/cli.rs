@@ -17,7 +17,7 @@ use crate::config::{
     about = "Mount an S3 bucket (or a prefix of one) as a POSIX filesystem through FUSE",
     long_about = "Mount an S3 bucket (or a prefix of one) as a POSIX filesystem through FUSE.\n\n\
         Credentials and region come from the AWS default chain (environment, profile, web \
-        identity/IRSA, EKS Pod Identity, ECS, IMDS). This version mounts read-only."
+        identity/IRSA, EKS Pod Identity, ECS, IMDS). Mounts are read-only unless --read-write."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -53,9 +53,23 @@ pub struct MountArgs {
     #[arg(long)]
     pub force_path_style: bool,
 
-    /// Mount read-only: every write fails with EROFS. This is currently the only mode.
-    #[arg(long, default_value_t = true)]
+    /// Mount read-only: every write fails with EROFS (the default in this release).
+    #[arg(long, conflicts_with = "read_write")]
     pub read_only: bool,
+
+    /// Allow writes (preview): new files, writes at any offset, truncate, chmod/chown/utimens of
+    /// written files and unlink land in the cache directory and are uploaded in the background.
+    #[arg(long)]
+    pub read_write: bool,
+
+    /// Part size of multipart uploads (grown automatically so no upload needs more than 10 000
+    /// parts); files up to this size are uploaded with one PutObject.
+    #[arg(long, default_value = "8MiB", value_name = "SIZE")]
+    pub part_size: String,
+
+    /// Parts of one file uploaded in parallel.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub upload_concurrency: u16,
 
     /// Stay in the foreground (the default); logs go to stderr.
     #[arg(long, conflicts_with = "daemon")]
@@ -144,6 +158,9 @@ impl MountArgs {
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
+            read_write: self.read_write,
+            part_size: parse_size(&self.part_size)?.max(5 << 20),
+            upload_concurrency: usize::from(self.upload_concurrency),
             cache_dir: self.cache_dir.clone().unwrap_or_else(|| {
                 default_cache_dir(self.endpoint_url.as_deref(), &source.bucket, &source.prefix)
             }),

@@ -145,6 +145,12 @@ pub struct MountConfig {
     pub connect_timeout: Duration,
     /// The cache directory this mount owns (locked while mounted).
     pub cache_dir: PathBuf,
+    /// Whether writes are allowed (dirty files in the cache directory, uploaded in background).
+    pub read_write: bool,
+    /// Multipart part size in bytes (at least 5 MiB).
+    pub part_size: u64,
+    /// Parts of one file in flight.
+    pub upload_concurrency: usize,
 }
 
 #[cfg(test)]

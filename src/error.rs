@@ -18,12 +18,27 @@ pub enum FsError {
     BadHandle(u64),
     #[error("invalid argument")]
     InvalidArgument,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("operation not supported yet: {0}")]
+    NotSupported(&'static str),
+    #[error("local cache: {0}")]
+    Local(String, Option<i32>),
     #[error("{key}: {source}")]
     Store {
         key: String,
         #[source]
         source: StoreError,
     },
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => FsError::NotFound,
+            _ => FsError::Local(e.to_string(), e.raw_os_error()),
+        }
+    }
 }
 
 impl FsError {
@@ -47,6 +62,9 @@ impl FsError {
             FsError::StaleInode(_) => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
             FsError::InvalidArgument => libc::EINVAL,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NotSupported(_) => libc::EOPNOTSUPP,
+            FsError::Local(_, errno) => errno.unwrap_or(libc::EIO),
             FsError::Store { source, .. } => match source {
                 StoreError::NotFound | StoreError::NoSuchBucket(_) => libc::ENOENT,
                 StoreError::AccessDenied(_) | StoreError::Credentials(_) => libc::EACCES,

@@ -11,16 +11,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
-use tokio::runtime::Handle;
+use tokio::runtime::Handle as RuntimeHandle;
 
 use crate::error::FsError;
 use crate::namespace::{Attr, Listed, Namespace, NodeKind};
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::ObjectStore;
+use crate::write::dirty::read_local;
+use crate::write::{DirtyAttr, DirtyFiles, Uploader};
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO_SIZE: u32 = 1024 * 1024;
@@ -52,14 +55,35 @@ impl BufferPool {
 
 pub struct KeepFs<S> {
     inner: Arc<Inner<S>>,
-    runtime: Handle,
+    runtime: RuntimeHandle,
+}
+
+/// What a file handle reads from.
+enum Handle<S> {
+    /// A clean object in S3, pinned to the version seen at open.
+    Remote(Arc<FileReader<S>>),
+    /// The local copy of a dirty file (its data file held open); `writer` handles may change it.
+    Local {
+        key: String,
+        writer: bool,
+        data: Arc<std::fs::File>,
+    },
+}
+
+/// The write side of a read-write mount.
+pub struct Writes {
+    pub dirty: Arc<DirtyFiles>,
+    pub uploader: Uploader,
 }
 
 struct Inner<S> {
     namespace: Namespace<S>,
     fetcher: Arc<BlockFetcher<S>>,
     prefetch: PrefetchConfig,
-    files: Mutex<HashMap<u64, Arc<FileReader<S>>>>,
+    store: Arc<S>,
+    /// `None` on read-only mounts.
+    writes: Option<Writes>,
+    files: Mutex<HashMap<u64, Handle<S>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
     next_handle: AtomicU64,
     buffers: BufferPool,
@@ -110,13 +134,17 @@ impl<S: ObjectStore> KeepFs<S> {
         namespace: Namespace<S>,
         fetcher: Arc<BlockFetcher<S>>,
         prefetch: PrefetchConfig,
-        runtime: Handle,
+        store: Arc<S>,
+        writes: Option<Writes>,
+        runtime: RuntimeHandle,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 namespace,
                 fetcher,
                 prefetch,
+                store,
+                writes,
                 files: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
                 next_handle: AtomicU64::new(1),
@@ -165,6 +193,158 @@ impl<S: ObjectStore> Inner<S> {
             return Err(FsError::InvalidArgument);
         }
         reader.read(0, MAX_SYMLINK_TARGET).await
+    }
+
+    fn writes(&self) -> Result<&Writes, FsError> {
+        self.writes.as_ref().ok_or(FsError::ReadOnly)
+    }
+
+    fn handle_key(&self, fh: u64) -> Option<(String, bool)> {
+        match lock(&self.files).get(&fh)? {
+            Handle::Local { key, writer, .. } => Some((key.clone(), *writer)),
+            Handle::Remote(_) => None,
+        }
+    }
+
+    fn local_handle(&self, key: String, writer: bool) -> Result<u64, FsError> {
+        let data = self.writes()?.dirty.data(&key)?;
+        Ok(self.insert_handle(Handle::Local { key, writer, data }))
+    }
+
+    fn insert_handle(&self, handle: Handle<S>) -> u64 {
+        let fh = self.new_handle();
+        lock(&self.files).insert(fh, handle);
+        fh
+    }
+
+    /// Opens `ino` for reading and possibly writing. A clean object opened for writing becomes
+    /// a dirty file first (its content fetched unless truncated).
+    async fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(u64, FopenFlags), FsError> {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        if !write && !truncate {
+            if let Some(key) = self.namespace.dirty_key(ino) {
+                return Ok((self.local_handle(key, false)?, FopenFlags::empty()));
+            }
+            let (reader, keep_cache) = self.open_reader(ino).await?;
+            let fh = self.insert_handle(Handle::Remote(Arc::new(reader)));
+            let flags = if keep_cache {
+                FopenFlags::FOPEN_KEEP_CACHE
+            } else {
+                FopenFlags::empty()
+            };
+            return Ok((fh, flags));
+        }
+        let dirty = &self.writes()?.dirty;
+        let key = match self.namespace.dirty_key(ino) {
+            Some(key) => {
+                if truncate {
+                    let attr = dirty.set_attr(&key, Some(0), None, None, None, None)?;
+                    self.namespace.refresh_dirty(ino, &attr);
+                }
+                key
+            }
+            None => self.make_dirty(ino, truncate).await?,
+        };
+        dirty.add_writer(&key)?;
+        let fh = self.local_handle(key.clone(), true);
+        if fh.is_err() && dirty.remove_writer(&key) {
+            self.writes()?.uploader.enqueue(&key);
+        }
+        Ok((fh?, FopenFlags::empty()))
+    }
+
+    /// Turns clean object `ino` into a dirty file: its current content (unless `empty`) and
+    /// attributes, based on the version S3 holds now.
+    async fn make_dirty(&self, ino: u64, empty: bool) -> Result<String, FsError> {
+        let attr = self.namespace.getattr(ino).await?;
+        let (reader, _) = self.open_reader(ino).await?;
+        let object = reader.object().clone();
+        let content = if empty || object.size == 0 {
+            Vec::new()
+        } else {
+            let len = u32::try_from(object.size)
+                .map_err(|_| FsError::NotSupported("editing objects over 4 GiB in place"))?;
+            reader.read(0, len).await?
+        };
+        let dirty_attr = DirtyAttr {
+            size: 0,
+            mode: libc::S_IFREG | u32::from(attr.perm),
+            uid: attr.uid,
+            gid: attr.gid,
+            mtime: if empty {
+                std::time::SystemTime::now()
+            } else {
+                attr.mtime
+            },
+        };
+        let key = object.key.to_string();
+        let created = self.writes()?.dirty.create(
+            &key,
+            dirty_attr,
+            Some(object.etag.to_string()),
+            &content,
+        )?;
+        self.namespace.refresh_dirty(ino, &created);
+        Ok(key)
+    }
+
+    /// Makes `key` durable locally and, when nobody writes it, queues its upload.
+    fn persist_and_queue(&self, key: &str) -> Result<(), FsError> {
+        let writes = self.writes()?;
+        writes.dirty.persist(key)?;
+        if writes.dirty.snapshot(key).is_some() {
+            writes.uploader.enqueue(key);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<std::time::SystemTime>,
+    ) -> Result<Attr, FsError> {
+        let nothing_to_change =
+            mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && mtime.is_none();
+        if nothing_to_change {
+            return self.namespace.getattr(ino).await;
+        }
+        let dirty = self.writes()?.dirty.clone();
+        let key = match self.namespace.dirty_key(ino) {
+            Some(key) => key,
+            None if size.is_some() => self.make_dirty(ino, size == Some(0)).await?,
+            None => {
+                return Err(FsError::NotSupported(
+                    "changing attributes of an uploaded object",
+                ));
+            }
+        };
+        let attr = dirty.set_attr(&key, size, mode, uid, gid, mtime)?;
+        let attr = self.namespace.refresh_dirty(ino, &attr);
+        self.persist_and_queue(&key)?;
+        Ok(attr)
+    }
+
+    async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        let writes = self.writes()?;
+        let attr = self.namespace.lookup(parent, name).await?;
+        self.namespace.forget(attr.ino, 1);
+        if attr.kind == NodeKind::Directory {
+            return Err(FsError::IsDirectory);
+        }
+        let key = self.namespace.key_of(attr.ino)?;
+        writes.dirty.remove(&key);
+        self.store
+            .delete(&key)
+            .await
+            .map_err(|e| FsError::store(&key, e))?;
+        self.namespace.unlinked(attr.ino);
+        Ok(())
     }
 
     /// The listing behind directory handle `fh`.
@@ -229,25 +409,169 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            reply.error(Errno::EROFS);
-            return;
-        }
         self.spawn(move |fs| async move {
-            match fs.open_reader(ino.0).await {
-                Ok((reader, keep_cache)) => {
-                    let fh = fs.new_handle();
-                    lock(&fs.files).insert(fh, Arc::new(reader));
-                    let flags = if keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(fh), flags);
-                }
+            match fs.open_file(ino.0, flags).await {
+                Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let fs = &self.inner;
+        let writes = match fs.writes() {
+            Ok(w) => w,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let attr = DirtyAttr {
+            size: 0,
+            mode: libc::S_IFREG | (mode & !umask & 0o7777),
+            uid: req.uid(),
+            gid: req.gid(),
+            mtime: std::time::SystemTime::now(),
+        };
+        let created = fs.namespace.create_file(parent.0, name, |key| {
+            let attr = writes.dirty.create(key, attr, None, &[])?;
+            writes.dirty.add_writer(key)?;
+            Ok(attr)
+        });
+        match created {
+            Ok((key, attr)) => {
+                let fh = match fs.local_handle(key, true) {
+                    Ok(fh) => fh,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                reply.created(
+                    &fs.ttl(),
+                    &file_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                );
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let fs = &self.inner;
+        let handle = match lock(&fs.files).get(&fh.0) {
+            Some(Handle::Local {
+                key,
+                writer: true,
+                data: file,
+            }) => Some((key.clone(), file.clone())),
+            _ => None,
+        };
+        let result = match (handle, fs.writes()) {
+            (Some((key, file)), Ok(w)) => w
+                .dirty
+                .write(&key, &file, offset, data)
+                .map_err(FsError::from),
+            (None, Ok(_)) => Err(FsError::BadHandle(fh.0)),
+            (_, Err(e)) => Err(e),
+        };
+        match result {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some((key, _)) = self.inner.handle_key(fh.0) else {
+            return reply.ok(); // nothing local to sync
+        };
+        self.spawn(move |fs| async move {
+            let result = tokio::task::spawn_blocking(move || {
+                let writes = fs.writes()?;
+                writes.dirty.persist(&key).map_err(FsError::from)
+            })
+            .await
+            .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)));
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mtime = mtime.map(|t| match t {
+            TimeOrNow::SpecificTime(t) => t,
+            TimeOrNow::Now => std::time::SystemTime::now(),
+        });
+        self.spawn(move |fs| async move {
+            match fs.setattr(ino.0, mode, uid, gid, size, mtime).await {
+                Ok(attr) => reply.attr(&fs.ttl(), &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.spawn(move |fs| async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        // S3 objects can't share content under two keys.
+        reply.error(Errno::EPERM);
     }
 
     fn read(
@@ -262,9 +586,15 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyData,
     ) {
         tracing::trace!(fh = fh.0, offset, size, "read");
-        let Some(reader) = lock(&self.inner.files).get(&fh.0).cloned() else {
-            reply.error(Errno::EBADF);
-            return;
+        let reader = match lock(&self.inner.files).get(&fh.0) {
+            Some(Handle::Remote(reader)) => reader.clone(),
+            Some(Handle::Local { data, .. }) => {
+                return match read_local(data, offset, size).map_err(FsError::from) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(errno(&e)),
+                };
+            }
+            None => return reply.error(Errno::EBADF),
         };
         self.spawn(move |fs| async move {
             let mut buf = fs.buffers.take();
@@ -286,7 +616,17 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.inner.files).remove(&fh.0);
+        let handle = lock(&self.inner.files).remove(&fh.0);
+        if let (
+            Some(Handle::Local {
+                key, writer: true, ..
+            }),
+            Some(writes),
+        ) = (handle, self.inner.writes.as_ref())
+            && writes.dirty.remove_writer(&key)
+        {
+            writes.uploader.enqueue(&key);
+        }
         reply.ok();
     }
 
@@ -392,12 +732,26 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing is buffered for writing yet: every close succeeds.
-        reply.ok();
+        // close(): a written file becomes durable on the cache disk before close returns.
+        let Some((key, true)) = self.inner.handle_key(fh.0) else {
+            return reply.ok();
+        };
+        self.spawn(move |fs| async move {
+            let result = tokio::task::spawn_blocking(move || {
+                let writes = fs.writes()?;
+                writes.dirty.persist(&key).map_err(FsError::from)
+            })
+            .await
+            .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)));
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn releasedir(

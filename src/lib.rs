@@ -15,3 +15,4 @@ pub mod mount;
 pub mod namespace;
 pub mod prefetch;
 pub mod store;
+pub mod write;

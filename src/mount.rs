@@ -10,10 +10,11 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::cache::{CacheDir, CacheDirError, MemoryCache};
 use crate::config::MountConfig;
-use crate::fs::KeepFs;
+use crate::fs::{KeepFs, Writes};
 use crate::namespace::{Defaults, Namespace};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::{ObjectStore, S3Store, S3StoreConfig, StoreError};
+use crate::write::{DirtyFiles, UploadConfig, Uploader};
 
 /// Environment variable through which a `--daemon` parent tells its child to report readiness
 /// on stdout.
@@ -56,6 +57,11 @@ pub enum MountError {
     Fuse(std::io::Error),
     #[error(transparent)]
     CacheDir(#[from] CacheDirError),
+    #[error("cannot read the journal in {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("could not start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -155,7 +161,11 @@ fn fuse_config(config: &MountConfig) -> Config {
     fuse.mount_options = vec![
         MountOption::FSName(format!("keepfs:{}", config.source)),
         MountOption::Subtype("keepfs".into()),
-        MountOption::RO,
+        if config.read_write {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
         MountOption::NoDev,
         MountOption::NoSuid,
         // The kernel enforces the mode bits keepfs reports.
@@ -219,7 +229,37 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         ..PrefetchConfig::default()
     };
     runtime.spawn(log_usage(Arc::clone(&fetcher)));
-    let fs = KeepFs::new(namespace, fetcher, prefetch, runtime.handle().clone());
+    let (namespace, writes) = if config.read_write {
+        let (dirty, pending) =
+            DirtyFiles::open(&cache_dir).map_err(|source| MountError::Journal {
+                path: cache_dir.path().to_owned(),
+                source,
+            })?;
+        let dirty = Arc::new(dirty);
+        let upload = UploadConfig {
+            part_size: config.part_size,
+            concurrency: config.upload_concurrency,
+        };
+        let uploader = {
+            let _runtime = runtime.enter();
+            Uploader::start(Arc::clone(&store), Arc::clone(&dirty), upload)
+        };
+        for key in &pending {
+            uploader.enqueue(key);
+        }
+        let namespace = namespace.with_dirty_files(Arc::clone(&dirty));
+        (namespace, Some(Writes { dirty, uploader }))
+    } else {
+        (namespace, None)
+    };
+    let fs = KeepFs::new(
+        namespace,
+        fetcher,
+        prefetch,
+        Arc::clone(&store),
+        writes,
+        runtime.handle().clone(),
+    );
 
     let mut session =
         Session::new(fs, &mountpoint, &fuse_config(&config)).map_err(MountError::Fuse)?;

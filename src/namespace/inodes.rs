@@ -23,8 +23,9 @@ pub struct Node {
     pub etag: Option<String>,
     /// Whether `attr` came from HEAD (user metadata applied) rather than a listing.
     pub from_head: bool,
-    /// When `attr` was last confirmed with the server.
-    pub validated: Instant,
+    /// When `attr` was last confirmed with the server; `None` when it came from a local copy
+    /// and must be checked with the server once that copy is gone.
+    pub validated: Option<Instant>,
     /// ETag the last `open` saw; the kernel page cache is kept while it is unchanged.
     pub opened_etag: Option<String>,
     lookups: u64,
@@ -36,6 +37,8 @@ pub struct Seen {
     pub attr: Attr,
     pub etag: Option<String>,
     pub from_head: bool,
+    /// False for attributes of a local (dirty) copy: not a confirmation from the server.
+    pub from_server: bool,
 }
 
 #[derive(Debug)]
@@ -61,7 +64,7 @@ impl InodeTable {
             },
             etag: None,
             from_head: true,
-            validated: Instant::now(),
+            validated: Some(Instant::now()),
             opened_etag: None,
             // The kernel never forgets the root.
             lookups: 1,
@@ -109,7 +112,7 @@ impl InodeTable {
             attr: seen.attr.clone(),
             etag: None,
             from_head: false,
-            validated: now,
+            validated: None,
             opened_etag: None,
             lookups: 0,
         });
@@ -122,7 +125,7 @@ impl InodeTable {
         }
         node.attr.ino = ino;
         node.etag = seen.etag;
-        node.validated = now;
+        node.validated = seen.from_server.then_some(now);
         node.lookups += 1;
         let attr = node.attr.clone();
         self.by_path.insert(path.to_owned(), ino);
@@ -133,6 +136,17 @@ impl InodeTable {
     pub fn add_lookup(&mut self, ino: u64) {
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.lookups += 1;
+        }
+    }
+
+    /// Detaches `ino` from its path (unlinked): lookups of the path no longer find it, while
+    /// the kernel's references stay counted until it forgets them.
+    pub fn unlink(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            if self.by_path.get(&node.path) == Some(&ino) {
+                self.by_path.remove(&node.path);
+            }
+            node.validated = None;
         }
     }
 
@@ -181,6 +195,7 @@ mod tests {
             attr: attr(kind, 1, perm),
             etag: Some(etag.into()),
             from_head,
+            from_server: true,
         }
     }
 

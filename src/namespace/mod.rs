@@ -21,6 +21,7 @@ use names::{InvalidName, check_component, dir_key, join};
 
 use crate::error::FsError;
 use crate::store::{ObjectMeta, ObjectStore};
+use crate::write::{DirtyAttr, DirtyFiles};
 
 /// How many skipped keys are remembered for "log once"; beyond it they are logged again.
 const SKIPPED_LOG_CAPACITY: usize = 100_000;
@@ -32,6 +33,7 @@ pub struct Listed {
     pub attr: Attr,
     etag: Option<String>,
     from_head: bool,
+    from_server: bool,
 }
 
 /// An object opened for reading, pinned to the version seen at open.
@@ -51,6 +53,8 @@ pub struct Namespace<S> {
     ttl: Duration,
     table: Mutex<InodeTable>,
     skipped: Mutex<HashSet<String>>,
+    /// Local copies newer than S3 (read-write mounts); they shadow the bucket.
+    dirty: Option<Arc<DirtyFiles>>,
 }
 
 impl<S: ObjectStore> Namespace<S> {
@@ -65,6 +69,80 @@ impl<S: ObjectStore> Namespace<S> {
             ttl,
             table: Mutex::new(table),
             skipped: Mutex::new(HashSet::new()),
+            dirty: None,
+        }
+    }
+
+    /// Makes dirty files part of the namespace (read-write mounts).
+    pub fn with_dirty_files(mut self, dirty: Arc<DirtyFiles>) -> Self {
+        self.dirty = Some(dirty);
+        self
+    }
+
+    fn dirty_attr(&self, key: &str) -> Option<DirtyAttr> {
+        self.dirty.as_ref().and_then(|d| d.attr(key))
+    }
+
+    fn seen_dirty(&self, attr: &DirtyAttr) -> Seen {
+        Seen {
+            attr: Attr {
+                ino: 0,
+                kind: NodeKind::File,
+                size: attr.size,
+                mtime: attr.mtime,
+                perm: (attr.mode & 0o7777) as u16,
+                uid: attr.uid,
+                gid: attr.gid,
+            },
+            etag: None,
+            from_head: true,
+            from_server: false,
+        }
+    }
+
+    /// Whether `ino` is a file with a local copy newer than S3.
+    pub fn dirty_key(&self, ino: u64) -> Option<String> {
+        let (path, kind) = self.path_of(ino).ok()?;
+        let key = self.object_key(&path);
+        (kind == NodeKind::File && self.dirty_attr(&key).is_some()).then_some(key)
+    }
+
+    /// Registers a file just created (or made dirty) at `name` in `parent`, with one kernel
+    /// reference; returns its key and attributes.
+    pub fn create_file(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        make: impl FnOnce(&str) -> std::io::Result<DirtyAttr>,
+    ) -> Result<(String, Attr), FsError> {
+        let (dir, kind) = self.path_of(parent)?;
+        if kind != NodeKind::Directory {
+            return Err(FsError::NotDirectory);
+        }
+        let name = name.to_str().ok_or(FsError::InvalidArgument)?;
+        match check_component(name) {
+            Ok(()) => {}
+            Err(InvalidName::TooLong) => return Err(FsError::NameTooLong),
+            Err(_) => return Err(FsError::InvalidArgument),
+        }
+        let path = join(&dir, name);
+        let key = self.object_key(&path);
+        let attr = make(&key).map_err(|e| FsError::Local(e.to_string(), e.raw_os_error()))?;
+        let seen = self.seen_dirty(&attr);
+        Ok((key, self.table().remember(&path, seen)))
+    }
+
+    /// Updates the attributes of live node `ino` from its dirty copy.
+    pub fn refresh_dirty(&self, ino: u64, attr: &DirtyAttr) -> Attr {
+        let seen = self.seen_dirty(attr);
+        let mut table = self.table();
+        match table.get_mut(ino) {
+            Some(node) => {
+                node.attr = Attr { ino, ..seen.attr };
+                node.validated = None;
+                node.attr.clone()
+            }
+            None => Attr { ino, ..seen.attr },
         }
     }
 
@@ -105,6 +183,7 @@ impl<S: ObjectStore> Namespace<S> {
             attr: self.defaults.object(0, meta),
             etag: Some(meta.etag.clone()),
             from_head,
+            from_server: true,
         }
     }
 
@@ -113,6 +192,7 @@ impl<S: ObjectStore> Namespace<S> {
             attr: self.defaults.directory(0),
             etag: None,
             from_head: true,
+            from_server: true,
         }
     }
 
@@ -130,10 +210,14 @@ impl<S: ObjectStore> Namespace<S> {
             Err(_) => return Err(FsError::NotFound),
         }
         let path = join(&dir, name);
+        if let Some(attr) = self.dirty_attr(&self.object_key(&path)) {
+            let seen = self.seen_dirty(&attr);
+            return Ok(self.table().remember(&path, seen));
+        }
         {
             let mut table = self.table();
             if let Some(node) = table.find(&path)
-                && node.validated.elapsed() < self.ttl
+                && node.validated.is_some_and(|t| t.elapsed() < self.ttl)
             {
                 let attr = node.attr.clone();
                 table.add_lookup(attr.ino);
@@ -162,10 +246,15 @@ impl<S: ObjectStore> Namespace<S> {
 
     /// Current attributes of `ino`, re-validated with the server once the TTL has passed.
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        if let Some(key) = self.dirty_key(ino)
+            && let Some(attr) = self.dirty_attr(&key)
+        {
+            return Ok(self.refresh_dirty(ino, &attr));
+        }
         let (path, attr, fresh) = {
             let table = self.table();
             let node = table.get(ino).ok_or(FsError::StaleInode(ino))?;
-            let fresh = node.validated.elapsed() < self.ttl;
+            let fresh = node.validated.is_some_and(|t| t.elapsed() < self.ttl);
             (node.path.clone(), node.attr.clone(), fresh)
         };
         // Directories carry nothing to re-validate; the root always exists.
@@ -192,8 +281,13 @@ impl<S: ObjectStore> Namespace<S> {
         node.attr = Attr { ino, ..seen.attr };
         node.etag = seen.etag;
         node.from_head = true;
-        node.validated = Instant::now();
+        node.validated = Some(Instant::now());
         Some(node.attr.clone())
+    }
+
+    /// Forgets the path of `ino` after an unlink, so the next lookup asks again.
+    pub fn unlinked(&self, ino: u64) {
+        self.table().unlink(ino);
     }
 
     /// Drops `n` kernel references to `ino`.
@@ -215,6 +309,13 @@ impl<S: ObjectStore> Namespace<S> {
         }
         let prefix = dir_key(&self.prefix, &dir);
         let mut entries: BTreeMap<String, Listed> = BTreeMap::new();
+        // Dirty files first: one whose upload completes while S3 is being listed is then in
+        // this snapshot or in the listing, never in neither.
+        let dirty = self
+            .dirty
+            .as_ref()
+            .map(|d| d.under(&prefix))
+            .unwrap_or_default();
         let mut token = None;
         loop {
             let page = self
@@ -251,6 +352,31 @@ impl<S: ObjectStore> Namespace<S> {
                 break;
             }
         }
+        {
+            for (key, attr) in dirty {
+                let rest = &key[prefix.len()..];
+                match rest.split_once('/') {
+                    // A dirty file deeper down makes its first directory visible.
+                    Some((sub, _)) if check_component(sub).is_ok() => {
+                        let seen = self.seen_directory();
+                        entries
+                            .entry(sub.to_owned())
+                            .or_insert_with(|| self.listed(&dir, sub, seen));
+                    }
+                    Some(_) => {}
+                    None => {
+                        if entries
+                            .get(rest)
+                            .is_some_and(|e| e.attr.kind == NodeKind::Directory)
+                        {
+                            continue;
+                        }
+                        let seen = self.seen_dirty(&attr);
+                        entries.insert(rest.to_owned(), self.listed(&dir, rest, seen));
+                    }
+                }
+            }
+        }
         Ok(entries.into_values().collect())
     }
 
@@ -275,6 +401,7 @@ impl<S: ObjectStore> Namespace<S> {
             attr: seen.attr,
             etag: seen.etag,
             from_head: seen.from_head,
+            from_server: seen.from_server,
         }
     }
 
@@ -285,6 +412,7 @@ impl<S: ObjectStore> Namespace<S> {
             attr: entry.attr.clone(),
             etag: entry.etag.clone(),
             from_head: entry.from_head,
+            from_server: entry.from_server,
         };
         Ok(self.table().remember(&join(&dir, &entry.name), seen))
     }

@@ -68,6 +68,17 @@ pub enum StoreError {
     Other(String),
 }
 
+/// When a write may replace what is stored under a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// Unconditionally.
+    None,
+    /// Only if no object exists (`If-None-Match: *`): a new file.
+    Absent,
+    /// Only if the object is still this version (`If-Match`): an edited file.
+    Matches(String),
+}
+
 /// The S3 operations keepfs uses. Keys are full keys (the mount prefix included).
 ///
 /// Implementations retry transient failures themselves; an error returned from here is final
@@ -104,4 +115,50 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Checks that the bucket exists and that the credentials may list `prefix`, within the
     /// store's configured timeouts. Used before mounting to fail early with a clear reason.
     fn check_access(&self, prefix: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// PutObject of `body` with user `metadata`, subject to `precondition` (a failed one is
+    /// [`StoreError::PreconditionFailed`]). Returns the new ETag.
+    fn put_object(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: &HashMap<String, String>,
+        precondition: &Precondition,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Starts a multipart upload of `key` with user `metadata`; returns the upload id.
+    fn create_multipart(
+        &self,
+        key: &str,
+        metadata: &HashMap<String, String>,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Uploads part `number` (1-based) of an upload; returns the part's ETag.
+    fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Completes an upload from `(number, etag)` parts in order, subject to `precondition`.
+    /// Only now does the object change: readers see the old or the new version, never a mix.
+    fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+        precondition: &Precondition,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Aborts an upload, freeing its parts (absent upload is fine).
+    fn abort_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes `key` (absent is fine).
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -8,7 +8,12 @@ use aws_sdk_s3::config::{Region, timeout::TimeoutConfig};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 
-use super::{ListPage, ObjectMeta, ObjectStore, StoreError};
+use std::collections::HashMap;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+
+use super::{ListPage, ObjectMeta, ObjectStore, Precondition, StoreError};
 
 /// Where and how to reach the bucket.
 #[derive(Debug, Clone, Default)]
@@ -233,5 +238,130 @@ impl ObjectStore for S3Store {
 
     async fn check_access(&self, prefix: &str) -> Result<(), StoreError> {
         self.list_page(prefix, None, Some(1)).await.map(|_| ())
+    }
+
+    async fn put_object(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: &HashMap<String, String>,
+        precondition: &Precondition,
+    ) -> Result<String, StoreError> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_metadata(Some(metadata.clone()))
+            .body(ByteStream::from(body));
+        match precondition {
+            Precondition::None => {}
+            Precondition::Absent => req = req.if_none_match("*"),
+            Precondition::Matches(etag) => req = req.if_match(etag),
+        }
+        let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn create_multipart(
+        &self,
+        key: &str,
+        metadata: &HashMap<String, String>,
+    ) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_metadata(Some(metadata.clone()))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        out.upload_id()
+            .map(str::to_owned)
+            .ok_or_else(|| StoreError::Other(format!("no upload id for {key}")))
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+        precondition: &Precondition,
+    ) -> Result<String, StoreError> {
+        let parts = parts
+            .into_iter()
+            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .collect();
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            );
+        match precondition {
+            Precondition::None => {}
+            Precondition::Absent => req = req.if_none_match("*"),
+            Precondition::Matches(etag) => req = req.if_match(etag),
+        }
+        let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))
+        {
+            Ok(_) | Err(StoreError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))
+        {
+            Ok(_) | Err(StoreError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -181,6 +181,61 @@ impl TestServer {
         });
     }
 
+    /// The object's bytes, or `None` if it does not exist.
+    pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        rt().block_on(async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
+            Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+        })
+    }
+
+    /// User metadata of the object, or `None` if it does not exist.
+    pub fn metadata(&self, bucket: &str, key: &str) -> Option<HashMap<String, String>> {
+        rt().block_on(async {
+            let out = self
+                .client
+                .head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
+            Some(out.metadata().cloned().unwrap_or_default())
+        })
+    }
+
+    /// Waits (up to 60 s) until the object's sha256 is `sha`; panics with what it saw otherwise.
+    pub fn wait_for_object(&self, bucket: &str, key: &str, sha: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = self.get(bucket, key).map(|b| sha256(&b));
+            if got.as_deref() == Some(sha) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: S3 holds {got:?}, want {sha}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (up to 60 s) until the object is gone.
+    pub fn wait_for_absence(&self, bucket: &str, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.get(bucket, key).is_some() {
+            assert!(Instant::now() < deadline, "{key} still in S3");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Tries a PUT and reports whether the server accepted it.
     pub fn try_put(&self, bucket: &str, key: &str, data: &[u8]) -> bool {
         rt().block_on(

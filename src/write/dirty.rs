@@ -1,0 +1,382 @@
+//! Dirty files: local copies in the cache directory that are newer than S3.
+//!
+//! Each has a data file `data/<id>` and a journal record. `persist` (called by `close` and
+//! `fsync`) fsyncs the data and then writes the record atomically, so after a crash every file
+//! whose close or fsync returned is found again with exactly the bytes it had then.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::cache::CacheDir;
+use crate::cache::journal::{FileRecord, Journal, RECORD_VERSION, RecordState};
+
+/// Reads up to `len` bytes at `offset` of a local data file (its length is the file's size).
+pub fn read_local(data: &File, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+    let size = data.metadata()?.len();
+    if offset >= size {
+        return Ok(Vec::new());
+    }
+    let len = u64::from(len).min(size - offset) as usize;
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match data.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// What `stat` shows for a dirty file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyAttr {
+    pub size: u64,
+    /// `st_mode` including the file type bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+}
+
+struct DirtyFile {
+    id: u64,
+    attr: DirtyAttr,
+    base_etag: Option<String>,
+    data: Arc<File>,
+    /// Open handles that may write; uploads wait until none remain.
+    writers: u32,
+    /// Bumped on every change, so an upload that raced with a change is not taken as current.
+    generation: u64,
+}
+
+/// A consistent view of one dirty file for the uploader.
+#[derive(Clone)]
+pub struct UploadSnapshot {
+    pub key: String,
+    id: u64,
+    pub attr: DirtyAttr,
+    pub base_etag: Option<String>,
+    pub data: Arc<File>,
+    pub generation: u64,
+}
+
+/// What became of a dirty file whose upload finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// S3 holds exactly the local copy, which is dropped.
+    Clean,
+    /// The file changed during the upload; it stays dirty.
+    Changed,
+    /// The file was unlinked during the upload; the object must go too.
+    Removed,
+}
+
+pub struct DirtyFiles {
+    data_dir: PathBuf,
+    journal: Journal,
+    files: Mutex<HashMap<String, DirtyFile>>,
+    next_id: AtomicU64,
+}
+
+fn to_ns(t: SystemTime) -> i128 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    }
+}
+
+fn from_ns(ns: i128) -> SystemTime {
+    if ns >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs() as u64)
+    }
+}
+
+impl DirtyFiles {
+    /// Opens the dirty files the journal describes. Returns them with the keys to upload.
+    pub fn open(cache: &CacheDir) -> io::Result<(Self, Vec<String>)> {
+        let journal = Journal::new(cache);
+        let data_dir = cache.data_dir();
+        let loaded = journal.load()?;
+        let mut files = HashMap::new();
+        let mut max_id = 0;
+        for record in loaded.records {
+            max_id = max_id.max(record.id);
+            let path = data_dir.join(format!("{:016x}", record.id));
+            let data = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(key = record.key, path = %path.display(), error = %e, "journal record without its data file; left in place");
+                    continue;
+                }
+            };
+            // The record is written after the data is synced, so the data holds at least
+            // `size` bytes; anything beyond was written after the last close and is dropped.
+            data.set_len(record.size)?;
+            let attr = DirtyAttr {
+                size: record.size,
+                mode: record.mode,
+                uid: record.uid,
+                gid: record.gid,
+                mtime: from_ns(record.mtime_ns),
+            };
+            files.insert(
+                record.key.clone(),
+                DirtyFile {
+                    id: record.id,
+                    attr,
+                    base_etag: record.base_etag,
+                    data: Arc::new(data),
+                    writers: 0,
+                    generation: 0,
+                },
+            );
+        }
+        let keys: Vec<String> = files.keys().cloned().collect();
+        if !keys.is_empty() {
+            tracing::info!(
+                files = keys.len(),
+                "journal: resuming uploads of dirty files"
+            );
+        }
+        Ok((
+            DirtyFiles {
+                data_dir,
+                journal,
+                files: Mutex::new(files),
+                next_id: AtomicU64::new(max_id.max(now_id()) + 1),
+            },
+            keys,
+        ))
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, DirtyFile>> {
+        // Every mutation under this lock is a plain field update: poisoning can't break it.
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a dirty file for `key` with `initial` content, replacing a previous local copy.
+    /// Nothing is durable until [`DirtyFiles::persist`].
+    pub fn create(
+        &self,
+        key: &str,
+        attr: DirtyAttr,
+        base_etag: Option<String>,
+        initial: &[u8],
+    ) -> io::Result<DirtyAttr> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let path = self.data_dir.join(format!("{id:016x}"));
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        data.write_all_at(initial, 0)?;
+        let attr = DirtyAttr {
+            size: initial.len() as u64,
+            ..attr
+        };
+        let old = self.files().insert(
+            key.to_owned(),
+            DirtyFile {
+                id,
+                attr: attr.clone(),
+                base_etag,
+                data: Arc::new(data),
+                writers: 0,
+                generation: 1,
+            },
+        );
+        if let Some(old) = old {
+            self.discard(old.id);
+        }
+        Ok(attr)
+    }
+
+    pub fn attr(&self, key: &str) -> Option<DirtyAttr> {
+        self.files().get(key).map(|f| f.attr.clone())
+    }
+
+    /// Dirty keys that start with `prefix`, with their attributes.
+    pub fn under(&self, prefix: &str) -> BTreeMap<String, DirtyAttr> {
+        self.files()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, f)| (k.clone(), f.attr.clone()))
+            .collect()
+    }
+
+    fn with_file<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut DirtyFile) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut files = self.files();
+        let file = files
+            .get_mut(key)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        f(file)
+    }
+
+    /// The data file of `key`. Handles keep it open, so a file read while its upload finishes
+    /// (and the local copy is dropped) or after an unlink still reads its bytes.
+    pub fn data(&self, key: &str) -> io::Result<Arc<File>> {
+        self.with_file(key, |f| Ok(f.data.clone()))
+    }
+
+    /// Writes through an open handle's data file and updates the attributes, if that file is
+    /// still `key`'s local copy (an unlinked file keeps taking writes, like on a local disk).
+    pub fn write(&self, key: &str, data: &Arc<File>, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        data.write_all_at(bytes, offset)?;
+        let mut files = self.files();
+        if let Some(f) = files.get_mut(key).filter(|f| Arc::ptr_eq(&f.data, data)) {
+            f.attr.size = f.attr.size.max(offset + bytes.len() as u64);
+            f.attr.mtime = SystemTime::now();
+            f.generation += 1;
+        }
+        Ok(())
+    }
+
+    /// Applies a `setattr`: size (truncate or extend with zeros), mode bits, owner, mtime.
+    pub fn set_attr(
+        &self,
+        key: &str,
+        size: Option<u64>,
+        perm: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime: Option<SystemTime>,
+    ) -> io::Result<DirtyAttr> {
+        self.with_file(key, |f| {
+            if let Some(size) = size {
+                f.data.set_len(size)?;
+                f.attr.size = size;
+                f.attr.mtime = SystemTime::now();
+            }
+            if let Some(perm) = perm {
+                f.attr.mode = (f.attr.mode & !0o7777) | (perm & 0o7777);
+            }
+            f.attr.uid = uid.unwrap_or(f.attr.uid);
+            f.attr.gid = gid.unwrap_or(f.attr.gid);
+            f.attr.mtime = mtime.unwrap_or(f.attr.mtime);
+            f.generation += 1;
+            Ok(f.attr.clone())
+        })
+    }
+
+    /// Makes the file's current content and attributes durable on the cache disk.
+    pub fn persist(&self, key: &str) -> io::Result<()> {
+        let (data, record) = self.with_file(key, |f| {
+            Ok((
+                f.data.clone(),
+                FileRecord {
+                    version: RECORD_VERSION,
+                    id: f.id,
+                    key: key.to_owned(),
+                    size: f.attr.size,
+                    mode: f.attr.mode,
+                    uid: f.attr.uid,
+                    gid: f.attr.gid,
+                    mtime_ns: to_ns(f.attr.mtime),
+                    base_etag: f.base_etag.clone(),
+                    state: RecordState::Dirty,
+                },
+            ))
+        })?;
+        data.sync_all()?;
+        self.journal.put(&record)
+    }
+
+    pub fn add_writer(&self, key: &str) -> io::Result<()> {
+        self.with_file(key, |f| {
+            f.writers += 1;
+            Ok(())
+        })
+    }
+
+    /// Drops a writer; true when none remain (the file may be uploaded).
+    pub fn remove_writer(&self, key: &str) -> bool {
+        self.with_file(key, |f| {
+            f.writers = f.writers.saturating_sub(1);
+            Ok(f.writers == 0)
+        })
+        .unwrap_or(false)
+    }
+
+    /// The file as it is now, if it exists and nobody is writing it.
+    pub fn snapshot(&self, key: &str) -> Option<UploadSnapshot> {
+        let files = self.files();
+        let f = files.get(key)?;
+        (f.writers == 0).then(|| UploadSnapshot {
+            key: key.to_owned(),
+            id: f.id,
+            attr: f.attr.clone(),
+            base_etag: f.base_etag.clone(),
+            data: f.data.clone(),
+            generation: f.generation,
+        })
+    }
+
+    /// Records a finished upload of `snapshot`, which S3 now holds as version `etag`.
+    pub fn uploaded(&self, snapshot: &UploadSnapshot, etag: &str) -> UploadOutcome {
+        let done = {
+            let mut files = self.files();
+            match files.get_mut(&snapshot.key) {
+                None => return UploadOutcome::Removed,
+                // Unlinked and created anew meanwhile: the new file has its own upload.
+                Some(f) if f.id != snapshot.id => return UploadOutcome::Changed,
+                Some(f) => {
+                    f.base_etag = Some(etag.to_owned());
+                    if f.generation != snapshot.generation || f.writers > 0 {
+                        return UploadOutcome::Changed;
+                    }
+                    files.remove(&snapshot.key)
+                }
+            }
+        };
+        if let Some(f) = done {
+            self.discard(f.id);
+        }
+        UploadOutcome::Clean
+    }
+
+    /// Forgets the local copy of `key` (unlink); returns whether there was one.
+    pub fn remove(&self, key: &str) -> bool {
+        let old = self.files().remove(key);
+        match old {
+            Some(f) => {
+                self.discard(f.id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes a record and its data file; the record goes first, so a crash in between leaves
+    /// an orphan data file, never a record without data.
+    fn discard(&self, id: u64) {
+        if let Err(e) = self.journal.remove(id) {
+            tracing::error!(id, error = %e, "could not remove journal record");
+            return;
+        }
+        let _ = std::fs::remove_file(self.data_dir.join(format!("{id:016x}")));
+    }
+}
+
+/// Ids start from the clock so a fresh journal never reuses the name of an orphaned data file.
+fn now_id() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+}

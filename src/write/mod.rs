@@ -1,0 +1,7 @@
+//! Writing: dirty files in the cache directory, and their upload to S3.
+
+pub mod dirty;
+pub mod upload;
+
+pub use dirty::{DirtyAttr, DirtyFiles};
+pub use upload::{UploadConfig, Uploader};

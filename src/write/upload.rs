@@ -1,0 +1,239 @@
+//! The uploader: sends dirty files to S3 in the background and never drops one.
+//!
+//! Files up to the part size go up with one PutObject; larger ones as a multipart upload with
+//! several parts in flight. A failed upload is retried with capped exponential backoff.
+//! Only a completed upload replaces the object, so S3 readers see the old or the new version.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::dirty::{DirtyFiles, UploadOutcome, UploadSnapshot};
+use crate::store::{ObjectStore, Precondition, StoreError};
+
+/// Upload tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadConfig {
+    /// Part size of multipart uploads (grown so no upload needs more than 10 000 parts).
+    pub part_size: u64,
+    /// Parts in flight per file.
+    pub concurrency: usize,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        Self {
+            part_size: 8 << 20,
+            concurrency: 16,
+        }
+    }
+}
+
+const MAX_PARTS: u64 = 10_000;
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Files uploaded at the same time.
+const FILES_IN_FLIGHT: usize = 8;
+
+/// Hands dirty files to the background upload loop.
+#[derive(Clone)]
+pub struct Uploader {
+    queue: mpsc::UnboundedSender<String>,
+}
+
+/// Keys being uploaded, and whether another pass was asked for meanwhile. One task per key at
+/// a time: two uploads of one key could otherwise finish in the wrong order.
+type Active = Arc<std::sync::Mutex<HashMap<String, bool>>>;
+
+impl Uploader {
+    /// Starts the upload loop on the current runtime.
+    pub fn start<S: ObjectStore>(
+        store: Arc<S>,
+        dirty: Arc<DirtyFiles>,
+        config: UploadConfig,
+    ) -> Self {
+        let (queue, mut rx) = mpsc::unbounded_channel::<String>();
+        let files = Arc::new(Semaphore::new(FILES_IN_FLIGHT));
+        let active: Active = Arc::default();
+        tokio::spawn(async move {
+            while let Some(key) = rx.recv().await {
+                {
+                    let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(again) = active.get_mut(&key) {
+                        *again = true;
+                        continue;
+                    }
+                    active.insert(key.clone(), false);
+                }
+                let Ok(permit) = files.clone().acquire_owned().await else {
+                    return;
+                };
+                let (store, dirty, active) = (store.clone(), dirty.clone(), active.clone());
+                tokio::spawn(async move {
+                    loop {
+                        upload_until_done(&*store, &dirty, &key, config).await;
+                        let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
+                        if active.get(&key) == Some(&true) {
+                            active.insert(key.clone(), false);
+                            continue;
+                        }
+                        active.remove(&key);
+                        break;
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Uploader { queue }
+    }
+
+    /// Queues `key` for upload (once nobody writes it; queuing twice is harmless).
+    pub fn enqueue(&self, key: &str) {
+        let _ = self.queue.send(key.to_owned());
+    }
+}
+
+/// The part size for an object of `size` bytes: the configured size, grown to stay within
+/// S3's 10 000 parts.
+pub fn part_size_for(size: u64, configured: u64) -> u64 {
+    configured.max(size.div_ceil(MAX_PARTS)).max(5 << 20)
+}
+
+fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
+    let mtime = snapshot
+        .attr
+        .mtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    HashMap::from([
+        ("mode".to_owned(), snapshot.attr.mode.to_string()),
+        ("uid".to_owned(), snapshot.attr.uid.to_string()),
+        ("gid".to_owned(), snapshot.attr.gid.to_string()),
+        ("mtime".to_owned(), mtime.to_string()),
+    ])
+}
+
+/// Uploads `key` until S3 holds its current content (retrying failures), or until it is no
+/// longer dirty (deleted, or being written again: the next close queues it anew).
+async fn upload_until_done<S: ObjectStore>(
+    store: &S,
+    dirty: &DirtyFiles,
+    key: &str,
+    config: UploadConfig,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(snapshot) = dirty.snapshot(key) else {
+            return;
+        };
+        match upload_once(store, &snapshot, config).await {
+            Ok(etag) => match dirty.uploaded(&snapshot, &etag) {
+                UploadOutcome::Clean => {
+                    tracing::debug!(key, size = snapshot.attr.size, "uploaded");
+                    return;
+                }
+                // Changed during the upload: go again with the new content.
+                UploadOutcome::Changed => backoff = Duration::from_millis(200),
+                // Unlinked during the upload, which put the object back: remove it again.
+                UploadOutcome::Removed => {
+                    if let Err(e) = store.delete(key).await {
+                        tracing::warn!(key, error = %e, "could not delete object of an unlinked file");
+                    }
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(key, error = %e, retry_in = ?backoff, "upload failed; will retry");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn read_range(snapshot: &UploadSnapshot, start: u64, len: u64) -> Result<Bytes, StoreError> {
+    let mut buf = vec![0u8; len as usize];
+    snapshot
+        .data
+        .read_exact_at(&mut buf, start)
+        .map_err(|e| StoreError::Other(format!("reading local copy of {}: {e}", snapshot.key)))?;
+    Ok(Bytes::from(buf))
+}
+
+async fn upload_once<S: ObjectStore>(
+    store: &S,
+    snapshot: &UploadSnapshot,
+    config: UploadConfig,
+) -> Result<String, StoreError> {
+    let size = snapshot.attr.size;
+    let meta = metadata(snapshot);
+    let part = part_size_for(size, config.part_size);
+    if size <= part {
+        let body = read_range(snapshot, 0, size)?;
+        return store
+            .put_object(&snapshot.key, body, &meta, &Precondition::None)
+            .await;
+    }
+    let upload_id = store.create_multipart(&snapshot.key, &meta).await?;
+    let result = upload_parts(store, snapshot, &upload_id, part, config.concurrency).await;
+    match result {
+        Ok(parts) => {
+            store
+                .complete_multipart(&snapshot.key, &upload_id, parts, &Precondition::None)
+                .await
+        }
+        Err(e) => {
+            if let Err(abort) = store.abort_multipart(&snapshot.key, &upload_id).await {
+                tracing::warn!(key = snapshot.key, error = %abort, "could not abort multipart upload");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn upload_parts<S: ObjectStore>(
+    store: &S,
+    snapshot: &UploadSnapshot,
+    upload_id: &str,
+    part: u64,
+    concurrency: usize,
+) -> Result<Vec<(i32, String)>, StoreError> {
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    let size = snapshot.attr.size;
+    let count = size.div_ceil(part);
+    let mut parts: Vec<(i32, String)> = stream::iter(0..count)
+        .map(|i| async move {
+            let start = i * part;
+            let body = read_range(snapshot, start, part.min(size - start))?;
+            let number = i as i32 + 1;
+            let etag = store
+                .upload_part(&snapshot.key, upload_id, number, body)
+                .await?;
+            Ok::<_, StoreError>((number, etag))
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    parts.sort_by_key(|(n, _)| *n);
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_keeps_within_limits() {
+        assert_eq!(part_size_for(1 << 20, 8 << 20), 8 << 20);
+        assert_eq!(
+            part_size_for(100 << 30, 8 << 20),
+            (100u64 << 30).div_ceil(10_000)
+        );
+        assert!(part_size_for(5 << 40, 8 << 20) * 10_000 >= 5 << 40);
+        assert_eq!(part_size_for(10, 1), 5 << 20, "S3's minimum part size");
+    }
+}

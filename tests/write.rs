@@ -1,0 +1,279 @@
+//! Writing through a `--read-write` mount: data lands in the cache directory, reads see it at
+//! once, and the uploader puts it in S3 (compared by sha256 with the raw client).
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+
+use common::{Mount, names, pattern, server, sha256, sha256_file};
+
+const RW: &[&str] = &["--read-write"];
+
+fn rw_mount(bucket: &str, extra: &[&str]) -> Mount {
+    let mut args = RW.to_vec();
+    args.extend_from_slice(extra);
+    Mount::new(&format!("s3://{bucket}"), &args)
+}
+
+#[test]
+fn new_files_are_readable_at_once_and_reach_s3() {
+    let s = server();
+    let bucket = s.bucket("wnew");
+    let m = rw_mount(&bucket, &[]);
+    let small = pattern(1000, 1);
+    let empty: Vec<u8> = Vec::new();
+    // Larger than the part size: a multipart upload with parallel parts.
+    let large = pattern((21 << 20) + 123, 2);
+    fs::write(m.path().join("small.bin"), &small).unwrap();
+    fs::write(m.path().join("empty"), &empty).unwrap();
+    fs::write(m.path().join("large.bin"), &large).unwrap();
+    // Read-your-writes through the mount, before or after the upload.
+    assert_eq!(sha256_file(&m.path().join("small.bin")), sha256(&small));
+    assert_eq!(sha256_file(&m.path().join("large.bin")), sha256(&large));
+    assert_eq!(
+        fs::metadata(m.path().join("large.bin")).unwrap().len(),
+        large.len() as u64
+    );
+    let listed = names(m.path());
+    for n in ["empty", "large.bin", "small.bin"] {
+        assert!(listed.iter().any(|x| x == n), "{n} missing from {listed:?}");
+    }
+    s.wait_for_object(&bucket, "small.bin", &sha256(&small));
+    s.wait_for_object(&bucket, "empty", &sha256(&empty));
+    s.wait_for_object(&bucket, "large.bin", &sha256(&large));
+    let meta = s.metadata(&bucket, "small.bin").unwrap();
+    let mode: u32 = meta["mode"].parse().unwrap();
+    assert_eq!(mode & libc::S_IFMT, libc::S_IFREG);
+    let shown = fs::metadata(m.path().join("small.bin")).unwrap().mode();
+    assert_eq!(
+        mode & 0o7777,
+        shown & 0o7777,
+        "stored mode matches stat: {meta:?}"
+    );
+    // After the upload the file reads the same, now from S3.
+    assert_eq!(sha256_file(&m.path().join("large.bin")), sha256(&large));
+}
+
+#[test]
+fn random_sparse_and_overwriting_writes() {
+    let s = server();
+    let bucket = s.bucket("wrandom");
+    let m = rw_mount(&bucket, &[]);
+    let path = m.path().join("sparse");
+    let mut expected = vec![0u8; 3 << 20];
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    for (i, offset) in [2_500_000usize, 10, 1_000_000, 5, 3_000_000]
+        .iter()
+        .enumerate()
+    {
+        let data = pattern(40_000, 10 + i as u64);
+        let end = (offset + data.len()).min(expected.len());
+        f.write_all_at(&data, *offset as u64).unwrap();
+        if offset + data.len() > expected.len() {
+            expected.resize(offset + data.len(), 0);
+        }
+        expected[*offset..offset + data.len()].copy_from_slice(&data);
+        let _ = end;
+    }
+    // While still open: another reader sees the writes.
+    assert_eq!(
+        sha256_file(&path),
+        sha256(&expected[..fs::metadata(&path).unwrap().len() as usize])
+    );
+    drop(f);
+    let len = fs::metadata(&path).unwrap().len() as usize;
+    expected.truncate(len);
+    assert_eq!(sha256_file(&path), sha256(&expected));
+    s.wait_for_object(&bucket, "sparse", &sha256(&expected));
+}
+
+#[test]
+fn editing_existing_objects_append_truncate_overwrite() {
+    let s = server();
+    let bucket = s.bucket("wedit");
+    let base = pattern(3 << 20, 5);
+    s.put(&bucket, "log.txt", &base);
+    s.put(&bucket, "trunc.bin", &base);
+    s.put(&bucket, "shrink.bin", &base);
+    s.put(&bucket, "overwrite.bin", &base);
+    let m = rw_mount(&bucket, &[]);
+
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(m.path().join("log.txt"))
+        .unwrap();
+    f.write_all(b"appended line\n").unwrap();
+    drop(f);
+    let mut appended = base.clone();
+    appended.extend_from_slice(b"appended line\n");
+
+    fs::write(m.path().join("trunc.bin"), b"short").unwrap(); // O_TRUNC
+
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path().join("shrink.bin"))
+        .unwrap();
+    f.set_len(1000).unwrap();
+    f.set_len(5000).unwrap(); // grow again: zeros
+    drop(f);
+    let mut shrunk = base[..1000].to_vec();
+    shrunk.resize(5000, 0);
+
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(m.path().join("overwrite.bin"))
+        .unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(b"XYZ").unwrap();
+    drop(f);
+    let mut overwritten = base.clone();
+    overwritten[1 << 20..(1 << 20) + 3].copy_from_slice(b"XYZ");
+
+    for (key, want) in [
+        ("log.txt", &appended),
+        ("trunc.bin", &b"short".to_vec()),
+        ("shrink.bin", &shrunk),
+        ("overwrite.bin", &overwritten),
+    ] {
+        assert_eq!(
+            sha256_file(&m.path().join(key)),
+            sha256(want),
+            "{key} through the mount"
+        );
+        s.wait_for_object(&bucket, key, &sha256(want));
+    }
+}
+
+#[test]
+fn metadata_of_written_files_is_stored() {
+    let s = server();
+    let bucket = s.bucket("wmeta");
+    let m = rw_mount(&bucket, &[]);
+    let path = m.path().join("script.sh");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"#!/bin/sh\necho hi\n").unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o750))
+        .unwrap();
+    drop(f);
+    let meta = fs::metadata(&path).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o750);
+    s.wait_for_object(&bucket, "script.sh", &sha256(b"#!/bin/sh\necho hi\n"));
+    let stored = s.metadata(&bucket, "script.sh").unwrap();
+    assert_eq!(
+        stored["mode"].parse::<u32>().unwrap() & 0o7777,
+        0o750,
+        "{stored:?}"
+    );
+    assert_eq!(stored["uid"], meta.uid().to_string());
+}
+
+#[test]
+fn many_small_files() {
+    let s = server();
+    let bucket = s.bucket("wmany");
+    let m = rw_mount(&bucket, &[]);
+    for i in 0..200 {
+        fs::write(m.path().join(format!("f{i:04}")), format!("file {i}")).unwrap();
+    }
+    assert_eq!(names(m.path()).len(), 200);
+    for i in (0..200).step_by(37) {
+        s.wait_for_object(
+            &bucket,
+            &format!("f{i:04}"),
+            &sha256(format!("file {i}").as_bytes()),
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while s.list(&bucket, "", false).0.len() < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all 200 files reached S3"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn unlink_removes_local_and_remote_files() {
+    let s = server();
+    let bucket = s.bucket("wunlink");
+    s.put(&bucket, "remote.txt", b"in s3");
+    let m = rw_mount(&bucket, &[]);
+    fs::write(m.path().join("local.txt"), b"written here").unwrap();
+    s.wait_for_object(&bucket, "local.txt", &sha256(b"written here"));
+    fs::remove_file(m.path().join("local.txt")).unwrap();
+    fs::remove_file(m.path().join("remote.txt")).unwrap();
+    assert!(!m.path().join("local.txt").exists());
+    assert!(!m.path().join("remote.txt").exists());
+    s.wait_for_absence(&bucket, "local.txt");
+    s.wait_for_absence(&bucket, "remote.txt");
+    assert_eq!(
+        fs::remove_file(m.path().join("never"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    // Written, closed and removed at once: nothing reaches S3 afterwards.
+    fs::write(m.path().join("brief"), pattern(1 << 20, 3)).unwrap();
+    fs::remove_file(m.path().join("brief")).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(s.get(&bucket, "brief").is_none());
+}
+
+#[test]
+fn hard_links_are_refused() {
+    let s = server();
+    let bucket = s.bucket("wlink");
+    let m = rw_mount(&bucket, &[]);
+    fs::write(m.path().join("a"), b"x").unwrap();
+    let err = fs::hard_link(m.path().join("a"), m.path().join("b")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+}
+
+#[test]
+fn closed_files_survive_kill_9_and_finish_uploading() {
+    let s = server();
+    let bucket = s.bucket("wrestart");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    // One part in flight at a time: the upload of 96 MiB is still running when keepfs dies.
+    let slow = [
+        "--read-write",
+        "--cache-dir",
+        cache_arg,
+        "--upload-concurrency",
+        "1",
+        "--part-size",
+        "5MiB",
+    ];
+    let big = pattern(96 << 20, 77);
+    let small = pattern(4096, 78);
+    let mut m = Mount::new(&format!("s3://{bucket}"), &slow);
+    fs::write(m.path().join("big.bin"), &big).unwrap();
+    let f = fs::File::create(m.path().join("synced.bin")).unwrap();
+    f.write_all_at(&small, 0).unwrap();
+    f.sync_all().unwrap();
+    m.stop_with(libc::SIGKILL);
+    drop(f);
+    drop(m);
+
+    let m = Mount::new(&format!("s3://{bucket}"), &slow);
+    // Visible at once from the journal, with the acknowledged bytes.
+    assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&big));
+    assert_eq!(sha256_file(&m.path().join("synced.bin")), sha256(&small));
+    s.wait_for_object(&bucket, "big.bin", &sha256(&big));
+    s.wait_for_object(&bucket, "synced.bin", &sha256(&small));
+}
