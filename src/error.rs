@@ -20,6 +20,10 @@ pub enum FsError {
     InvalidArgument,
     #[error("read-only file system")]
     ReadOnly,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
     #[error("operation not supported yet: {0}")]
     NotSupported(&'static str),
     #[error("local cache: {0}")]
@@ -63,6 +67,8 @@ impl FsError {
             FsError::BadHandle(_) => libc::EBADF,
             FsError::InvalidArgument => libc::EINVAL,
             FsError::ReadOnly => libc::EROFS,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::Local(_, errno) => errno.unwrap_or(libc::EIO),
             FsError::Store { source, .. } => match source {

@@ -21,7 +21,7 @@ use tokio::runtime::Handle as RuntimeHandle;
 use crate::error::FsError;
 use crate::namespace::{Attr, Listed, Namespace, NodeKind};
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
-use crate::store::ObjectStore;
+use crate::store::{ObjectStore, Precondition};
 use crate::write::dirty::read_local;
 use crate::write::{DirtyAttr, DirtyFiles, Uploader};
 
@@ -330,6 +330,52 @@ impl<S: ObjectStore> Inner<S> {
         Ok(attr)
     }
 
+    async fn mkdir(
+        &self,
+        req_uid: u32,
+        req_gid: u32,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+    ) -> Result<Attr, FsError> {
+        self.writes()?;
+        let (path, marker) = self.namespace.new_dir_marker(parent, name)?;
+        if let Ok(existing) = self.namespace.lookup(parent, name).await {
+            self.namespace.forget(existing.ino, 1);
+            return Err(FsError::Exists);
+        }
+        let metadata = std::collections::HashMap::from([
+            (
+                "mode".to_owned(),
+                (libc::S_IFDIR | (mode & 0o7777)).to_string(),
+            ),
+            ("uid".to_owned(), req_uid.to_string()),
+            ("gid".to_owned(), req_gid.to_string()),
+        ]);
+        self.store
+            .put_object(&marker, bytes::Bytes::new(), &metadata, &Precondition::None)
+            .await
+            .map_err(|e| FsError::store(&marker, e))?;
+        Ok(self.namespace.made_dir(&path))
+    }
+
+    async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        self.writes()?;
+        let attr = self.namespace.lookup(parent, name).await?;
+        self.namespace.forget(attr.ino, 1);
+        if attr.kind != NodeKind::Directory {
+            return Err(FsError::NotDirectory);
+        }
+        if !self.namespace.list(attr.ino).await?.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        let marker = self.namespace.removed_dir(attr.ino)?;
+        self.store
+            .delete(&marker)
+            .await
+            .map_err(|e| FsError::store(&marker, e))
+    }
+
     async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
         let writes = self.writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
@@ -556,6 +602,34 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
+        self.spawn(move |fs| async move {
+            match fs.mkdir(uid, gid, parent.0, &name, mode & !umask).await {
+                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.spawn(move |fs| async move {
+            match fs.rmdir(parent.0, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             }

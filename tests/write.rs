@@ -277,3 +277,52 @@ fn closed_files_survive_kill_9_and_finish_uploading() {
     s.wait_for_object(&bucket, "big.bin", &sha256(&big));
     s.wait_for_object(&bucket, "synced.bin", &sha256(&small));
 }
+
+#[test]
+fn directories_are_made_and_removed() {
+    let s = server();
+    let bucket = s.bucket("wdirs");
+    s.put(&bucket, "full/keep.txt", b"k");
+    let m = rw_mount(&bucket, &[]);
+    fs::create_dir(m.path().join("empty")).unwrap();
+    fs::create_dir_all(m.path().join("a/b/c")).unwrap();
+    fs::write(m.path().join("a/b/c/f.txt"), b"deep").unwrap();
+    assert!(fs::metadata(m.path().join("empty")).unwrap().is_dir());
+    assert!(names(m.path()).contains(&"empty".to_string()));
+    assert_eq!(names(&m.path().join("a/b/c")), ["f.txt"]);
+    assert_eq!(
+        fs::create_dir(m.path().join("empty"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    s.wait_for_object(&bucket, "a/b/c/f.txt", &sha256(b"deep"));
+    // The empty directory survives in S3 as a marker object, where the server lists markers.
+    let (keys, _) = s.list(&bucket, "empty/", false);
+    if keys.is_empty() {
+        common::skipped(&format!(
+            "marker listing: {:?} does not list `empty/`",
+            s.kind
+        ));
+    } else {
+        assert_eq!(keys, ["empty/"]);
+    }
+    assert_eq!(
+        fs::remove_dir(m.path().join("full"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    assert_eq!(
+        fs::remove_dir(m.path().join("a/b"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    fs::remove_dir(m.path().join("empty")).unwrap();
+    assert!(!m.path().join("empty").exists());
+    assert!(s.list(&bucket, "empty/", false).0.is_empty());
+    fs::remove_file(m.path().join("a/b/c/f.txt")).unwrap();
+    fs::remove_dir(m.path().join("a/b/c")).unwrap();
+    assert!(!m.path().join("a/b/c").exists());
+}

@@ -55,6 +55,9 @@ pub struct Namespace<S> {
     skipped: Mutex<HashSet<String>>,
     /// Local copies newer than S3 (read-write mounts); they shadow the bucket.
     dirty: Option<Arc<DirtyFiles>>,
+    /// Directories made on this mount. Their markers are in S3, but some servers never list
+    /// markers, so the mount remembers them to show empty directories it created.
+    made_dirs: Mutex<HashSet<String>>,
 }
 
 impl<S: ObjectStore> Namespace<S> {
@@ -70,6 +73,7 @@ impl<S: ObjectStore> Namespace<S> {
             table: Mutex::new(table),
             skipped: Mutex::new(HashSet::new()),
             dirty: None,
+            made_dirs: Mutex::new(HashSet::new()),
         }
     }
 
@@ -107,6 +111,46 @@ impl<S: ObjectStore> Namespace<S> {
         (kind == NodeKind::File && self.dirty_attr(&key).is_some()).then_some(key)
     }
 
+    /// The path a new entry `name` in directory `parent` would have.
+    fn new_child(&self, parent: u64, name: &OsStr) -> Result<String, FsError> {
+        let (dir, kind) = self.path_of(parent)?;
+        if kind != NodeKind::Directory {
+            return Err(FsError::NotDirectory);
+        }
+        let name = name.to_str().ok_or(FsError::InvalidArgument)?;
+        match check_component(name) {
+            Ok(()) => Ok(join(&dir, name)),
+            Err(InvalidName::TooLong) => Err(FsError::NameTooLong),
+            Err(_) => Err(FsError::InvalidArgument),
+        }
+    }
+
+    fn made_dirs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.made_dirs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The marker key of a new directory `name` in `parent`, for `mkdir`.
+    pub fn new_dir_marker(&self, parent: u64, name: &OsStr) -> Result<(String, String), FsError> {
+        let path = self.new_child(parent, name)?;
+        let marker = dir_key(&self.prefix, &path);
+        Ok((path, marker))
+    }
+
+    /// Records directory `path` made on this mount (its marker is stored); one kernel reference.
+    pub fn made_dir(&self, path: &str) -> Attr {
+        self.made_dirs().insert(path.to_owned());
+        let seen = self.seen_directory();
+        self.table().remember(path, seen)
+    }
+
+    /// Forgets a removed directory `ino`; returns its marker key.
+    pub fn removed_dir(&self, ino: u64) -> Result<String, FsError> {
+        let (path, _) = self.path_of(ino)?;
+        self.made_dirs().remove(&path);
+        self.table().unlink(ino);
+        Ok(dir_key(&self.prefix, &path))
+    }
+
     /// Registers a file just created (or made dirty) at `name` in `parent`, with one kernel
     /// reference; returns its key and attributes.
     pub fn create_file(
@@ -115,17 +159,7 @@ impl<S: ObjectStore> Namespace<S> {
         name: &OsStr,
         make: impl FnOnce(&str) -> std::io::Result<DirtyAttr>,
     ) -> Result<(String, Attr), FsError> {
-        let (dir, kind) = self.path_of(parent)?;
-        if kind != NodeKind::Directory {
-            return Err(FsError::NotDirectory);
-        }
-        let name = name.to_str().ok_or(FsError::InvalidArgument)?;
-        match check_component(name) {
-            Ok(()) => {}
-            Err(InvalidName::TooLong) => return Err(FsError::NameTooLong),
-            Err(_) => return Err(FsError::InvalidArgument),
-        }
-        let path = join(&dir, name);
+        let path = self.new_child(parent, name)?;
         let key = self.object_key(&path);
         let attr = make(&key).map_err(|e| FsError::Local(e.to_string(), e.raw_os_error()))?;
         let seen = self.seen_dirty(&attr);
@@ -210,6 +244,10 @@ impl<S: ObjectStore> Namespace<S> {
             Err(_) => return Err(FsError::NotFound),
         }
         let path = join(&dir, name);
+        if self.made_dirs().contains(&path) {
+            let seen = self.seen_directory();
+            return Ok(self.table().remember(&path, seen));
+        }
         if let Some(attr) = self.dirty_attr(&self.object_key(&path)) {
             let seen = self.seen_dirty(&attr);
             return Ok(self.table().remember(&path, seen));
@@ -351,6 +389,19 @@ impl<S: ObjectStore> Namespace<S> {
             if token.is_none() {
                 break;
             }
+        }
+        let made: Vec<String> = self
+            .made_dirs()
+            .iter()
+            .filter_map(|p| {
+                let (parent, name) = p.rsplit_once('/').unwrap_or(("", p));
+                (parent == dir).then(|| name.to_owned())
+            })
+            .collect();
+        for name in made {
+            let seen = self.seen_directory();
+            let listed = self.listed(&dir, &name, seen);
+            entries.insert(name, listed);
         }
         {
             for (key, attr) in dirty {
