@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     Request, TimeOrNow, WriteFlags,
 };
@@ -376,6 +376,63 @@ impl<S: ObjectStore> Inner<S> {
             .map_err(|e| FsError::store(&marker, e))
     }
 
+    /// Renames a file. A local (dirty) copy moves in the cache and is uploaded under the new
+    /// key; an uploaded object is copied server-side and the old key deleted. Directories
+    /// return `EXDEV`, which makes `mv` fall back to copying.
+    async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        no_replace: bool,
+    ) -> Result<(), FsError> {
+        let writes = self.writes()?;
+        let source = self.namespace.lookup(parent, name).await?;
+        self.namespace.forget(source.ino, 1);
+        if source.kind == NodeKind::Directory {
+            return Err(FsError::CrossDevice);
+        }
+        let (new_path, new_key) = self.namespace.rename_target(new_parent, new_name)?;
+        let old_key = self.namespace.key_of(source.ino)?;
+        if old_key == new_key {
+            return Ok(());
+        }
+        match self.namespace.lookup(new_parent, new_name).await {
+            Ok(target) => {
+                self.namespace.forget(target.ino, 1);
+                if no_replace {
+                    return Err(FsError::Exists);
+                }
+                if target.kind == NodeKind::Directory {
+                    return Err(FsError::IsDirectory);
+                }
+                self.namespace.unlinked(target.ino);
+            }
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        if writes.dirty.rename(&old_key, &new_key)? {
+            if writes.dirty.snapshot(&new_key).is_some() {
+                writes.uploader.enqueue(&new_key);
+            }
+        } else {
+            writes.dirty.remove(&new_key);
+            self.store
+                .copy_object(&old_key, &new_key)
+                .await
+                .map_err(|e| FsError::store(&old_key, e))?;
+        }
+        // The old key may exist in S3 (uploaded before); an upload of it still running deletes
+        // it again when it finds the file gone.
+        self.store
+            .delete(&old_key)
+            .await
+            .map_err(|e| FsError::store(&old_key, e))?;
+        self.namespace.renamed(source.ino, &new_path);
+        Ok(())
+    }
+
     async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
         let writes = self.writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
@@ -602,6 +659,32 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return reply.error(Errno::EINVAL);
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        self.spawn(move |fs| async move {
+            match fs
+                .rename(parent.0, &name, newparent.0, &newname, no_replace)
+                .await
+            {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             }

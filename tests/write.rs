@@ -326,3 +326,70 @@ fn directories_are_made_and_removed() {
     fs::remove_dir(m.path().join("a/b/c")).unwrap();
     assert!(!m.path().join("a/b/c").exists());
 }
+
+#[test]
+fn rename_files_local_and_uploaded() {
+    let s = server();
+    let bucket = s.bucket("wrename");
+    s.put(&bucket, "remote.txt", b"from s3");
+    s.put(&bucket, "victim.txt", b"to be replaced");
+    let m = rw_mount(&bucket, &[]);
+    let p = |n: &str| m.path().join(n);
+    // A file still being uploaded (or just uploaded) moves with its local copy.
+    fs::write(p("fresh.txt"), b"fresh").unwrap();
+    fs::create_dir(p("dir")).unwrap();
+    fs::rename(p("fresh.txt"), p("dir/moved.txt")).unwrap();
+    // An object only in S3 is copied server-side.
+    fs::rename(p("remote.txt"), p("renamed.txt")).unwrap();
+    // Replacing an existing file.
+    fs::write(p("new.txt"), b"replacement").unwrap();
+    fs::rename(p("new.txt"), p("victim.txt")).unwrap();
+    assert_eq!(fs::read(p("dir/moved.txt")).unwrap(), b"fresh");
+    assert_eq!(fs::read(p("renamed.txt")).unwrap(), b"from s3");
+    assert_eq!(fs::read(p("victim.txt")).unwrap(), b"replacement");
+    for gone in ["fresh.txt", "remote.txt", "new.txt"] {
+        assert!(!p(gone).exists(), "{gone}");
+    }
+    s.wait_for_object(&bucket, "dir/moved.txt", &sha256(b"fresh"));
+    s.wait_for_object(&bucket, "renamed.txt", &sha256(b"from s3"));
+    s.wait_for_object(&bucket, "victim.txt", &sha256(b"replacement"));
+    for gone in ["fresh.txt", "remote.txt", "new.txt"] {
+        s.wait_for_absence(&bucket, gone);
+    }
+    // RENAME_NOREPLACE refuses to replace.
+    fs::write(p("x"), b"x").unwrap();
+    let from = std::ffi::CString::new(p("x").into_os_string().into_encoded_bytes()).unwrap();
+    let to = std::ffi::CString::new(p("victim.txt").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated paths; AT_FDCWD with absolute paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(rc, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(fs::read(p("victim.txt")).unwrap(), b"replacement");
+    // Directories: EXDEV, so `mv` copies instead.
+    fs::create_dir(p("d1")).unwrap();
+    fs::write(p("d1/inner"), b"inner").unwrap();
+    assert_eq!(
+        fs::rename(p("d1"), p("d2")).unwrap_err().raw_os_error(),
+        Some(libc::EXDEV)
+    );
+    let status = std::process::Command::new("mv")
+        .arg(p("d1"))
+        .arg(p("d2"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(fs::read(p("d2/inner")).unwrap(), b"inner");
+    assert!(!p("d1").exists());
+    s.wait_for_object(&bucket, "d2/inner", &sha256(b"inner"));
+}

@@ -150,6 +150,19 @@ impl InodeTable {
         }
     }
 
+    /// Moves live node `ino` to `path` (rename): the kernel keeps using the same inode.
+    pub fn rename(&mut self, ino: u64, path: &str) {
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if self.by_path.get(&node.path) == Some(&ino) {
+            self.by_path.remove(&node.path);
+        }
+        node.path = path.to_owned();
+        node.validated = None;
+        self.by_path.insert(path.to_owned(), ino);
+    }
+
     /// Drops `n` kernel references; the node goes away when none remain.
     pub fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT_INO {

@@ -323,6 +323,18 @@ impl<S: ObjectStore> Namespace<S> {
         Some(node.attr.clone())
     }
 
+    /// The path and key a renamed entry gets: `name` in directory `parent`.
+    pub fn rename_target(&self, parent: u64, name: &OsStr) -> Result<(String, String), FsError> {
+        let path = self.new_child(parent, name)?;
+        let key = self.object_key(&path);
+        Ok((path, key))
+    }
+
+    /// Records that `ino` now lives at `path`.
+    pub fn renamed(&self, ino: u64, path: &str) {
+        self.table().rename(ino, path);
+    }
+
     /// Forgets the path of `ino` after an unlink, so the next lookup asks again.
     pub fn unlinked(&self, ino: u64) {
         self.table().unlink(ino);

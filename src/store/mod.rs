@@ -159,6 +159,13 @@ pub trait ObjectStore: Send + Sync + 'static {
         upload_id: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Server-side copy of `from` to `to`, user metadata included. Returns the new ETag.
+    fn copy_object(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
     /// Deletes `key` (absent is fine).
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

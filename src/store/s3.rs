@@ -98,7 +98,9 @@ where
         SdkError::TimeoutError(_) => StoreError::Unreachable(text),
         _ => match (status, code.as_deref()) {
             (_, Some("NoSuchBucket")) => StoreError::NoSuchBucket(bucket.to_owned()),
-            (_, Some("NoSuchKey" | "NotFound")) | (Some(404), None) => StoreError::NotFound,
+            (_, Some("NoSuchKey" | "NotFound" | "NoSuchUpload")) | (Some(404), None) => {
+                StoreError::NotFound
+            }
             (Some(412), _) | (_, Some("PreconditionFailed")) => StoreError::PreconditionFailed,
             (
                 _,
@@ -111,6 +113,19 @@ where
             _ => StoreError::Other(text),
         },
     }
+}
+
+/// URL-encodes a key for `x-amz-copy-source` (everything but unreserved characters and `/`).
+fn percent_encode(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
@@ -350,6 +365,23 @@ impl ObjectStore for S3Store {
         }
     }
 
+    async fn copy_object(&self, from: &str, to: &str) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(to)
+            .copy_source(format!("{}/{}", self.bucket, percent_encode(from)))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(out
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_owned())
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self
             .client
@@ -363,5 +395,16 @@ impl ObjectStore for S3Store {
             Ok(_) | Err(StoreError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn copy_source_is_encoded() {
+        assert_eq!(
+            super::percent_encode("a b/ü+%.txt"),
+            "a%20b/%C3%BC%2B%25.txt"
+        );
     }
 }

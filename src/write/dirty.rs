@@ -350,6 +350,26 @@ impl DirtyFiles {
         UploadOutcome::Clean
     }
 
+    /// Moves the local copy of `from` to `to` (rename), replacing any local copy of `to`, and
+    /// makes the move durable. Returns false when `from` has no local copy.
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<bool> {
+        let replaced = {
+            let mut files = self.files();
+            let Some(mut file) = files.remove(from) else {
+                return Ok(false);
+            };
+            file.generation += 1;
+            // The new key starts without a base version.
+            file.base_etag = None;
+            files.insert(to.to_owned(), file)
+        };
+        if let Some(old) = replaced {
+            self.discard(old.id);
+        }
+        self.persist(to)?;
+        Ok(true)
+    }
+
     /// Forgets the local copy of `key` (unlink); returns whether there was one.
     pub fn remove(&self, key: &str) -> bool {
         let old = self.files().remove(key);
