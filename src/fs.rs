@@ -318,16 +318,50 @@ impl<S: ObjectStore> Inner<S> {
         let key = match self.namespace.dirty_key(ino) {
             Some(key) => key,
             None if size.is_some() => self.make_dirty(ino, size == Some(0)).await?,
-            None => {
-                return Err(FsError::NotSupported(
-                    "changing attributes of an uploaded object",
-                ));
-            }
+            None => return self.replace_metadata(ino, mode, uid, gid, mtime).await,
         };
         let attr = dirty.set_attr(&key, size, mode, uid, gid, mtime)?;
         let attr = self.namespace.refresh_dirty(ino, &attr);
         self.persist_and_queue(&key)?;
         Ok(attr)
+    }
+
+    /// chmod/chown/utimens of an object in S3: a self-copy with new `x-amz-meta-*`.
+    async fn replace_metadata(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime: Option<std::time::SystemTime>,
+    ) -> Result<Attr, FsError> {
+        let attr = self.namespace.getattr(ino).await?;
+        let type_bits = match attr.kind {
+            NodeKind::File => libc::S_IFREG,
+            NodeKind::Symlink => libc::S_IFLNK,
+            NodeKind::Directory => {
+                return Err(FsError::NotSupported("changing attributes of directories"));
+            }
+        };
+        let perm = mode.map(|m| m & 0o7777).unwrap_or(u32::from(attr.perm));
+        let mtime = mtime.unwrap_or(attr.mtime);
+        let secs = mtime
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let metadata = std::collections::HashMap::from([
+            ("mode".to_owned(), (type_bits | perm).to_string()),
+            ("uid".to_owned(), uid.unwrap_or(attr.uid).to_string()),
+            ("gid".to_owned(), gid.unwrap_or(attr.gid).to_string()),
+            ("mtime".to_owned(), secs.to_string()),
+        ]);
+        let key = self.namespace.key_of(ino)?;
+        self.store
+            .replace_metadata(&key, &metadata)
+            .await
+            .map_err(|e| FsError::store(&key, e))?;
+        self.namespace.expire(ino);
+        self.namespace.getattr(ino).await
     }
 
     async fn mkdir(

@@ -393,3 +393,57 @@ fn rename_files_local_and_uploaded() {
     assert!(!p("d1").exists());
     s.wait_for_object(&bucket, "d2/inner", &sha256(b"inner"));
 }
+
+#[test]
+fn metadata_of_uploaded_objects_is_replaced_in_place() {
+    let s = server();
+    let bucket = s.bucket("wselfcopy");
+    let data = pattern(100_000, 9);
+    s.put(&bucket, "obj", &data);
+    let m = rw_mount(&bucket, &[]);
+    let path = m.path().join("obj");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&path, Some(4242), Some(4343)).unwrap();
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    fs::File::open(&path)
+        .unwrap()
+        .set_modified(when)
+        .unwrap_or_else(|_| {
+            // set_modified needs write access on some kernels; fall back to utimensat by path.
+            let c =
+                std::ffi::CString::new(path.clone().into_os_string().into_encoded_bytes()).unwrap();
+            let times = [
+                libc::timespec {
+                    tv_sec: 1_600_000_000,
+                    tv_nsec: 0,
+                },
+                libc::timespec {
+                    tv_sec: 1_600_000_000,
+                    tv_nsec: 0,
+                },
+            ];
+            // SAFETY: valid path and a two-element timespec array.
+            assert_eq!(
+                unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+                0
+            );
+        });
+    let meta = fs::metadata(&path).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
+    assert_eq!(meta.mtime(), 1_600_000_000);
+    let stored = s.metadata(&bucket, "obj").unwrap();
+    assert_eq!(
+        stored["mode"].parse::<u32>().unwrap(),
+        libc::S_IFREG | 0o600,
+        "{stored:?}"
+    );
+    assert_eq!(
+        (stored["uid"].as_str(), stored["gid"].as_str()),
+        ("4242", "4343")
+    );
+    assert_eq!(stored["mtime"], "1600000000");
+    // The content is untouched by the metadata update.
+    assert_eq!(sha256(&s.get(&bucket, "obj").unwrap()), sha256(&data));
+    assert_eq!(sha256_file(&path), sha256(&data));
+}

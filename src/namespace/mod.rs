@@ -330,6 +330,13 @@ impl<S: ObjectStore> Namespace<S> {
         Ok((path, key))
     }
 
+    /// Makes the next `getattr` of `ino` ask the server.
+    pub fn expire(&self, ino: u64) {
+        if let Some(node) = self.table().get_mut(ino) {
+            node.validated = None;
+        }
+    }
+
     /// Records that `ino` now lives at `path`.
     pub fn renamed(&self, ino: u64, path: &str) {
         self.table().rename(ino, path);

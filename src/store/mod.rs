@@ -166,6 +166,14 @@ pub trait ObjectStore: Send + Sync + 'static {
         to: &str,
     ) -> impl Future<Output = Result<String, StoreError>> + Send;
 
+    /// Replaces the user metadata of `key` in place (a self-copy with the REPLACE directive),
+    /// keeping its content. Returns the new ETag.
+    fn replace_metadata(
+        &self,
+        key: &str,
+        metadata: &HashMap<String, String>,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
     /// Deletes `key` (absent is fine).
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

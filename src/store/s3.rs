@@ -382,6 +382,29 @@ impl ObjectStore for S3Store {
             .to_owned())
     }
 
+    async fn replace_metadata(
+        &self,
+        key: &str,
+        metadata: &HashMap<String, String>,
+    ) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(format!("{}/{}", self.bucket, percent_encode(key)))
+            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+            .set_metadata(Some(metadata.clone()))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(out
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_owned())
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self
             .client
