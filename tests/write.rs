@@ -405,29 +405,7 @@ fn metadata_of_uploaded_objects_is_replaced_in_place() {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::chown(&path, Some(4242), Some(4343)).unwrap();
     let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
-    fs::File::open(&path)
-        .unwrap()
-        .set_modified(when)
-        .unwrap_or_else(|_| {
-            // set_modified needs write access on some kernels; fall back to utimensat by path.
-            let c =
-                std::ffi::CString::new(path.clone().into_os_string().into_encoded_bytes()).unwrap();
-            let times = [
-                libc::timespec {
-                    tv_sec: 1_600_000_000,
-                    tv_nsec: 0,
-                },
-                libc::timespec {
-                    tv_sec: 1_600_000_000,
-                    tv_nsec: 0,
-                },
-            ];
-            // SAFETY: valid path and a two-element timespec array.
-            assert_eq!(
-                unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
-                0
-            );
-        });
+    fs::File::open(&path).unwrap().set_modified(when).unwrap();
     let meta = fs::metadata(&path).unwrap();
     assert_eq!(meta.mode() & 0o7777, 0o600);
     assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
