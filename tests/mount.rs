@@ -257,6 +257,10 @@ fn help_explains_every_flag() {
         "--max-memory-cache",
         "--log-level",
         "--log-format",
+        "--read-write",
+        "--cache-dir",
+        "--part-size",
+        "--upload-concurrency",
     ] {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
     }

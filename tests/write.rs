@@ -241,6 +241,18 @@ fn hard_links_are_refused() {
     fs::write(m.path().join("a"), b"x").unwrap();
     let err = fs::hard_link(m.path().join("a"), m.path().join("b")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    // Not stored yet: refused with a specific error rather than silently dropped.
+    let err = std::os::unix::fs::symlink("a", m.path().join("l")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP));
+    let c =
+        std::ffi::CString::new(m.path().join("a").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: valid path, name and value buffers.
+    let rc = unsafe { libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    assert_eq!(rc, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
 }
 
 #[test]
