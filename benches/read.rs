@@ -12,35 +12,19 @@
 //! Without KEEPFS_BENCH_ENDPOINT it falls back to the in-process s3s-fs server, which only
 //! measures s3s-fs itself.
 
-#[path = "../tests/common/embedded.rs"]
-mod embedded;
+mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use common::{KeepfsMount, Target, env_or, target};
 
 const RAW_PART: u64 = 8 << 20;
 const RAW_CONCURRENCY: usize = 16;
-
-struct Target {
-    endpoint: String,
-    bucket: String,
-    access_key: String,
-    secret_key: String,
-    client: Client,
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -104,7 +88,7 @@ fn main() {
         raw_one();
         record("raw SDK, 1 object", raw.finish(size));
 
-        let mount = KeepfsMount::new(&target, &target.bucket);
+        let mount = KeepfsMount::new(&target, &target.bucket, &[]);
         let path = mount.path().join(&keys[0]);
         let pid = mount.pid();
         let meter = Meter::start(&["self", &pid], server_pid.as_deref());
@@ -124,7 +108,7 @@ fn main() {
         let raw = Meter::start(&["self"], server_pid.as_deref());
         raw_four();
         record("raw SDK, 4 objects", raw.finish(4 * size));
-        let mount = KeepfsMount::new(&target, &target.bucket);
+        let mount = KeepfsMount::new(&target, &target.bucket, &[]);
         let pid = mount.pid();
         let meter = Meter::start(&["self", &pid], server_pid.as_deref());
         std::thread::scope(|s| {
@@ -288,41 +272,6 @@ fn drop_page_cache() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
 }
 
-fn target(rt: &tokio::runtime::Runtime) -> Target {
-    let (endpoint, bucket, access_key, secret_key) = match std::env::var("KEEPFS_BENCH_ENDPOINT") {
-        Ok(endpoint) => (
-            endpoint,
-            std::env::var("KEEPFS_BENCH_BUCKET").expect("KEEPFS_BENCH_BUCKET"),
-            std::env::var("AWS_ACCESS_KEY_ID").expect("AWS_ACCESS_KEY_ID"),
-            std::env::var("AWS_SECRET_ACCESS_KEY").expect("AWS_SECRET_ACCESS_KEY"),
-        ),
-        Err(_) => {
-            println!(
-                "KEEPFS_BENCH_ENDPOINT not set: using the in-process s3s-fs server (slow; run benches/garage.sh for real figures)"
-            );
-            let root =
-                std::env::temp_dir().join(format!("keepfs-bench-s3s-{}", std::process::id()));
-            std::fs::create_dir_all(&root).unwrap();
-            let endpoint = embedded::start_s3s_fs(&root, rt);
-            (
-                endpoint,
-                "keepfs-bench".into(),
-                embedded::ACCESS_KEY.into(),
-                embedded::SECRET_KEY.into(),
-            )
-        }
-    };
-    let client = embedded::sdk_client(&endpoint, &access_key, &secret_key);
-    let _ = rt.block_on(client.create_bucket().bucket(&bucket).send());
-    Target {
-        endpoint,
-        bucket,
-        access_key,
-        secret_key,
-        client,
-    }
-}
-
 /// Uploads `key` (pseudo-random bytes, multipart) unless it already has `size` bytes.
 async fn ensure_object(t: &Target, key: &str, size: u64, seed: u64) {
     if let Ok(h) = t
@@ -390,78 +339,4 @@ async fn ensure_object(t: &Target, key: &str, size: u64, seed: u64) {
         .send()
         .await
         .unwrap();
-}
-
-/// A keepfs process mounted on a temporary directory; unmounted on drop.
-struct KeepfsMount {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl KeepfsMount {
-    fn new(t: &Target, bucket: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "keepfs-bench-mnt-{}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keepfs"))
-            .args(["mount", &format!("s3://{bucket}")])
-            .arg(&dir)
-            .args([
-                "--endpoint-url",
-                &t.endpoint,
-                "--force-path-style",
-                "--max-memory-cache",
-                "1280MiB",
-                "--cache-dir",
-                &format!("{}.cache", dir.display()),
-                "--log-level",
-                "warn",
-            ])
-            .env("AWS_ACCESS_KEY_ID", &t.access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &t.secret_key)
-            .env("AWS_REGION", "us-east-1")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn keepfs");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let needle = format!(" {} ", dir.display());
-        while !std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .contains(&needle)
-        {
-            assert!(Instant::now() < deadline, "keepfs did not mount");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        KeepfsMount { dir, child }
-    }
-
-    fn path(&self) -> &Path {
-        &self.dir
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn peak_rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for KeepfsMount {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir(&self.dir);
-        let _ = std::fs::remove_dir_all(format!("{}.cache", self.dir.display()));
-    }
 }
