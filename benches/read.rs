@@ -21,7 +21,7 @@ use std::time::Instant;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use common::{KeepfsMount, Target, env_or, target};
+use common::{KeepfsMount, Target, env_or, pattern, target};
 
 const RAW_PART: u64 = 8 << 20;
 const RAW_CONCURRENCY: usize = 16;
@@ -297,17 +297,9 @@ async fn ensure_object(t: &Target, key: &str, size: u64, seed: u64) {
         .unwrap();
     let id = up.upload_id().unwrap().to_owned();
     let mut parts = Vec::new();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for (n, start) in (0..size).step_by(part as usize).enumerate() {
         let len = part.min(size - start) as usize;
-        let mut data = Vec::with_capacity(len);
-        while data.len() < len {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            data.extend_from_slice(&x.to_le_bytes());
-        }
-        data.truncate(len);
+        let data = pattern(len, seed * 100_000 + n as u64);
         let out = t
             .client
             .upload_part()

@@ -63,7 +63,7 @@ fn main() {
         );
         let _ = std::fs::remove_file(&local);
 
-        let key = format!("bench-write/run{run}-{}", std::process::id());
+        let key = format!("bench-write-run{run}-{}", std::process::id());
         let start = Instant::now();
         write_file(&mount.path().join(&key), &data);
         let closed = start.elapsed();

@@ -129,6 +129,14 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// Replies to a request that returns nothing but success or an error.
+fn reply_unit(reply: ReplyEmpty, result: Result<(), FsError>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 impl<S: ObjectStore> KeepFs<S> {
     pub fn new(
         namespace: Namespace<S>,
@@ -287,6 +295,16 @@ impl<S: ObjectStore> Inner<S> {
         )?;
         self.namespace.refresh_dirty(ino, &created);
         Ok(key)
+    }
+
+    /// Makes `key` durable on the cache disk (close, fsync), off the async workers.
+    async fn persist(self: Arc<Self>, key: String) -> Result<(), FsError> {
+        tokio::task::spawn_blocking(move || {
+            let writes = self.writes()?;
+            writes.dirty.persist(&key).map_err(FsError::from)
+        })
+        .await
+        .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))
     }
 
     /// Makes `key` durable locally and, when nobody writes it, queues its upload.
@@ -645,18 +663,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let Some((key, _)) = self.inner.handle_key(fh.0) else {
             return reply.ok(); // nothing local to sync
         };
-        self.spawn(move |fs| async move {
-            let result = tokio::task::spawn_blocking(move || {
-                let writes = fs.writes()?;
-                writes.dirty.persist(&key).map_err(FsError::from)
-            })
-            .await
-            .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)));
-            match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(key).await) });
     }
 
     fn setattr(
@@ -691,12 +698,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
-            match fs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(move |fs| async move { reply_unit(reply, fs.unlink(parent.0, &name).await) });
     }
 
     fn rename(
@@ -715,13 +717,10 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.spawn(move |fs| async move {
-            match fs
+            let result = fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace)
-                .await
-            {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+                .await;
+            reply_unit(reply, result);
         });
     }
 
@@ -745,12 +744,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
-            match fs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(move |fs| async move { reply_unit(reply, fs.rmdir(parent.0, &name).await) });
     }
 
     fn symlink(
@@ -979,18 +973,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let Some((key, true)) = self.inner.handle_key(fh.0) else {
             return reply.ok();
         };
-        self.spawn(move |fs| async move {
-            let result = tokio::task::spawn_blocking(move || {
-                let writes = fs.writes()?;
-                writes.dirty.persist(&key).map_err(FsError::from)
-            })
-            .await
-            .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)));
-            match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(key).await) });
     }
 
     fn releasedir(

@@ -2,8 +2,12 @@
 
 #![allow(dead_code)]
 
+#[path = "../../tests/common/data.rs"]
+mod data;
 #[path = "../../tests/common/embedded.rs"]
 mod embedded;
+
+pub use data::pattern;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,20 +66,6 @@ pub fn target(rt: &tokio::runtime::Runtime) -> Target {
         secret_key,
         client,
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift): incompressible, reproducible.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A keepfs process mounted on a temporary directory; unmounted on drop.

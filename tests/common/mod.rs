@@ -18,7 +18,11 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 
+pub mod data;
 pub mod embedded;
+
+#[allow(unused_imports)] // not every test file uses it
+pub use data::pattern;
 
 pub use embedded::{ACCESS_KEY, SECRET_KEY};
 
@@ -513,20 +517,6 @@ pub fn sha256_file(path: &Path) -> String {
         h.update(&buf[..n]);
     }
     format!("{:x}", h.finalize())
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Sorted names in `dir`.
