@@ -250,6 +250,17 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         let namespace = namespace.with_dirty_files(Arc::clone(&dirty));
         (namespace, Some(Writes { dirty, uploader }))
     } else {
+        let pending = crate::cache::journal::Journal::new(&cache_dir)
+            .load()
+            .map(|l| l.records.len())
+            .unwrap_or(0);
+        if pending > 0 {
+            tracing::warn!(
+                pending,
+                cache_dir = %cache_dir.path().display(),
+                "files written earlier are waiting in the cache directory; mount with --read-write to see them and finish their upload"
+            );
+        }
         (namespace, None)
     };
     let fs = KeepFs::new(

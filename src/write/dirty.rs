@@ -141,6 +141,7 @@ impl DirtyFiles {
                 },
             );
         }
+        remove_orphans(&data_dir, &files)?;
         let keys: Vec<String> = files.keys().cloned().collect();
         if !keys.is_empty() {
             tracing::info!(
@@ -393,10 +394,100 @@ impl DirtyFiles {
     }
 }
 
+/// Deletes data files no record describes: files created but never closed or fsync'd before a
+/// crash (their bytes were never acknowledged), or whose record was removed just before.
+fn remove_orphans(
+    data_dir: &std::path::Path,
+    files: &HashMap<String, DirtyFile>,
+) -> io::Result<()> {
+    let live: std::collections::HashSet<String> =
+        files.values().map(|f| format!("{:016x}", f.id)).collect();
+    for entry in std::fs::read_dir(data_dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !live.contains(&name) {
+            tracing::debug!(file = name, "removing unacknowledged data file");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Ids start from the clock so a fresh journal never reuses the name of an orphaned data file.
 fn now_id() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr() -> DirtyAttr {
+        DirtyAttr {
+            size: 0,
+            mode: libc::S_IFREG | 0o644,
+            uid: 1,
+            gid: 2,
+            mtime: SystemTime::UNIX_EPOCH + Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn only_persisted_files_and_bytes_survive_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let cache = CacheDir::open(tmp.path()).unwrap();
+            let (dirty, pending) = DirtyFiles::open(&cache).unwrap();
+            assert!(pending.is_empty());
+            dirty.create("kept", attr(), None, b"hello").unwrap();
+            dirty.persist("kept").unwrap();
+            // Written after the last persist: not acknowledged, so not promised.
+            let data = dirty.data("kept").unwrap();
+            dirty.write("kept", &data, 5, b" world").unwrap();
+            dirty.create("never-closed", attr(), None, b"lost").unwrap();
+        }
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let (dirty, pending) = DirtyFiles::open(&cache).unwrap();
+        assert_eq!(pending, vec!["kept".to_string()]);
+        let data = dirty.data("kept").unwrap();
+        assert_eq!(read_local(&data, 0, 100).unwrap(), b"hello");
+        assert_eq!(dirty.attr("kept").unwrap().mode, libc::S_IFREG | 0o644);
+        assert!(dirty.attr("never-closed").is_none());
+        let files = std::fs::read_dir(cache.data_dir()).unwrap().count();
+        assert_eq!(files, 1, "the unacknowledged data file is removed");
+    }
+
+    #[test]
+    fn upload_outcomes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let (dirty, _) = DirtyFiles::open(&cache).unwrap();
+        dirty.create("k", attr(), None, b"v1").unwrap();
+        dirty.persist("k").unwrap();
+        let first = dirty.snapshot("k").unwrap();
+        let data = dirty.data("k").unwrap();
+        dirty.write("k", &data, 0, b"v2").unwrap();
+        assert_eq!(dirty.uploaded(&first, "\"e1\""), UploadOutcome::Changed);
+        let second = dirty.snapshot("k").unwrap();
+        assert_eq!(dirty.uploaded(&second, "\"e2\""), UploadOutcome::Clean);
+        assert!(dirty.attr("k").is_none());
+        assert!(Journal::new(&cache).load().unwrap().records.is_empty());
+        dirty.create("gone", attr(), None, b"x").unwrap();
+        let snap = dirty.snapshot("gone").unwrap();
+        dirty.remove("gone");
+        assert_eq!(dirty.uploaded(&snap, "\"e3\""), UploadOutcome::Removed);
+        dirty.create("again", attr(), None, b"x").unwrap();
+        let old = dirty.snapshot("again").unwrap();
+        dirty.remove("again");
+        dirty.create("again", attr(), None, b"new").unwrap();
+        assert_eq!(
+            dirty.uploaded(&old, "\"e4\""),
+            UploadOutcome::Changed,
+            "a new file under the same key is not the one uploaded"
+        );
+        assert!(dirty.attr("again").is_some());
+    }
 }
