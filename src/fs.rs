@@ -464,7 +464,13 @@ impl<S: ObjectStore> Inner<S> {
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
-        if writes.dirty.rename(&old_key, &new_key)? {
+        // What the upload under the new name may replace: the object there now, if any.
+        let target_etag = match self.store.head(&new_key).await {
+            Ok(meta) => Some(meta.etag),
+            Err(crate::store::StoreError::NotFound) => None,
+            Err(e) => return Err(FsError::store(&new_key, e)),
+        };
+        if writes.dirty.rename(&old_key, &new_key, target_etag)? {
             if writes.dirty.snapshot(&new_key).is_some() {
                 writes.uploader.enqueue(&new_key);
             }

@@ -437,3 +437,67 @@ fn metadata_of_uploaded_objects_is_replaced_in_place() {
     assert_eq!(sha256(&s.get(&bucket, "obj").unwrap()), sha256(&data));
     assert_eq!(sha256_file(&path), sha256(&data));
 }
+
+#[test]
+fn conflicting_remote_changes_keep_both_versions() {
+    let s = server();
+    let bucket = s.bucket("wconflict");
+    s.put(&bucket, "shared.txt", b"original");
+    let m = rw_mount(&bucket, &[]);
+    // Another client creates a key this mount is creating, and replaces one it is editing,
+    // while the mount holds dirty versions (files open: nothing is uploaded before close).
+    let mut created = fs::File::create(m.path().join("new.txt")).unwrap();
+    created.write_all(b"mine, new").unwrap();
+    let mut edited = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path().join("shared.txt"))
+        .unwrap();
+    edited.write_all(b"mine, edited").unwrap();
+    s.put(&bucket, "new.txt", b"theirs, new");
+    s.put(&bucket, "shared.txt", b"theirs, edited");
+    drop(created);
+    drop(edited);
+    for (key, theirs, mine) in [
+        ("new.txt", &b"theirs, new"[..], &b"mine, new"[..]),
+        ("shared.txt", &b"theirs, edited"[..], &b"mine, edited"[..]),
+    ] {
+        let prefix = format!("{key}.keepfs-conflict-");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let copy = loop {
+            let (keys, _) = s.list(&bucket, &prefix, false);
+            if let Some(k) = keys.first() {
+                break k.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no conflict copy of {key}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert_eq!(
+            s.get(&bucket, key).unwrap(),
+            theirs,
+            "the remote version stays"
+        );
+        assert_eq!(
+            s.get(&bucket, &copy).unwrap(),
+            mine,
+            "the local version is kept beside it"
+        );
+        assert!(m.log().contains("conflict"), "conflicts are logged");
+    }
+    // Once resolved, the mount shows the remote version under the name, and the copies.
+    std::thread::sleep(std::time::Duration::from_millis(1200)); // attribute TTL
+    assert_eq!(
+        fs::read(m.path().join("shared.txt")).unwrap(),
+        b"theirs, edited"
+    );
+    let listed = names(m.path());
+    assert!(
+        listed
+            .iter()
+            .any(|n| n.starts_with("new.txt.keepfs-conflict-")),
+        "{listed:?}"
+    );
+}

@@ -352,16 +352,16 @@ impl DirtyFiles {
     }
 
     /// Moves the local copy of `from` to `to` (rename), replacing any local copy of `to`, and
-    /// makes the move durable. Returns false when `from` has no local copy.
-    pub fn rename(&self, from: &str, to: &str) -> io::Result<bool> {
+    /// makes the move durable. `base_etag` is the version of `to` in S3 the upload may replace
+    /// (`None`: there is none). Returns false when `from` has no local copy.
+    pub fn rename(&self, from: &str, to: &str, base_etag: Option<String>) -> io::Result<bool> {
         let replaced = {
             let mut files = self.files();
             let Some(mut file) = files.remove(from) else {
                 return Ok(false);
             };
             file.generation += 1;
-            // The new key starts without a base version.
-            file.base_etag = None;
+            file.base_etag = base_etag;
             files.insert(to.to_owned(), file)
         };
         if let Some(old) = replaced {

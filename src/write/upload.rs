@@ -130,7 +130,11 @@ async fn upload_until_done<S: ObjectStore>(
         let Some(snapshot) = dirty.snapshot(key) else {
             return;
         };
-        match upload_once(store, &snapshot, config).await {
+        let result = match upload_once(store, &snapshot, config).await {
+            Err(UploadError::Conflict) => upload_conflict_copy(store, &snapshot, config).await,
+            other => other,
+        };
+        match result {
             Ok(etag) => match dirty.uploaded(&snapshot, &etag) {
                 UploadOutcome::Clean => {
                     tracing::debug!(key, size = snapshot.attr.size, "uploaded");
@@ -146,7 +150,12 @@ async fn upload_until_done<S: ObjectStore>(
                     return;
                 }
             },
-            Err(e) => {
+            Err(UploadError::Conflict) => {
+                tracing::warn!(key, retry_in = ?backoff, "conflict copy refused; will retry");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(UploadError::Store(e)) => {
                 tracing::warn!(key, error = %e, retry_in = ?backoff, "upload failed; will retry");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -164,40 +173,140 @@ fn read_range(snapshot: &UploadSnapshot, start: u64, len: u64) -> Result<Bytes, 
     Ok(Bytes::from(buf))
 }
 
+/// Why an upload did not replace the object.
+enum UploadError {
+    /// Another client changed the key since the version the local copy is based on.
+    Conflict,
+    Store(StoreError),
+}
+
+impl From<StoreError> for UploadError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::PreconditionFailed => UploadError::Conflict,
+            e => UploadError::Store(e),
+        }
+    }
+}
+
+/// The version an upload may replace: nothing for a new file, else its base version.
+fn precondition(snapshot: &UploadSnapshot) -> Precondition {
+    match &snapshot.base_etag {
+        None => Precondition::Absent,
+        Some(etag) => Precondition::Matches(etag.clone()),
+    }
+}
+
+/// Checks with HEAD, just before the commit, that the key still holds the base version. This
+/// covers servers that ignore conditional writes (Garage); a change between this HEAD and the
+/// commit is the race that remains there. Servers that honour the conditions refuse it anyway.
+async fn check_base<S: ObjectStore>(
+    store: &S,
+    snapshot: &UploadSnapshot,
+) -> Result<(), UploadError> {
+    match (store.head(&snapshot.key).await, &snapshot.base_etag) {
+        (Err(StoreError::NotFound), None) => Ok(()),
+        (Ok(meta), Some(base)) if meta.etag == *base => Ok(()),
+        (Ok(_), _) | (Err(StoreError::NotFound), Some(_)) => Err(UploadError::Conflict),
+        (Err(e), _) => Err(UploadError::Store(e)),
+    }
+}
+
 async fn upload_once<S: ObjectStore>(
     store: &S,
     snapshot: &UploadSnapshot,
     config: UploadConfig,
-) -> Result<String, StoreError> {
+) -> Result<String, UploadError> {
+    upload_to(
+        store,
+        snapshot,
+        &snapshot.key,
+        &precondition(snapshot),
+        config,
+    )
+    .await
+}
+
+/// Uploads the snapshot's bytes to `key` under `condition`.
+async fn upload_to<S: ObjectStore>(
+    store: &S,
+    snapshot: &UploadSnapshot,
+    key: &str,
+    condition: &Precondition,
+    config: UploadConfig,
+) -> Result<String, UploadError> {
     let size = snapshot.attr.size;
     let meta = metadata(snapshot);
     let part = part_size_for(size, config.part_size);
+    let guarded = *condition != Precondition::None;
     if size <= part {
         let body = read_range(snapshot, 0, size)?;
-        return store
-            .put_object(&snapshot.key, body, &meta, &Precondition::None)
-            .await;
+        if guarded {
+            check_base(store, snapshot).await?;
+        }
+        return Ok(store.put_object(key, body, &meta, condition).await?);
     }
-    let upload_id = store.create_multipart(&snapshot.key, &meta).await?;
-    let result = upload_parts(store, snapshot, &upload_id, part, config.concurrency).await;
-    match result {
+    let upload_id = store.create_multipart(key, &meta).await?;
+    let parts = upload_parts(store, snapshot, key, &upload_id, part, config.concurrency).await;
+    let committed = match parts {
         Ok(parts) => {
-            store
-                .complete_multipart(&snapshot.key, &upload_id, parts, &Precondition::None)
-                .await
-        }
-        Err(e) => {
-            if let Err(abort) = store.abort_multipart(&snapshot.key, &upload_id).await {
-                tracing::warn!(key = snapshot.key, error = %abort, "could not abort multipart upload");
+            let checked = if guarded {
+                check_base(store, snapshot).await
+            } else {
+                Ok(())
+            };
+            match checked {
+                Ok(()) => store
+                    .complete_multipart(key, &upload_id, parts, condition)
+                    .await
+                    .map_err(UploadError::from),
+                Err(e) => Err(e),
             }
-            Err(e)
         }
+        Err(e) => Err(UploadError::from(e)),
+    };
+    if committed.is_err()
+        && let Err(abort) = store.abort_multipart(key, &upload_id).await
+    {
+        tracing::warn!(key, error = %abort, "could not abort multipart upload");
     }
+    committed
+}
+
+/// Keeps both versions after a conflict: the remote object stays, the local copy goes up beside
+/// it as `KEY.keepfs-conflict-<unix seconds>`.
+async fn upload_conflict_copy<S: ObjectStore>(
+    store: &S,
+    snapshot: &UploadSnapshot,
+    config: UploadConfig,
+) -> Result<String, UploadError> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let copy = format!("{}.keepfs-conflict-{secs}", snapshot.key);
+    let etag = upload_to(store, snapshot, &copy, &Precondition::None, config).await?;
+    CONFLICTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(
+        key = snapshot.key,
+        conflict_copy = copy,
+        "conflict: the object changed in S3 since this file was read; kept the remote version and uploaded the local one beside it"
+    );
+    Ok(etag)
+}
+
+/// Conflicts resolved by a conflict copy since the process started.
+static CONFLICTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many conflict copies this process has uploaded.
+pub fn conflicts() -> u64 {
+    CONFLICTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 async fn upload_parts<S: ObjectStore>(
     store: &S,
     snapshot: &UploadSnapshot,
+    key: &str,
     upload_id: &str,
     part: u64,
     concurrency: usize,
@@ -210,9 +319,7 @@ async fn upload_parts<S: ObjectStore>(
             let start = i * part;
             let body = read_range(snapshot, start, part.min(size - start))?;
             let number = i as i32 + 1;
-            let etag = store
-                .upload_part(&snapshot.key, upload_id, number, body)
-                .await?;
+            let etag = store.upload_part(key, upload_id, number, body).await?;
             Ok::<_, StoreError>((number, etag))
         })
         .buffer_unordered(concurrency.max(1))
