@@ -1,7 +1,9 @@
 //! keepfs: a FUSE filesystem that gives containers a POSIX view of an S3 bucket.
 //!
-//! Data flows one way: [`cli`]/[`config`] → [`fs`] (the FUSE adapter) → [`namespace`] (paths,
-//! inodes, attributes) and [`cache`] (memory blocks) → [`prefetch`] → [`store`] (S3).
+//! Data flows one way: [`cli`]/[`config`] → [`fs`] (the FUSE adapter: requests in, replies out)
+//! → [`vfs`] (operations and open-file handles) → [`namespace`] (paths, inodes, attributes),
+//! [`cache`] (memory blocks, cache directory, journal), [`prefetch`] (reads) and [`write`](mod@write)
+//! (dirty files, uploads) → [`store`] (S3).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -15,4 +17,5 @@ pub mod mount;
 pub mod namespace;
 pub mod prefetch;
 pub mod store;
+pub mod vfs;
 pub mod write;

@@ -10,10 +10,11 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::cache::{CacheDir, CacheDirError, MemoryCache};
 use crate::config::MountConfig;
-use crate::fs::{KeepFs, Writes};
+use crate::fs::KeepFs;
 use crate::namespace::{Defaults, Namespace};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::{ObjectStore, S3Store, S3StoreConfig, StoreError};
+use crate::vfs::Writes;
 use crate::write::{DirtyFiles, UploadConfig, Uploader};
 
 /// Environment variable through which a `--daemon` parent tells its child to report readiness
