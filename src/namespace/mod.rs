@@ -381,7 +381,11 @@ impl<S: ObjectStore> Namespace<S> {
                 .await
                 .map_err(|e| FsError::store(&prefix, e))?;
             for sub in &page.prefixes {
-                let name = sub[prefix.len()..].trim_end_matches('/');
+                // A server that answers with keys outside the prefix is ignored, not trusted.
+                let Some(name) = sub.strip_prefix(prefix.as_str()) else {
+                    continue;
+                };
+                let name = name.trim_end_matches('/');
                 if let Err(why) = check_component(name) {
                     self.skip_key(sub, why);
                     continue;
@@ -390,7 +394,9 @@ impl<S: ObjectStore> Namespace<S> {
                 entries.insert(name.to_owned(), self.listed(&dir, name, seen));
             }
             for (key, meta) in &page.objects {
-                let name = &key[prefix.len()..];
+                let Some(name) = key.strip_prefix(prefix.as_str()) else {
+                    continue;
+                };
                 if name.is_empty() {
                     continue; // this directory's own marker
                 }
@@ -424,7 +430,9 @@ impl<S: ObjectStore> Namespace<S> {
         }
         {
             for (key, attr) in dirty {
-                let rest = &key[prefix.len()..];
+                let Some(rest) = key.strip_prefix(prefix.as_str()) else {
+                    continue;
+                };
                 match rest.split_once('/') {
                     // A dirty file deeper down makes its first directory visible.
                     Some((sub, _)) if check_component(sub).is_ok() => {
