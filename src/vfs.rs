@@ -178,13 +178,22 @@ impl<S: ObjectStore> Vfs<S> {
         let attr = self.namespace.getattr(ino).await?;
         let (reader, _) = self.open_reader(ino).await?;
         let object = reader.object().clone();
-        let content = if empty || object.size == 0 {
-            Vec::new()
-        } else {
-            let len = u32::try_from(object.size)
-                .map_err(|_| FsError::NotSupported("editing objects over 4 GiB in place"))?;
-            reader.read(0, len).await?
-        };
+        let dirty = &self.writes()?.dirty;
+        // Copied in pieces, straight into the new data file: memory stays bounded whatever the
+        // object's size. The copy becomes visible only once complete.
+        let mut file = dirty.new_file()?;
+        if !empty {
+            const PIECE: u32 = 8 << 20;
+            let mut offset = 0;
+            while offset < object.size {
+                let piece = reader.read(offset, PIECE).await?;
+                if piece.is_empty() {
+                    break;
+                }
+                file.write_at(&piece, offset)?;
+                offset += piece.len() as u64;
+            }
+        }
         let dirty_attr = DirtyAttr {
             size: 0,
             mode: libc::S_IFREG | u32::from(attr.perm),
@@ -197,12 +206,7 @@ impl<S: ObjectStore> Vfs<S> {
             },
         };
         let key = object.key.to_string();
-        let created = self.writes()?.dirty.create(
-            &key,
-            dirty_attr,
-            Some(object.etag.to_string()),
-            &content,
-        )?;
+        let created = dirty.install(&key, file, dirty_attr, Some(object.etag.to_string()));
         self.namespace.refresh_dirty(ino, &created);
         Ok(key)
     }

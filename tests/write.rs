@@ -501,3 +501,22 @@ fn conflicting_remote_changes_keep_both_versions() {
         "{listed:?}"
     );
 }
+
+#[test]
+fn editing_an_object_larger_than_one_copy_piece() {
+    let s = server();
+    let bucket = s.bucket("wbigedit");
+    let base = pattern((20 << 20) + 17, 31);
+    s.put(&bucket, "big.bin", &base);
+    let m = rw_mount(&bucket, &[]);
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(m.path().join("big.bin"))
+        .unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let mut want = base.clone();
+    want.extend_from_slice(b"tail");
+    assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&want));
+    s.wait_for_object(&bucket, "big.bin", &sha256(&want));
+}

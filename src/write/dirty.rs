@@ -57,6 +57,32 @@ struct DirtyFile {
     generation: u64,
 }
 
+/// A data file being filled before it becomes a local copy (see [`DirtyFiles::new_file`]).
+pub struct NewFile {
+    id: u64,
+    path: PathBuf,
+    data: Option<File>,
+    len: u64,
+}
+
+impl NewFile {
+    pub fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(data) = &self.data {
+            data.write_all_at(bytes, offset)?;
+            self.len = self.len.max(offset + bytes.len() as u64);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if self.data.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// A consistent view of one dirty file for the uploader.
 #[derive(Clone)]
 pub struct UploadSnapshot {
@@ -165,15 +191,9 @@ impl DirtyFiles {
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a dirty file for `key` with `initial` content, replacing a previous local copy.
-    /// Nothing is durable until [`DirtyFiles::persist`].
-    pub fn create(
-        &self,
-        key: &str,
-        attr: DirtyAttr,
-        base_etag: Option<String>,
-        initial: &[u8],
-    ) -> io::Result<DirtyAttr> {
+    /// Starts a data file for a new local copy; fill it, then [`DirtyFiles::install`] it. A
+    /// `NewFile` dropped without being installed deletes its data file.
+    pub fn new_file(&self) -> io::Result<NewFile> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let path = self.data_dir.join(format!("{id:016x}"));
         let data = OpenOptions::new()
@@ -182,15 +202,32 @@ impl DirtyFiles {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        data.write_all_at(initial, 0)?;
+        Ok(NewFile {
+            id,
+            path,
+            data: Some(data),
+            len: 0,
+        })
+    }
+
+    /// Makes a filled [`NewFile`] the local copy of `key` (replacing a previous one). Its size
+    /// is what was written into it. Nothing is durable until [`DirtyFiles::persist`].
+    pub fn install(
+        &self,
+        key: &str,
+        mut file: NewFile,
+        attr: DirtyAttr,
+        base_etag: Option<String>,
+    ) -> DirtyAttr {
         let attr = DirtyAttr {
-            size: initial.len() as u64,
+            size: file.len,
             ..attr
         };
+        let data = file.data.take().expect("a NewFile is installed once");
         let old = self.files().insert(
             key.to_owned(),
             DirtyFile {
-                id,
+                id: file.id,
                 attr: attr.clone(),
                 base_etag,
                 data: Arc::new(data),
@@ -201,7 +238,20 @@ impl DirtyFiles {
         if let Some(old) = old {
             self.discard(old.id);
         }
-        Ok(attr)
+        attr
+    }
+
+    /// Starts a local copy of `key` holding `initial`.
+    pub fn create(
+        &self,
+        key: &str,
+        attr: DirtyAttr,
+        base_etag: Option<String>,
+        initial: &[u8],
+    ) -> io::Result<DirtyAttr> {
+        let mut file = self.new_file()?;
+        file.write_at(initial, 0)?;
+        Ok(self.install(key, file, attr, base_etag))
     }
 
     pub fn attr(&self, key: &str) -> Option<DirtyAttr> {
