@@ -519,4 +519,7 @@ fn editing_an_object_larger_than_one_copy_piece() {
     want.extend_from_slice(b"tail");
     assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&want));
     s.wait_for_object(&bucket, "big.bin", &sha256(&want));
+    // Read back from S3 once the local copy is gone (after the attribute TTL).
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&want));
 }
