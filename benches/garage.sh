@@ -26,9 +26,17 @@ api_bind_addr = "127.0.0.1:$port_s3"
 root_domain = ".s3.garage.localhost"
 TOML
 g() { garage -c "$dir/garage.toml" "$@"; }
-g server >"$dir/server.log" 2>&1 &
+# Started directly, not through g(): a backgrounded function is a subshell, and its pid is
+# not garage's.
+garage -c "$dir/garage.toml" server >"$dir/server.log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
+stop() {
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap stop EXIT INT TERM
 for _ in $(seq 1 100); do g status >/dev/null 2>&1 && break; sleep 0.2; done
 node=$(g node id -q 2>/dev/null | cut -d@ -f1)
 g layout assign -z dc1 -c 100G "$node" >/dev/null
