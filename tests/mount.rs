@@ -100,6 +100,7 @@ fn bad_credentials() {
 /// returns the error text.
 fn mount_unreachable(endpoint: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
     let start = Instant::now();
     let out = Command::new(keepfs_bin())
         .args(["mount", "s3://some-bucket"])
@@ -111,6 +112,8 @@ fn mount_unreachable(endpoint: &str) -> String {
             "--connect-timeout",
             "1",
         ])
+        .arg("--cache-dir")
+        .arg(cache.path())
         .envs(server().env())
         .output()
         .unwrap();
