@@ -71,9 +71,39 @@ impl S3Store {
         }
     }
 
-    /// The SDK client, for tools (benchmarks) that need the raw baseline.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// CopyObject `from` → `to`; with `metadata`, the copy gets it instead of the source's.
+    async fn copy(
+        &self,
+        from: &str,
+        to: &str,
+        metadata: Option<&HashMap<String, String>>,
+    ) -> Result<String, StoreError> {
+        let mut req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(to)
+            .copy_source(format!("{}/{}", self.bucket, percent_encode(from)));
+        if let Some(metadata) = metadata {
+            req = req
+                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                .set_metadata(Some(metadata.clone()));
+        }
+        let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
+        Ok(out
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_owned())
+    }
+}
+
+/// The `If-None-Match` and `If-Match` headers a precondition puts on a write.
+fn condition_headers(precondition: &Precondition) -> (Option<String>, Option<String>) {
+    match precondition {
+        Precondition::None => (None, None),
+        Precondition::Absent => (Some("*".to_owned()), None),
+        Precondition::Matches(etag) => (None, Some(etag.clone())),
     }
 }
 
@@ -262,19 +292,19 @@ impl ObjectStore for S3Store {
         metadata: &HashMap<String, String>,
         precondition: &Precondition,
     ) -> Result<String, StoreError> {
-        let mut req = self
+        let (if_none_match, if_match) = condition_headers(precondition);
+        let out = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .set_metadata(Some(metadata.clone()))
-            .body(ByteStream::from(body));
-        match precondition {
-            Precondition::None => {}
-            Precondition::Absent => req = req.if_none_match("*"),
-            Precondition::Matches(etag) => req = req.if_match(etag),
-        }
-        let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
+            .set_if_none_match(if_none_match)
+            .set_if_match(if_match)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 
@@ -329,7 +359,8 @@ impl ObjectStore for S3Store {
             .into_iter()
             .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
             .collect();
-        let mut req = self
+        let (if_none_match, if_match) = condition_headers(precondition);
+        let out = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
@@ -339,13 +370,12 @@ impl ObjectStore for S3Store {
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
                     .build(),
-            );
-        match precondition {
-            Precondition::None => {}
-            Precondition::Absent => req = req.if_none_match("*"),
-            Precondition::Matches(etag) => req = req.if_match(etag),
-        }
-        let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
+            )
+            .set_if_none_match(if_none_match)
+            .set_if_match(if_match)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 
@@ -366,20 +396,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn copy_object(&self, from: &str, to: &str) -> Result<String, StoreError> {
-        let out = self
-            .client
-            .copy_object()
-            .bucket(&self.bucket)
-            .key(to)
-            .copy_source(format!("{}/{}", self.bucket, percent_encode(from)))
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out
-            .copy_object_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_owned())
+        self.copy(from, to, None).await
     }
 
     async fn replace_metadata(
@@ -387,22 +404,7 @@ impl ObjectStore for S3Store {
         key: &str,
         metadata: &HashMap<String, String>,
     ) -> Result<String, StoreError> {
-        let out = self
-            .client
-            .copy_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .copy_source(format!("{}/{}", self.bucket, percent_encode(key)))
-            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-            .set_metadata(Some(metadata.clone()))
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out
-            .copy_object_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_owned())
+        self.copy(key, key, Some(metadata)).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
