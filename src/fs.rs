@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
@@ -66,6 +67,22 @@ fn errno(e: &FsError) -> Errno {
         _ => tracing::warn!(error = %e, "request failed"),
     }
     Errno::from_i32(e.errno())
+}
+
+/// Replies with a new directory entry (lookup, mkdir) or the error.
+fn reply_entry(reply: ReplyEntry, ttl: Duration, result: Result<Attr, FsError>) {
+    match result {
+        Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// Replies with attributes (getattr, setattr) or the error.
+fn reply_attr(reply: ReplyAttr, ttl: Duration, result: Result<Attr, FsError>) {
+    match result {
+        Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+        Err(e) => reply.error(errno(&e)),
+    }
 }
 
 /// Replies to a request that returns nothing but success or an error.
@@ -134,10 +151,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
-            match fs.namespace.lookup(parent.0, &name).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let result = fs.namespace.lookup(parent.0, &name).await;
+            reply_entry(reply, fs.ttl(), result);
         });
     }
 
@@ -147,10 +162,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.spawn(move |fs| async move {
-            match fs.namespace.getattr(ino.0).await {
-                Ok(attr) => reply.attr(&fs.ttl(), &file_attr(&attr)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let result = fs.namespace.getattr(ino.0).await;
+            reply_attr(reply, fs.ttl(), result);
         });
     }
 
@@ -289,10 +302,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             TimeOrNow::Now => std::time::SystemTime::now(),
         });
         self.spawn(move |fs| async move {
-            match fs.setattr(ino.0, mode, uid, gid, size, mtime).await {
-                Ok(attr) => reply.attr(&fs.ttl(), &file_attr(&attr)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let result = fs.setattr(ino.0, mode, uid, gid, size, mtime).await;
+            reply_attr(reply, fs.ttl(), result);
         });
     }
 
@@ -335,10 +346,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     ) {
         let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
         self.spawn(move |fs| async move {
-            match fs.mkdir(uid, gid, parent.0, &name, mode & !umask).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &file_attr(&attr), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let result = fs.mkdir(uid, gid, parent.0, &name, mode & !umask).await;
+            reply_entry(reply, fs.ttl(), result);
         });
     }
 

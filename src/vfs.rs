@@ -164,12 +164,14 @@ impl<S: ObjectStore> Vfs<S> {
             }
             None => self.make_dirty(ino, truncate).await?,
         };
+        let data = dirty.data(&key)?;
         dirty.add_writer(&key)?;
-        let fh = self.local_handle(key.clone(), true);
-        if fh.is_err() && dirty.remove_writer(&key) {
-            self.writes()?.uploader.enqueue(&key);
-        }
-        Ok((fh?, FopenFlags::empty()))
+        let fh = self.insert_handle(Handle::Local {
+            key,
+            writer: true,
+            data,
+        });
+        Ok((fh, FopenFlags::empty()))
     }
 
     /// Turns clean object `ino` into a dirty file: its current content (unless `empty`) and
