@@ -181,6 +181,7 @@ impl InodeTable {
     }
 
     /// Number of live nodes (root included).
+    #[cfg(test)]
     pub fn live_count(&self) -> usize {
         self.nodes.len()
     }

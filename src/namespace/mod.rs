@@ -352,11 +352,6 @@ impl<S: ObjectStore> Namespace<S> {
         self.table().forget(ino, n);
     }
 
-    /// Number of inodes the kernel currently references (root included).
-    pub fn live_inodes(&self) -> usize {
-        self.table().live_count()
-    }
-
     /// A fresh, complete listing of directory `ino`, sorted by name. Nothing is registered:
     /// call [`Namespace::remember`] for each entry handed to the kernel with attributes.
     pub async fn list(&self, ino: u64) -> Result<Vec<Listed>, FsError> {
