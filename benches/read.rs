@@ -19,9 +19,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use common::{KeepfsMount, Target, env_or, pattern, target};
+use common::{KeepfsMount, Target, env_or, multipart_upload, pattern, target};
 
 const RAW_PART: u64 = 8 << 20;
 const RAW_CONCURRENCY: usize = 16;
@@ -286,49 +284,8 @@ async fn ensure_object(t: &Target, key: &str, size: u64, seed: u64) {
         return;
     }
     println!("uploading {key} ({} MiB)", size >> 20);
-    let part = 64u64 << 20;
-    let up = t
-        .client
-        .create_multipart_upload()
-        .bucket(&t.bucket)
-        .key(key)
-        .send()
-        .await
-        .unwrap();
-    let id = up.upload_id().unwrap().to_owned();
-    let mut parts = Vec::new();
-    for (n, start) in (0..size).step_by(part as usize).enumerate() {
-        let len = part.min(size - start) as usize;
-        let data = pattern(len, seed * 100_000 + n as u64);
-        let out = t
-            .client
-            .upload_part()
-            .bucket(&t.bucket)
-            .key(key)
-            .upload_id(&id)
-            .part_number(n as i32 + 1)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .unwrap();
-        parts.push(
-            CompletedPart::builder()
-                .part_number(n as i32 + 1)
-                .set_e_tag(out.e_tag().map(String::from))
-                .build(),
-        );
-    }
-    t.client
-        .complete_multipart_upload()
-        .bucket(&t.bucket)
-        .key(key)
-        .upload_id(&id)
-        .multipart_upload(
-            CompletedMultipartUpload::builder()
-                .set_parts(Some(parts))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    multipart_upload(t, key, size as usize, 64 << 20, 1, |n, len| {
+        pattern(len, seed * 100_000 + n as u64)
+    })
+    .await;
 }

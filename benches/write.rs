@@ -15,9 +15,7 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use common::{KeepfsMount, Target, env_or, pattern, target};
+use common::{KeepfsMount, Target, env_or, multipart_upload, pattern, target};
 
 const PART: usize = 8 << 20;
 const CONCURRENCY: usize = 16;
@@ -81,7 +79,14 @@ fn main() {
 
         let raw_key = format!("{key}-raw");
         let start = Instant::now();
-        rt.block_on(raw_upload(&t, &raw_key, &data));
+        rt.block_on(multipart_upload(
+            &t,
+            &raw_key,
+            size,
+            PART,
+            CONCURRENCY,
+            |n, len| data[n * PART..n * PART + len].to_vec(),
+        ));
         record(
             "raw SDK multipart upload (MB/s)",
             mb / start.elapsed().as_secs_f64(),
@@ -141,62 +146,4 @@ fn wait_uploaded(rt: &tokio::runtime::Runtime, t: &Target, key: &str, size: usiz
         assert!(Instant::now() < deadline, "{key} not uploaded in time");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-async fn raw_upload(t: &Target, key: &str, data: &[u8]) {
-    let up = t
-        .client
-        .create_multipart_upload()
-        .bucket(&t.bucket)
-        .key(key)
-        .send()
-        .await
-        .unwrap();
-    let id = up.upload_id().unwrap().to_owned();
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    let mut handles = Vec::new();
-    for (i, chunk) in data.chunks(PART).enumerate() {
-        let permit = sem.clone().acquire_owned().await.unwrap();
-        let (client, bucket, key, id) = (
-            t.client.clone(),
-            t.bucket.clone(),
-            key.to_owned(),
-            id.clone(),
-        );
-        let body = ByteStream::from(chunk.to_vec());
-        handles.push(tokio::spawn(async move {
-            let out = client
-                .upload_part()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(id)
-                .part_number(i as i32 + 1)
-                .body(body)
-                .send()
-                .await
-                .expect("raw part");
-            drop(permit);
-            CompletedPart::builder()
-                .part_number(i as i32 + 1)
-                .set_e_tag(out.e_tag().map(String::from))
-                .build()
-        }));
-    }
-    let mut parts = Vec::new();
-    for h in handles {
-        parts.push(h.await.unwrap());
-    }
-    t.client
-        .complete_multipart_upload()
-        .bucket(&t.bucket)
-        .key(key)
-        .upload_id(&id)
-        .multipart_upload(
-            CompletedMultipartUpload::builder()
-                .set_parts(Some(parts))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
 }

@@ -14,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 pub struct Target {
     pub endpoint: String,
@@ -141,4 +143,64 @@ impl Drop for KeepfsMount {
         let _ = std::fs::remove_dir(&self.dir);
         let _ = std::fs::remove_dir_all(format!("{}.cache", self.dir.display()));
     }
+}
+
+/// Uploads `size` bytes to `key` as a multipart upload of `part`-byte parts, `concurrency` in
+/// flight; `part_data(n, len)` makes the bytes of part `n` (0-based) when it is sent.
+pub async fn multipart_upload(
+    t: &Target,
+    key: &str,
+    size: usize,
+    part: usize,
+    concurrency: usize,
+    part_data: impl Fn(usize, usize) -> Vec<u8>,
+) {
+    use futures_util::stream::{self, StreamExt};
+    let up = t
+        .client
+        .create_multipart_upload()
+        .bucket(&t.bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("create multipart upload");
+    let id = up.upload_id().expect("upload id").to_owned();
+    let part_data = &part_data;
+    let id_ref = &id;
+    let mut parts: Vec<CompletedPart> = stream::iter(0..size.div_ceil(part))
+        .map(|n| async move {
+            let len = part.min(size - n * part);
+            let out = t
+                .client
+                .upload_part()
+                .bucket(&t.bucket)
+                .key(key)
+                .upload_id(id_ref)
+                .part_number(n as i32 + 1)
+                .body(ByteStream::from(part_data(n, len)))
+                .send()
+                .await
+                .expect("upload part");
+            CompletedPart::builder()
+                .part_number(n as i32 + 1)
+                .set_e_tag(out.e_tag().map(String::from))
+                .build()
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    parts.sort_by_key(|p| p.part_number());
+    t.client
+        .complete_multipart_upload()
+        .bucket(&t.bucket)
+        .key(key)
+        .upload_id(&id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("complete multipart upload");
 }
