@@ -24,7 +24,6 @@ use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::ObjectStore;
 use crate::vfs::{BufferPool, Handle, Vfs, Writes, lock};
 use crate::write::DirtyAttr;
-use crate::write::dirty::read_local;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO_SIZE: u32 = 1024 * 1024;
@@ -430,11 +429,21 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         tracing::trace!(fh = fh.0, offset, size, "read");
         let reader = match lock(&self.inner.files).get(&fh.0) {
             Some(Handle::Remote(reader)) => reader.clone(),
-            Some(Handle::Local { data, .. }) => {
-                return match read_local(data, offset, size).map_err(FsError::from) {
-                    Ok(data) => reply.data(&data),
-                    Err(e) => reply.error(errno(&e)),
-                };
+            Some(Handle::Local { key, data, .. }) => {
+                let end = offset + u64::from(size);
+                if data.missing(offset..end).is_empty() {
+                    return match data.read(offset, u64::from(size)) {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(errno(&FsError::from(e))),
+                    };
+                }
+                let (key, data) = (key.clone(), data.clone());
+                return self.spawn(move |fs| async move {
+                    match fs.read_local(&key, &data, offset, size).await {
+                        Ok(bytes) => reply.data(&bytes),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
             }
             None => return reply.error(Errno::EBADF),
         };

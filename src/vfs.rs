@@ -14,7 +14,8 @@ use crate::error::FsError;
 use crate::namespace::{Attr, Listed, Namespace, NodeKind};
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::{ObjectStore, Precondition};
-use crate::write::{DirtyAttr, DirtyFiles, Uploader};
+use crate::write::local::fetch_missing;
+use crate::write::{DirtyAttr, DirtyFiles, LocalData, Uploader};
 
 /// Symlink targets longer than this are refused (Linux PATH_MAX).
 const MAX_SYMLINK_TARGET: u32 = 4096;
@@ -55,7 +56,7 @@ pub(crate) enum Handle<S> {
     Local {
         key: String,
         writer: bool,
-        data: Arc<std::fs::File>,
+        data: Arc<LocalData>,
     },
 }
 
@@ -141,8 +142,12 @@ impl<S: ObjectStore> Vfs<S> {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         if !write && !truncate {
-            if let Some(key) = self.namespace.dirty_key(ino) {
-                return Ok((self.local_handle(key, false)?, FopenFlags::empty()));
+            // The local copy may be dropped between these two steps (its upload finished);
+            // then S3 has the content.
+            if let Some(key) = self.namespace.dirty_key(ino)
+                && let Ok(fh) = self.local_handle(key, false)
+            {
+                return Ok((fh, FopenFlags::empty()));
             }
             let (reader, keep_cache) = self.open_reader(ino).await?;
             let fh = self.insert_handle(Handle::Remote(Arc::new(reader)));
@@ -174,28 +179,12 @@ impl<S: ObjectStore> Vfs<S> {
         Ok((fh, FopenFlags::empty()))
     }
 
-    /// Turns clean object `ino` into a dirty file: its current content (unless `empty`) and
-    /// attributes, based on the version S3 holds now.
+    /// Turns clean object `ino` into a dirty file with its attributes, based on the version S3
+    /// holds now. Nothing is downloaded: the content (unless `empty`) is fetched on first touch.
     pub(crate) async fn make_dirty(&self, ino: u64, empty: bool) -> Result<String, FsError> {
         let attr = self.namespace.getattr(ino).await?;
-        let (reader, _) = self.open_reader(ino).await?;
-        let object = reader.object().clone();
+        let opened = self.namespace.open(ino).await?;
         let dirty = &self.writes()?.dirty;
-        // Copied in pieces, straight into the new data file: memory stays bounded whatever the
-        // object's size. The copy becomes visible only once complete.
-        let mut file = dirty.new_file()?;
-        if !empty {
-            const PIECE: u32 = 8 << 20;
-            let mut offset = 0;
-            while offset < object.size {
-                let piece = reader.read(offset, PIECE).await?;
-                if piece.is_empty() {
-                    break;
-                }
-                file.write_at(&piece, offset)?;
-                offset += piece.len() as u64;
-            }
-        }
         let dirty_attr = DirtyAttr {
             size: 0,
             mode: libc::S_IFREG | u32::from(attr.perm),
@@ -207,10 +196,53 @@ impl<S: ObjectStore> Vfs<S> {
                 attr.mtime
             },
         };
-        let key = object.key.to_string();
-        let created = dirty.install(&key, file, dirty_attr, Some(object.etag.to_string()));
+        let key = opened.key;
+        let created = if empty {
+            dirty.create(&key, dirty_attr, Some(opened.etag), &[])?
+        } else {
+            dirty.edit(&key, dirty_attr, opened.etag, opened.size)?
+        };
         self.namespace.refresh_dirty(ino, &created);
         Ok(key)
+    }
+
+    /// Reads a dirty file through handle data `data` of `key`, fetching bytes that are still
+    /// the base object's first.
+    pub(crate) async fn read_local(
+        &self,
+        key: &str,
+        data: &Arc<LocalData>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let end = offset + u64::from(size);
+        if !data.missing(offset..end).is_empty() {
+            // Whole MiBs, so a sequential reader of an edited file makes few requests.
+            const ROUND: u64 = 1 << 20;
+            let wide = offset / ROUND * ROUND..end.div_ceil(ROUND) * ROUND;
+            let etag = data
+                .base_etag()
+                .ok_or_else(|| FsError::Local(format!("{key}: base object unknown"), None))?;
+            fetch_missing(&*self.store, key, &etag, data, wide)
+                .await
+                .map_err(|e| FsError::store(key, e))?;
+        }
+        Ok(data.read(offset, u64::from(size))?)
+    }
+
+    /// Fetches everything of `key`'s local copy that is still the base object's.
+    async fn complete_local(&self, key: &str) -> Result<(), FsError> {
+        let dirty = &self.writes()?.dirty;
+        let Ok(data) = dirty.data(key) else {
+            return Ok(());
+        };
+        let Some(etag) = data.base_etag() else {
+            return Ok(());
+        };
+        fetch_missing(&*self.store, key, &etag, &data, 0..u64::MAX)
+            .await
+            .map_err(|e| FsError::store(key, e))?;
+        Ok(())
     }
 
     /// Makes `key` durable on the cache disk (close, fsync), off the async workers.
@@ -366,6 +398,8 @@ impl<S: ObjectStore> Vfs<S> {
         if old_key == new_key {
             return Ok(());
         }
+        // The base object of an edited file is at the old key, which goes away.
+        self.complete_local(&old_key).await?;
         match self.namespace.lookup(new_parent, new_name).await {
             Ok(target) => {
                 self.namespace.forget(target.ino, 1);

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use super::CacheDir;
+use crate::write::local::Coverage;
 
 /// Version of the record encoding, stored in every record.
 pub const RECORD_VERSION: u32 = 1;
@@ -40,6 +41,9 @@ pub struct FileRecord {
     pub mtime_ns: i128,
     /// ETag of the object the local copy started from (`None` for a new file).
     pub base_etag: Option<String>,
+    /// Which bytes the data file holds (absent in records of complete files).
+    #[serde(default)]
+    pub coverage: Coverage,
     pub state: RecordState,
 }
 
@@ -167,6 +171,7 @@ mod tests {
             gid: 2,
             mtime_ns: 1_700_000_000_123_456_789,
             base_etag: Some("\"abc\"".into()),
+            coverage: Coverage::default(),
             state: RecordState::Dirty,
         }
     }

@@ -142,6 +142,21 @@ pub trait ObjectStore: Send + Sync + 'static {
         body: Bytes,
     ) -> impl Future<Output = Result<String, StoreError>> + Send;
 
+    /// Uploads part `number` of an upload as a server-side copy of bytes `start..end` of
+    /// `source`, only if `source` is still version `source_etag` (a changed source is
+    /// [`StoreError::PreconditionFailed`]). Returns the part's ETag.
+    #[allow(clippy::too_many_arguments)]
+    fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &str,
+        source_etag: &str,
+        start: u64,
+        end: u64,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+
     /// Completes an upload from `(number, etag)` parts in order, subject to `precondition`.
     /// Only now does the object change: readers see the old or the new version, never a mix.
     fn complete_multipart(

@@ -348,6 +348,36 @@ impl ObjectStore for S3Store {
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &str,
+        source_etag: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .copy_source(format!("{}/{}", self.bucket, percent_encode(source)))
+            .copy_source_if_match(source_etag)
+            .copy_source_range(format!("bytes={start}-{}", end - 1))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(out
+            .copy_part_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_owned())
+    }
+
     async fn complete_multipart(
         &self,
         key: &str,

@@ -5,35 +5,17 @@
 //! whose close or fsync returned is found again with exactly the bytes it had then.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use super::local::{Coverage, LocalData};
 use crate::cache::CacheDir;
 use crate::cache::journal::{FileRecord, Journal, RECORD_VERSION, RecordState};
-
-/// Reads up to `len` bytes at `offset` of a local data file (its length is the file's size).
-pub fn read_local(data: &File, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-    let size = data.metadata()?.len();
-    if offset >= size {
-        return Ok(Vec::new());
-    }
-    let len = u64::from(len).min(size - offset) as usize;
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match data.read_at(&mut buf[done..], offset + done as u64)? {
-            0 => break,
-            n => done += n,
-        }
-    }
-    buf.truncate(done);
-    Ok(buf)
-}
 
 /// What `stat` shows for a dirty file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,38 +31,12 @@ pub struct DirtyAttr {
 struct DirtyFile {
     id: u64,
     attr: DirtyAttr,
-    base_etag: Option<String>,
-    data: Arc<File>,
+    /// Holds the bytes and the base version (see [`LocalData::base_etag`]).
+    data: Arc<LocalData>,
     /// Open handles that may write; uploads wait until none remain.
     writers: u32,
     /// Bumped on every change, so an upload that raced with a change is not taken as current.
     generation: u64,
-}
-
-/// A data file being filled before it becomes a local copy (see [`DirtyFiles::new_file`]).
-pub struct NewFile {
-    id: u64,
-    path: PathBuf,
-    data: Option<File>,
-    len: u64,
-}
-
-impl NewFile {
-    pub fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(data) = &self.data {
-            data.write_all_at(bytes, offset)?;
-            self.len = self.len.max(offset + bytes.len() as u64);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for NewFile {
-    fn drop(&mut self) {
-        if self.data.is_some() {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
 }
 
 /// A consistent view of one dirty file for the uploader.
@@ -90,7 +46,7 @@ pub struct UploadSnapshot {
     id: u64,
     pub attr: DirtyAttr,
     pub base_etag: Option<String>,
-    pub data: Arc<File>,
+    pub data: Arc<LocalData>,
     pub generation: u64,
 }
 
@@ -148,6 +104,7 @@ impl DirtyFiles {
             // The record is written after the data is synced, so the data holds at least
             // `size` bytes; anything beyond was written after the last close and is dropped.
             data.set_len(record.size)?;
+            let data = LocalData::new(data, record.coverage, record.base_etag);
             let attr = DirtyAttr {
                 size: record.size,
                 mode: record.mode,
@@ -160,7 +117,6 @@ impl DirtyFiles {
                 DirtyFile {
                     id: record.id,
                     attr,
-                    base_etag: record.base_etag,
                     data: Arc::new(data),
                     writers: 0,
                     generation: 0,
@@ -191,45 +147,62 @@ impl DirtyFiles {
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a data file for a new local copy; fill it, then [`DirtyFiles::install`] it. A
-    /// `NewFile` dropped without being installed deletes its data file.
-    pub fn new_file(&self) -> io::Result<NewFile> {
+    /// Starts a local copy of `key` (replacing a previous one) holding `initial`, as a change
+    /// to nothing: a new file, or an object opened with `O_TRUNC`. Nothing is durable until
+    /// [`DirtyFiles::persist`].
+    pub fn create(
+        &self,
+        key: &str,
+        attr: DirtyAttr,
+        base_etag: Option<String>,
+        initial: &[u8],
+    ) -> io::Result<DirtyAttr> {
+        let data = self.new_data(Coverage::default(), base_etag, 0)?;
+        data.1.write_at(initial, 0)?;
+        let attr = DirtyAttr {
+            size: initial.len() as u64,
+            ..attr
+        };
+        Ok(self.install(key, data, attr))
+    }
+
+    /// Starts a local copy of `key` that edits base object version `base_etag` of `size`
+    /// bytes without downloading it: its bytes are fetched on first touch.
+    pub fn edit(
+        &self,
+        key: &str,
+        attr: DirtyAttr,
+        base_etag: String,
+        size: u64,
+    ) -> io::Result<DirtyAttr> {
+        let data = self.new_data(Coverage::of_base(size), Some(base_etag), size)?;
+        let attr = DirtyAttr { size, ..attr };
+        Ok(self.install(key, data, attr))
+    }
+
+    fn new_data(
+        &self,
+        coverage: Coverage,
+        base_etag: Option<String>,
+        size: u64,
+    ) -> io::Result<(u64, LocalData)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let path = self.data_dir.join(format!("{id:016x}"));
-        let data = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)?;
-        Ok(NewFile {
-            id,
-            path,
-            data: Some(data),
-            len: 0,
-        })
+            .open(self.data_dir.join(format!("{id:016x}")))?;
+        file.set_len(size)?;
+        Ok((id, LocalData::new(file, coverage, base_etag)))
     }
 
-    /// Makes a filled [`NewFile`] the local copy of `key` (replacing a previous one). Its size
-    /// is what was written into it. Nothing is durable until [`DirtyFiles::persist`].
-    pub fn install(
-        &self,
-        key: &str,
-        mut file: NewFile,
-        attr: DirtyAttr,
-        base_etag: Option<String>,
-    ) -> DirtyAttr {
-        let attr = DirtyAttr {
-            size: file.len,
-            ..attr
-        };
-        let data = file.data.take().expect("a NewFile is installed once");
+    fn install(&self, key: &str, (id, data): (u64, LocalData), attr: DirtyAttr) -> DirtyAttr {
         let old = self.files().insert(
             key.to_owned(),
             DirtyFile {
-                id: file.id,
+                id,
                 attr: attr.clone(),
-                base_etag,
                 data: Arc::new(data),
                 writers: 0,
                 generation: 1,
@@ -239,19 +212,6 @@ impl DirtyFiles {
             self.discard(old.id);
         }
         attr
-    }
-
-    /// Starts a local copy of `key` holding `initial`.
-    pub fn create(
-        &self,
-        key: &str,
-        attr: DirtyAttr,
-        base_etag: Option<String>,
-        initial: &[u8],
-    ) -> io::Result<DirtyAttr> {
-        let mut file = self.new_file()?;
-        file.write_at(initial, 0)?;
-        Ok(self.install(key, file, attr, base_etag))
     }
 
     pub fn attr(&self, key: &str) -> Option<DirtyAttr> {
@@ -281,14 +241,20 @@ impl DirtyFiles {
 
     /// The data file of `key`. Handles keep it open, so a file read while its upload finishes
     /// (and the local copy is dropped) or after an unlink still reads its bytes.
-    pub fn data(&self, key: &str) -> io::Result<Arc<File>> {
+    pub fn data(&self, key: &str) -> io::Result<Arc<LocalData>> {
         self.with_file(key, |f| Ok(f.data.clone()))
     }
 
     /// Writes through an open handle's data file and updates the attributes, if that file is
     /// still `key`'s local copy (an unlinked file keeps taking writes, like on a local disk).
-    pub fn write(&self, key: &str, data: &Arc<File>, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        data.write_all_at(bytes, offset)?;
+    pub fn write(
+        &self,
+        key: &str,
+        data: &Arc<LocalData>,
+        offset: u64,
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        data.write_at(bytes, offset)?;
         let mut files = self.files();
         if let Some(f) = files.get_mut(key).filter(|f| Arc::ptr_eq(&f.data, data)) {
             f.attr.size = f.attr.size.max(offset + bytes.len() as u64);
@@ -327,7 +293,7 @@ impl DirtyFiles {
 
     /// Makes the file's current content and attributes durable on the cache disk.
     pub fn persist(&self, key: &str) -> io::Result<()> {
-        let (data, record) = self.with_file(key, |f| {
+        let (data, mut record) = self.with_file(key, |f| {
             Ok((
                 f.data.clone(),
                 FileRecord {
@@ -339,12 +305,13 @@ impl DirtyFiles {
                     uid: f.attr.uid,
                     gid: f.attr.gid,
                     mtime_ns: to_ns(f.attr.mtime),
-                    base_etag: f.base_etag.clone(),
+                    base_etag: f.data.base_etag(),
+                    coverage: Coverage::default(),
                     state: RecordState::Dirty,
                 },
             ))
         })?;
-        data.sync_all()?;
+        record.coverage = data.sync()?;
         self.journal.put(&record)
     }
 
@@ -372,7 +339,7 @@ impl DirtyFiles {
             key: key.to_owned(),
             id: f.id,
             attr: f.attr.clone(),
-            base_etag: f.base_etag.clone(),
+            base_etag: f.data.base_etag(),
             data: f.data.clone(),
             generation: f.generation,
         })
@@ -387,7 +354,7 @@ impl DirtyFiles {
                 // Unlinked and created anew meanwhile: the new file has its own upload.
                 Some(f) if f.id != snapshot.id => return UploadOutcome::Changed,
                 Some(f) => {
-                    f.base_etag = Some(etag.to_owned());
+                    f.data.set_base_etag(Some(etag.to_owned()));
                     if f.generation != snapshot.generation || f.writers > 0 {
                         return UploadOutcome::Changed;
                     }
@@ -410,8 +377,17 @@ impl DirtyFiles {
             let Some(mut file) = files.remove(from) else {
                 return Ok(false);
             };
+            // The base object stays at the old key (and is deleted): nothing may still be
+            // needed from it.
+            if !file.data.coverage().complete() {
+                files.insert(from.to_owned(), file);
+                return Err(io::Error::other(
+                    "local copy is not complete; fetch it before renaming",
+                ));
+            }
+            file.data.detach_from_base();
             file.generation += 1;
-            file.base_etag = base_etag;
+            file.data.set_base_etag(base_etag);
             files.insert(to.to_owned(), file)
         };
         if let Some(old) = replaced {
@@ -503,7 +479,7 @@ mod tests {
         let (dirty, pending) = DirtyFiles::open(&cache).unwrap();
         assert_eq!(pending, vec!["kept".to_string()]);
         let data = dirty.data("kept").unwrap();
-        assert_eq!(read_local(&data, 0, 100).unwrap(), b"hello");
+        assert_eq!(data.read(0, 100).unwrap(), b"hello");
         assert_eq!(dirty.attr("kept").unwrap().mode, libc::S_IFREG | 0o644);
         assert!(dirty.attr("never-closed").is_none());
         let files = std::fs::read_dir(cache.data_dir()).unwrap().count();

@@ -1,7 +1,9 @@
 //! Writing: dirty files in the cache directory, and their upload to S3.
 
 pub mod dirty;
+pub mod local;
 pub mod upload;
 
 pub use dirty::{DirtyAttr, DirtyFiles};
+pub use local::{Coverage, LocalData};
 pub use upload::{UploadConfig, Uploader};

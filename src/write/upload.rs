@@ -5,7 +5,6 @@
 //! Only a completed upload replaces the object, so S3 readers see the old or the new version.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::dirty::{DirtyFiles, UploadOutcome, UploadSnapshot};
+use super::local::fetch_missing;
 use crate::store::{ObjectStore, Precondition, StoreError};
 
 /// Upload tuning.
@@ -164,12 +164,43 @@ async fn upload_until_done<S: ObjectStore>(
     }
 }
 
-fn read_range(snapshot: &UploadSnapshot, start: u64, len: u64) -> Result<Bytes, StoreError> {
-    let mut buf = vec![0u8; len as usize];
-    snapshot
+/// Where the bytes of an upload come from besides the local copy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// The base version is still in S3: unchanged ranges are copied or fetched from it.
+    Usable,
+    /// The base version is gone (a conflict): only the local copy is used.
+    Gone,
+}
+
+/// Bytes `start..start + len` of the local copy, first fetching what is still the base's.
+async fn read_range<S: ObjectStore>(
+    store: &S,
+    snapshot: &UploadSnapshot,
+    base: Base,
+    start: u64,
+    len: u64,
+) -> Result<Bytes, StoreError> {
+    if let (Base::Usable, Some(etag)) = (base, &snapshot.base_etag) {
+        fetch_missing(
+            store,
+            &snapshot.key,
+            etag,
+            &snapshot.data,
+            start..start + len,
+        )
+        .await?;
+    }
+    let buf = snapshot
         .data
-        .read_exact_at(&mut buf, start)
+        .read(start, len)
         .map_err(|e| StoreError::Other(format!("reading local copy of {}: {e}", snapshot.key)))?;
+    if buf.len() as u64 != len {
+        return Err(StoreError::Other(format!(
+            "local copy of {} is shorter than its size (changed during the upload)",
+            snapshot.key
+        )));
+    }
     Ok(Bytes::from(buf))
 }
 
@@ -222,6 +253,7 @@ async fn upload_once<S: ObjectStore>(
         snapshot,
         &snapshot.key,
         &precondition(snapshot),
+        Base::Usable,
         config,
     )
     .await
@@ -233,6 +265,7 @@ async fn upload_to<S: ObjectStore>(
     snapshot: &UploadSnapshot,
     key: &str,
     condition: &Precondition,
+    base: Base,
     config: UploadConfig,
 ) -> Result<String, UploadError> {
     let size = snapshot.attr.size;
@@ -240,14 +273,18 @@ async fn upload_to<S: ObjectStore>(
     let part = part_size_for(size, config.part_size);
     let guarded = *condition != Precondition::None;
     if size <= part {
-        let body = read_range(snapshot, 0, size)?;
+        let body = read_range(store, snapshot, base, 0, size).await?;
         if guarded {
             check_base(store, snapshot).await?;
         }
         return Ok(store.put_object(key, body, &meta, condition).await?);
     }
     let upload_id = store.create_multipart(key, &meta).await?;
-    let parts = upload_parts(store, snapshot, key, &upload_id, part, config.concurrency).await;
+    let target = Target {
+        key,
+        upload_id: &upload_id,
+    };
+    let parts = upload_parts(store, snapshot, &target, base, part, config.concurrency).await;
     let committed = match parts {
         Ok(parts) => {
             let checked = if guarded {
@@ -263,7 +300,7 @@ async fn upload_to<S: ObjectStore>(
                 Err(e) => Err(e),
             }
         }
-        Err(e) => Err(UploadError::from(e)),
+        Err(e) => Err(e),
     };
     if committed.is_err()
         && let Err(abort) = store.abort_multipart(key, &upload_id).await
@@ -285,7 +322,22 @@ async fn upload_conflict_copy<S: ObjectStore>(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let copy = format!("{}.keepfs-conflict-{secs}", snapshot.key);
-    let etag = upload_to(store, snapshot, &copy, &Precondition::None, config).await?;
+    if !snapshot.data.coverage().complete() {
+        tracing::error!(
+            key = snapshot.key,
+            conflict_copy = copy,
+            "conflict: parts of the original object this file was edited from were never read and are gone from S3; they are zeros in the conflict copy"
+        );
+    }
+    let etag = upload_to(
+        store,
+        snapshot,
+        &copy,
+        &Precondition::None,
+        Base::Gone,
+        config,
+    )
+    .await?;
     CONFLICTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(
         key = snapshot.key,
@@ -303,24 +355,57 @@ pub fn conflicts() -> u64 {
     CONFLICTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The multipart upload parts go to.
+struct Target<'a> {
+    key: &'a str,
+    upload_id: &'a str,
+}
+
 async fn upload_parts<S: ObjectStore>(
     store: &S,
     snapshot: &UploadSnapshot,
-    key: &str,
-    upload_id: &str,
+    target: &Target<'_>,
+    base: Base,
     part: u64,
     concurrency: usize,
-) -> Result<Vec<(i32, String)>, StoreError> {
+) -> Result<Vec<(i32, String)>, UploadError> {
     use futures_util::stream::{self, StreamExt, TryStreamExt};
     let size = snapshot.attr.size;
     let count = size.div_ceil(part);
+    let coverage = snapshot.data.coverage();
     let mut parts: Vec<(i32, String)> = stream::iter(0..count)
-        .map(|i| async move {
-            let start = i * part;
-            let body = read_range(snapshot, start, part.min(size - start))?;
-            let number = i as i32 + 1;
-            let etag = store.upload_part(key, upload_id, number, body).await?;
-            Ok::<_, StoreError>((number, etag))
+        .map(|i| {
+            let coverage = &coverage;
+            async move {
+                let range = i * part..(i * part + part).min(size);
+                let number = i as i32 + 1;
+                let (Target { key, upload_id }, source) = (target, &snapshot.key);
+                let etag = match (&snapshot.base_etag, base) {
+                    // Untouched since it left S3: copied there, neither downloaded nor sent.
+                    (Some(etag), Base::Usable) if coverage.unchanged(&range) => store
+                        .upload_part_copy(
+                            key,
+                            upload_id,
+                            number,
+                            source,
+                            etag,
+                            range.start,
+                            range.end,
+                        )
+                        .await
+                        .map_err(|e| match e {
+                            StoreError::NotFound => UploadError::Conflict,
+                            e => UploadError::from(e),
+                        })?,
+                    _ => {
+                        let body =
+                            read_range(store, snapshot, base, range.start, range.end - range.start)
+                                .await?;
+                        store.upload_part(key, upload_id, number, body).await?
+                    }
+                };
+                Ok::<_, UploadError>((number, etag))
+            }
         })
         .buffer_unordered(concurrency.max(1))
         .try_collect()

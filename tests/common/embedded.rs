@@ -2,9 +2,47 @@
 //! Shared by the test harness and `examples/demo.rs`.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const ACCESS_KEY: &str = "keepfs-test";
 pub const SECRET_KEY: &str = "keepfs-test-secret";
+
+/// Bytes and requests the in-process server saw, for tests that check how much keepfs moved.
+#[derive(Default)]
+pub struct Traffic {
+    /// Body bytes of GET responses.
+    pub downloaded: AtomicU64,
+    /// Body bytes of PUT and POST requests that carry data (PutObject, UploadPart).
+    pub uploaded: AtomicU64,
+    /// Server-side copies (CopyObject, UploadPartCopy).
+    pub copies: AtomicU64,
+}
+
+impl Traffic {
+    /// (downloaded, uploaded, copies) so far.
+    #[allow(dead_code)] // used by tests, not by the demo that shares this file
+    pub fn now(&self) -> (u64, u64, u64) {
+        (
+            self.downloaded.load(Ordering::SeqCst),
+            self.uploaded.load(Ordering::SeqCst),
+            self.copies.load(Ordering::SeqCst),
+        )
+    }
+}
+
+pub static TRAFFIC: Traffic = Traffic {
+    downloaded: AtomicU64::new(0),
+    uploaded: AtomicU64::new(0),
+    copies: AtomicU64::new(0),
+};
+
+fn header_number(headers: &hyper::HeaderMap, name: &str) -> u64 {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
 
 /// Serves `root` (one subdirectory per bucket) on `runtime`; returns the endpoint URL.
 pub fn start_s3s_fs(root: &Path, runtime: &tokio::runtime::Runtime) -> String {
@@ -25,8 +63,35 @@ pub fn start_s3s_fs(root: &Path, runtime: &tokio::runtime::Runtime) -> String {
             let Ok((socket, _)) = listener.accept().await else {
                 continue;
             };
+            let service = service.clone();
+            let counted =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let method = req.method().clone();
+                    let headers = req.headers();
+                    if method == hyper::Method::PUT || method == hyper::Method::POST {
+                        if headers.contains_key("x-amz-copy-source") {
+                            TRAFFIC.copies.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            // Streaming-signed bodies carry their real length in a header.
+                            let len = match header_number(headers, "x-amz-decoded-content-length") {
+                                0 => header_number(headers, "content-length"),
+                                n => n,
+                            };
+                            TRAFFIC.uploaded.fetch_add(len, Ordering::SeqCst);
+                        }
+                    }
+                    let response = hyper::service::Service::call(&service, req);
+                    async move {
+                        let response = response.await?;
+                        if method == hyper::Method::GET {
+                            let len = header_number(response.headers(), "content-length");
+                            TRAFFIC.downloaded.fetch_add(len, Ordering::SeqCst);
+                        }
+                        Ok::<_, s3s::HttpError>(response)
+                    }
+                });
             let conn = http
-                .serve_connection(TokioIo::new(socket), service.clone())
+                .serve_connection(TokioIo::new(socket), counted)
                 .into_owned();
             tokio::spawn(async move {
                 let _ = conn.await;

@@ -54,6 +54,12 @@ impl TestServer {
     }
 }
 
+/// (downloaded, uploaded, copies) the in-process server has seen so far; `None` when the
+/// tests run against an external server.
+pub fn traffic() -> Option<(u64, u64, u64)> {
+    (server().kind == ServerKind::S3sFs).then(|| embedded::TRAFFIC.now())
+}
+
 /// One runtime for all harness I/O (seeding, in-process server).
 pub fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -200,19 +206,20 @@ impl TestServer {
         })
     }
 
+    /// HEAD of the object, or `None` if it does not exist.
+    fn head(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Option<aws_sdk_s3::operation::head_object::HeadObjectOutput> {
+        rt().block_on(self.client.head_object().bucket(bucket).key(key).send())
+            .ok()
+    }
+
     /// User metadata of the object, or `None` if it does not exist.
     pub fn metadata(&self, bucket: &str, key: &str) -> Option<HashMap<String, String>> {
-        rt().block_on(async {
-            let out = self
-                .client
-                .head_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .ok()?;
-            Some(out.metadata().cloned().unwrap_or_default())
-        })
+        self.head(bucket, key)
+            .map(|out| out.metadata().cloned().unwrap_or_default())
     }
 
     /// Waits (up to 60 s) until the object's sha256 is `sha`; panics with what it saw otherwise.
@@ -227,6 +234,24 @@ impl TestServer {
                 Instant::now() < deadline,
                 "{key}: S3 holds {got:?}, want {sha}"
             );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The object's ETag (HEAD), or `None` if it does not exist.
+    pub fn etag(&self, bucket: &str, key: &str) -> Option<String> {
+        self.head(bucket, key)?.e_tag().map(str::to_owned)
+    }
+
+    /// Waits (up to 60 s, with HEADs only) until the object's ETag is no longer `old`.
+    pub fn wait_for_etag_change(&self, bucket: &str, key: &str, old: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = self.etag(bucket, key);
+            if now.as_deref().is_some_and(|e| e != old) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{key}: still {now:?}");
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -1,0 +1,296 @@
+//! The bytes of a local copy: a data file in the cache directory that may be sparse.
+//!
+//! Opening an existing object for writing does not download it. The data file starts as a hole
+//! of the object's size and records which byte ranges it really holds: those written locally
+//! (`changed`) and those fetched from the base object on first touch (`present` covers both).
+//! Bytes below `base_len` that are not present are still the base object's and are fetched on
+//! demand; bytes at or above `base_len` that were never written are zeros (a truncated-away
+//! tail stays zero when the file grows again).
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+use rangemap::RangeSet;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{ObjectStore, StoreError};
+
+/// Which bytes of a local copy are where. Stored in the journal record with the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coverage {
+    /// Bytes `0..base_len` not in `present` are the base object's, at the same offsets.
+    #[serde(default)]
+    pub base_len: u64,
+    /// Ranges the data file holds (fetched or written).
+    #[serde(default)]
+    pub present: RangeSet<u64>,
+    /// Ranges written locally since the file left S3.
+    #[serde(default)]
+    pub changed: RangeSet<u64>,
+}
+
+impl Coverage {
+    /// A copy of a base object of `base_len` bytes of which nothing is local yet.
+    pub fn of_base(base_len: u64) -> Self {
+        Coverage {
+            base_len,
+            ..Coverage::default()
+        }
+    }
+
+    /// The ranges within `range` still to be fetched from the base object.
+    pub fn missing(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let range = range.start..range.end.min(self.base_len);
+        if range.is_empty() {
+            return Vec::new();
+        }
+        self.present.gaps(&range).collect()
+    }
+
+    /// Whether `range` is byte for byte the base object's, so an upload may copy it from there.
+    pub fn unchanged(&self, range: &Range<u64>) -> bool {
+        range.end <= self.base_len && !self.changed.overlaps(range)
+    }
+
+    /// Whether every byte is local (nothing left to fetch).
+    pub fn complete(&self) -> bool {
+        self.missing(0..self.base_len).is_empty()
+    }
+
+    fn cut(&mut self, size: u64) {
+        self.base_len = self.base_len.min(size);
+        if size < u64::MAX {
+            self.present.remove(size..u64::MAX);
+            self.changed.remove(size..u64::MAX);
+        }
+    }
+}
+
+/// A data file and its coverage, shared by the dirty-file table, open handles and uploads.
+/// Every change to the file's bytes happens under the coverage lock, so a fetch that lands
+/// late never overwrites a write made meanwhile.
+#[derive(Debug)]
+pub struct LocalData {
+    file: File,
+    coverage: Mutex<Coverage>,
+    /// The S3 version this copy is based on (missing bytes come from it; uploads are
+    /// conditional on it); `None` for a new file. Kept with the bytes so that a handle still
+    /// reads them after the dirty file is uploaded and dropped.
+    base_etag: Mutex<Option<String>>,
+}
+
+impl LocalData {
+    pub fn new(file: File, coverage: Coverage, base_etag: Option<String>) -> Self {
+        LocalData {
+            file,
+            coverage: Mutex::new(coverage),
+            base_etag: Mutex::new(base_etag),
+        }
+    }
+
+    pub fn base_etag(&self) -> Option<String> {
+        self.base_etag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sets the base version, e.g. to what an upload just made S3 hold: its bytes at the
+    /// missing ranges are the old base's.
+    pub fn set_base_etag(&self, etag: Option<String>) {
+        *self.base_etag.lock().unwrap_or_else(|e| e.into_inner()) = etag;
+    }
+
+    fn coverage_lock(&self) -> std::sync::MutexGuard<'_, Coverage> {
+        // Updates are plain set operations after the file I/O succeeded: poisoning can't
+        // leave them half-done.
+        self.coverage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn coverage(&self) -> Coverage {
+        self.coverage_lock().clone()
+    }
+
+    pub fn missing(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        self.coverage_lock().missing(range)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Writes `bytes` at `offset` (a local change).
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        let mut coverage = self.coverage_lock();
+        self.file.write_all_at(bytes, offset)?;
+        let range = offset..offset + bytes.len() as u64;
+        if !range.is_empty() {
+            coverage.present.insert(range.clone());
+            coverage.changed.insert(range);
+        }
+        Ok(())
+    }
+
+    /// Stores bytes fetched from the base object starting at `offset`, where they are still
+    /// missing (bytes written meanwhile win).
+    pub fn fill(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        let mut coverage = self.coverage_lock();
+        for gap in coverage.missing(offset..offset + bytes.len() as u64) {
+            let from = (gap.start - offset) as usize;
+            let to = (gap.end - offset) as usize;
+            self.file.write_all_at(&bytes[from..to], gap.start)?;
+            coverage.present.insert(gap);
+        }
+        Ok(())
+    }
+
+    /// Truncates or extends the file; a cut-off tail is not the base's any more.
+    pub fn set_len(&self, size: u64) -> io::Result<()> {
+        let mut coverage = self.coverage_lock();
+        self.file.set_len(size)?;
+        coverage.cut(size);
+        Ok(())
+    }
+
+    /// Forgets the base object: everything must be local (after [`LocalData::missing`] of
+    /// the whole file came back empty), e.g. before the file moves to another key.
+    pub fn detach_from_base(&self) {
+        let mut coverage = self.coverage_lock();
+        coverage.base_len = 0;
+        coverage.changed.clear();
+        coverage.present.clear();
+    }
+
+    /// Flushes the data file to disk and returns the coverage it holds: taken before the
+    /// flush, so every range it names is on disk when this returns.
+    pub fn sync(&self) -> io::Result<Coverage> {
+        let coverage = self.coverage();
+        self.file.sync_all()?;
+        Ok(coverage)
+    }
+
+    /// Reads up to `len` bytes at `offset` as the file holds them (the caller fetches missing
+    /// ranges first). The file's length is the copy's size.
+    pub fn read(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let size = self.size()?;
+        if offset >= size {
+            return Ok(Vec::new());
+        }
+        let len = len.min(size - offset) as usize;
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            match self.file.read_at(&mut buf[done..], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+}
+
+/// GETs issued to fill a local copy are at most this long.
+const FETCH_PIECE: u64 = 8 << 20;
+
+/// Fetches the bytes of `range` that `data` still lacks from base object `key` version
+/// `etag`. Returns how many bytes were fetched.
+pub async fn fetch_missing<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    etag: &str,
+    data: &LocalData,
+    range: Range<u64>,
+) -> Result<u64, StoreError> {
+    let mut fetched = 0;
+    for gap in data.missing(range) {
+        let mut start = gap.start;
+        while start < gap.end {
+            let end = (start + FETCH_PIECE).min(gap.end);
+            let mut buf = Vec::with_capacity((end - start) as usize);
+            store
+                .get_range(key, etag, start, end, &mut |chunk| {
+                    buf.extend_from_slice(&chunk)
+                })
+                .await?;
+            data.fill(&buf, start)
+                .map_err(|e| StoreError::Other(format!("writing local copy of {key}: {e}")))?;
+            fetched += end - start;
+            start = end;
+        }
+    }
+    BYTES_FETCHED.fetch_add(fetched, std::sync::atomic::Ordering::Relaxed);
+    Ok(fetched)
+}
+
+/// Bytes fetched into local copies since the process started.
+static BYTES_FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many bytes of base objects were fetched into local copies.
+pub fn bytes_fetched() -> u64 {
+    BYTES_FETCHED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(base_len: u64) -> (tempfile::TempDir, LocalData) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("d"))
+            .unwrap();
+        file.set_len(base_len).unwrap();
+        (
+            dir,
+            LocalData::new(file, Coverage::of_base(base_len), Some("\"e\"".into())),
+        )
+    }
+
+    #[test]
+    fn writes_win_over_late_fills() {
+        let (_dir, data) = local(10);
+        assert_eq!(data.missing(0..10), vec![0..10]);
+        data.write_at(b"WW", 4).unwrap();
+        assert_eq!(data.missing(0..10), vec![0..4, 6..10]);
+        data.fill(b"0123456789", 0).unwrap();
+        assert!(data.missing(0..10).is_empty());
+        assert_eq!(data.read(0, 100).unwrap(), b"0123WW6789");
+        let coverage = data.coverage();
+        assert!(coverage.unchanged(&(0..4)));
+        assert!(!coverage.unchanged(&(3..5)));
+        assert!(!coverage.unchanged(&(8..11)), "beyond the base");
+    }
+
+    #[test]
+    fn a_truncated_tail_is_zero_when_the_file_grows_again() {
+        let (_dir, data) = local(10);
+        data.set_len(4).unwrap();
+        data.set_len(8).unwrap();
+        assert_eq!(data.missing(0..8), vec![0..4]);
+        data.fill(b"abcdefgh", 0).unwrap();
+        assert_eq!(data.read(0, 8).unwrap(), b"abcd\0\0\0\0");
+        assert!(data.coverage().complete());
+    }
+
+    #[test]
+    fn coverage_round_trips_through_json() {
+        let mut coverage = Coverage::of_base(100);
+        coverage.present.insert(0..10);
+        coverage.changed.insert(5..10);
+        let json = serde_json::to_string(&coverage).unwrap();
+        assert_eq!(serde_json::from_str::<Coverage>(&json).unwrap(), coverage);
+        let old: Coverage = serde_json::from_str("{}").unwrap();
+        assert!(
+            old.complete(),
+            "records from before coverage existed are complete"
+        );
+    }
+}
