@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(5),
         cache_dir: base.join("cache"),
         read_write: false,
+        durability: keepfs::config::Durability::Local,
         part_size: 8 << 20,
         upload_concurrency: 16,
     };

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::cache::default_cache_dir;
 use crate::config::{
-    ConfigError, LogFormat, MountConfig, S3Url, parse_duration, parse_mode, parse_size,
+    ConfigError, Durability, LogFormat, MountConfig, S3Url, parse_duration, parse_mode, parse_size,
 };
 
 #[derive(Debug, Parser)]
@@ -61,6 +61,12 @@ pub struct MountArgs {
     /// written files and unlink land in the cache directory and are uploaded in the background.
     #[arg(long)]
     pub read_write: bool,
+
+    /// When close() and fsync() of a written file return: `local` once it is durable in the
+    /// cache directory (uploaded in the background; needs a persistent cache disk to survive a
+    /// pod restart), `remote` once it is in S3, returning the upload's error if it fails.
+    #[arg(long, value_enum, default_value = "local")]
+    pub durability: Durability,
 
     /// Part size of multipart uploads (grown automatically so no upload needs more than 10 000
     /// parts); files up to this size are uploaded with one PutObject.
@@ -159,6 +165,7 @@ impl MountArgs {
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
             read_write: self.read_write,
+            durability: self.durability,
             part_size: parse_size(&self.part_size)?.max(5 << 20),
             upload_concurrency: usize::from(self.upload_concurrency),
             cache_dir: self.cache_dir.clone().unwrap_or_else(|| {

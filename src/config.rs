@@ -124,6 +124,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// When `close()` and `fsync()` of a written file return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// Once data and journal record are durable in the cache directory.
+    #[default]
+    Local,
+    /// Once the object is in S3 (the upload's error is returned).
+    Remote,
+}
+
 /// Everything `keepfs mount` needs, validated.
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -147,6 +157,8 @@ pub struct MountConfig {
     pub cache_dir: PathBuf,
     /// Whether writes are allowed (dirty files in the cache directory, uploaded in background).
     pub read_write: bool,
+    /// When close/fsync of a written file return.
+    pub durability: Durability,
     /// Multipart part size in bytes (at least 5 MiB).
     pub part_size: u64,
     /// Parts of one file in flight.

@@ -30,6 +30,13 @@ pub enum FsError {
     NotSupported(&'static str),
     #[error("local cache: {0}")]
     Local(String, Option<i32>),
+    /// An upload that close/fsync waited for (`--durability remote`) failed: EIO.
+    #[error("{key}: upload failed: {source}")]
+    Upload {
+        key: String,
+        #[source]
+        source: StoreError,
+    },
     #[error("{key}: {source}")]
     Store {
         key: String,
@@ -74,6 +81,7 @@ impl FsError {
             FsError::CrossDevice => libc::EXDEV,
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::Local(_, errno) => errno.unwrap_or(libc::EIO),
+            FsError::Upload { .. } => libc::EIO,
             FsError::Store { source, .. } => match source {
                 StoreError::NotFound | StoreError::NoSuchBucket(_) => libc::ENOENT,
                 StoreError::AccessDenied(_) | StoreError::Credentials(_) => libc::EACCES,

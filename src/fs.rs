@@ -98,7 +98,7 @@ impl<S: ObjectStore> KeepFs<S> {
         fetcher: Arc<BlockFetcher<S>>,
         prefetch: PrefetchConfig,
         store: Arc<S>,
-        writes: Option<Writes>,
+        writes: Option<Writes<S>>,
         runtime: RuntimeHandle,
     ) -> Self {
         Self {
@@ -272,6 +272,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        tracing::trace!(fh = fh.0, "fsync");
         let Some((key, _)) = self.inner.handle_key(fh.0) else {
             return reply.ok(); // nothing local to sync
         };
@@ -587,6 +588,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        tracing::trace!(fh = fh.0, "flush");
         // close(): a written file becomes durable on the cache disk before close returns.
         let Some((key, true)) = self.inner.handle_key(fh.0) else {
             return reply.ok();

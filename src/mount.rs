@@ -249,7 +249,12 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             uploader.enqueue(key);
         }
         let namespace = namespace.with_dirty_files(Arc::clone(&dirty));
-        (namespace, Some(Writes { dirty, uploader }))
+        let writes = Writes {
+            dirty,
+            uploader,
+            durability: config.durability,
+        };
+        (namespace, Some(writes))
     } else {
         let pending = crate::cache::journal::Journal::new(&cache_dir)
             .load()

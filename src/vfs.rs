@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use fuser::{FopenFlags, OpenFlags};
 
+use crate::config::Durability;
 use crate::error::FsError;
 use crate::namespace::{Attr, Listed, Namespace, NodeKind};
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
@@ -61,9 +62,10 @@ pub(crate) enum Handle<S> {
 }
 
 /// The write side of a read-write mount.
-pub struct Writes {
+pub struct Writes<S> {
     pub dirty: Arc<DirtyFiles>,
-    pub uploader: Uploader,
+    pub uploader: Uploader<S>,
+    pub durability: Durability,
 }
 
 pub(crate) struct Vfs<S> {
@@ -72,7 +74,7 @@ pub(crate) struct Vfs<S> {
     pub(crate) prefetch: PrefetchConfig,
     pub(crate) store: Arc<S>,
     /// `None` on read-only mounts.
-    pub(crate) writes: Option<Writes>,
+    pub(crate) writes: Option<Writes<S>>,
     pub(crate) files: Mutex<HashMap<u64, Handle<S>>>,
     pub(crate) dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
     pub(crate) next_handle: AtomicU64,
@@ -110,7 +112,7 @@ impl<S: ObjectStore> Vfs<S> {
         reader.read(0, MAX_SYMLINK_TARGET).await
     }
 
-    pub(crate) fn writes(&self) -> Result<&Writes, FsError> {
+    pub(crate) fn writes(&self) -> Result<&Writes<S>, FsError> {
         self.writes.as_ref().ok_or(FsError::ReadOnly)
     }
 
@@ -245,14 +247,31 @@ impl<S: ObjectStore> Vfs<S> {
         Ok(())
     }
 
-    /// Makes `key` durable on the cache disk (close, fsync), off the async workers.
+    /// Makes `key` durable (close, fsync): on the cache disk, off the async workers, and with
+    /// `--durability remote` in S3 too.
     pub(crate) async fn persist(self: Arc<Self>, key: String) -> Result<(), FsError> {
-        tokio::task::spawn_blocking(move || {
-            let writes = self.writes()?;
-            writes.dirty.persist(&key).map_err(FsError::from)
-        })
-        .await
-        .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))
+        let local = {
+            let (vfs, key) = (Arc::clone(&self), key.clone());
+            tokio::task::spawn_blocking(move || {
+                let writes = vfs.writes()?;
+                writes.dirty.persist(&key).map_err(FsError::from)
+            })
+        };
+        local
+            .await
+            .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))?;
+        let writes = self.writes()?;
+        if writes.durability == Durability::Remote {
+            writes
+                .uploader
+                .upload_now(&key)
+                .await
+                .map_err(|source| FsError::Upload {
+                    key: key.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Makes `key` durable locally and, when nobody writes it, queues its upload.

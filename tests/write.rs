@@ -523,3 +523,59 @@ fn editing_an_object_larger_than_one_copy_piece() {
     std::thread::sleep(std::time::Duration::from_millis(1200));
     assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&want));
 }
+
+/// close(2) of `file`, returning its error (dropping a `File` ignores it).
+fn close(file: fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = file.into_raw_fd();
+    // SAFETY: `fd` was just taken out of a `File`, so it is open and owned by nobody else.
+    if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn durability_remote_waits_for_s3_and_reports_upload_errors() {
+    let s = server();
+    let bucket = s.bucket("wremote");
+    let m = rw_mount(&bucket, &["--durability", "remote"]);
+    let data = pattern((9 << 20) + 5, 90); // multipart
+    let mut f = fs::File::create(m.path().join("a.bin")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    // fsync returned: the object is in S3 now, no waiting.
+    assert_eq!(
+        s.get(&bucket, "a.bin").map(|b| sha256(&b)),
+        Some(sha256(&data))
+    );
+    f.write_all(b"more").unwrap();
+    close(f).unwrap();
+    let mut longer = data.clone();
+    longer.extend_from_slice(b"more");
+    assert_eq!(
+        s.get(&bucket, "a.bin").map(|b| sha256(&b)),
+        Some(sha256(&longer))
+    );
+
+    // The server now refuses every upload: fsync and close say so.
+    let mut f = fs::File::create(m.path().join("b.txt")).unwrap();
+    f.write_all(b"never uploaded").unwrap();
+    s.refuse_uploads(&bucket);
+    let err = f.sync_all().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "fsync: {err}");
+    f.write_all(b"!").unwrap();
+    let err = close(f).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "close: {err}");
+    // The data is still there, locally, for a later upload.
+    assert_eq!(
+        fs::read(m.path().join("b.txt")).unwrap(),
+        b"never uploaded!"
+    );
+    assert!(
+        m.log().contains("upload failed"),
+        "the failure is logged:\n{}",
+        m.log()
+    );
+}

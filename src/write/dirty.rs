@@ -37,6 +37,21 @@ struct DirtyFile {
     writers: u32,
     /// Bumped on every change, so an upload that raced with a change is not taken as current.
     generation: u64,
+    /// The generation S3 holds (uploaded while a writer kept the file open).
+    in_s3: Option<u64>,
+    /// The last record written to the journal; its lock orders the journal writes of this
+    /// file, so a record never goes back to an older base version.
+    record: Arc<Mutex<Journalled>>,
+}
+
+/// What the journal holds for one dirty file.
+#[derive(Default)]
+enum Journalled {
+    #[default]
+    Nothing,
+    Record(FileRecord),
+    /// The file is gone: nothing may write its record again.
+    Discarded,
 }
 
 /// A consistent view of one dirty file for the uploader.
@@ -48,6 +63,8 @@ pub struct UploadSnapshot {
     pub base_etag: Option<String>,
     pub data: Arc<LocalData>,
     pub generation: u64,
+    /// S3 already holds exactly this content (uploaded while the file was open).
+    pub in_s3: bool,
 }
 
 /// What became of a dirty file whose upload finished.
@@ -104,6 +121,7 @@ impl DirtyFiles {
             // The record is written after the data is synced, so the data holds at least
             // `size` bytes; anything beyond was written after the last close and is dropped.
             data.set_len(record.size)?;
+            let record_copy = record.clone();
             let data = LocalData::new(data, record.coverage, record.base_etag);
             let attr = DirtyAttr {
                 size: record.size,
@@ -120,6 +138,8 @@ impl DirtyFiles {
                     data: Arc::new(data),
                     writers: 0,
                     generation: 0,
+                    in_s3: None,
+                    record: Arc::new(Mutex::new(Journalled::Record(record_copy))),
                 },
             );
         }
@@ -206,10 +226,12 @@ impl DirtyFiles {
                 data: Arc::new(data),
                 writers: 0,
                 generation: 1,
+                in_s3: None,
+                record: Arc::default(),
             },
         );
         if let Some(old) = old {
-            self.discard(old.id);
+            self.discard(old);
         }
         attr
     }
@@ -293,9 +315,10 @@ impl DirtyFiles {
 
     /// Makes the file's current content and attributes durable on the cache disk.
     pub fn persist(&self, key: &str) -> io::Result<()> {
-        let (data, mut record) = self.with_file(key, |f| {
+        let (data, journalled, mut record) = self.with_file(key, |f| {
             Ok((
                 f.data.clone(),
+                f.record.clone(),
                 FileRecord {
                     version: RECORD_VERSION,
                     id: f.id,
@@ -305,14 +328,21 @@ impl DirtyFiles {
                     uid: f.attr.uid,
                     gid: f.attr.gid,
                     mtime_ns: to_ns(f.attr.mtime),
-                    base_etag: f.data.base_etag(),
+                    base_etag: None,
                     coverage: Coverage::default(),
                     state: RecordState::Dirty,
                 },
             ))
         })?;
         record.coverage = data.sync()?;
-        self.journal.put(&record)
+        let mut journalled = journalled.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*journalled, Journalled::Discarded) {
+            return Ok(()); // unlinked or replaced meanwhile
+        }
+        record.base_etag = data.base_etag();
+        self.journal.put(&record)?;
+        *journalled = Journalled::Record(record);
+        Ok(())
     }
 
     pub fn add_writer(&self, key: &str) -> io::Result<()> {
@@ -333,21 +363,31 @@ impl DirtyFiles {
 
     /// The file as it is now, if it exists and nobody is writing it.
     pub fn snapshot(&self, key: &str) -> Option<UploadSnapshot> {
+        self.snapshot_open(key).filter(|_| {
+            let files = self.files();
+            files.get(key).is_some_and(|f| f.writers == 0)
+        })
+    }
+
+    /// The file as it is now, even while it is open for writing (`--durability remote`
+    /// uploads at close and fsync).
+    pub fn snapshot_open(&self, key: &str) -> Option<UploadSnapshot> {
         let files = self.files();
         let f = files.get(key)?;
-        (f.writers == 0).then(|| UploadSnapshot {
+        Some(UploadSnapshot {
             key: key.to_owned(),
             id: f.id,
             attr: f.attr.clone(),
             base_etag: f.data.base_etag(),
             data: f.data.clone(),
             generation: f.generation,
+            in_s3: f.in_s3 == Some(f.generation),
         })
     }
 
     /// Records a finished upload of `snapshot`, which S3 now holds as version `etag`.
     pub fn uploaded(&self, snapshot: &UploadSnapshot, etag: &str) -> UploadOutcome {
-        let done = {
+        let (done, journalled) = {
             let mut files = self.files();
             match files.get_mut(&snapshot.key) {
                 None => return UploadOutcome::Removed,
@@ -355,17 +395,31 @@ impl DirtyFiles {
                 Some(f) if f.id != snapshot.id => return UploadOutcome::Changed,
                 Some(f) => {
                     f.data.set_base_etag(Some(etag.to_owned()));
-                    if f.generation != snapshot.generation || f.writers > 0 {
-                        return UploadOutcome::Changed;
+                    if f.generation != snapshot.generation {
+                        (None, f.record.clone())
+                    } else if f.writers > 0 {
+                        f.in_s3 = Some(f.generation);
+                        (None, f.record.clone())
+                    } else {
+                        (files.remove(&snapshot.key), Arc::default())
                     }
-                    files.remove(&snapshot.key)
                 }
             }
         };
         if let Some(f) = done {
-            self.discard(f.id);
+            self.discard(f);
+            return UploadOutcome::Clean;
         }
-        UploadOutcome::Clean
+        // Still dirty: its record must name the new base, or the next upload after a restart
+        // would take S3's version (ours) for someone else's and make a conflict copy.
+        let mut journalled = journalled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Journalled::Record(record) = &mut *journalled {
+            record.base_etag = Some(etag.to_owned());
+            if let Err(e) = self.journal.put(record) {
+                tracing::error!(key = snapshot.key, error = %e, "could not record the new base version");
+            }
+        }
+        UploadOutcome::Changed
     }
 
     /// Moves the local copy of `from` to `to` (rename), replacing any local copy of `to`, and
@@ -391,7 +445,7 @@ impl DirtyFiles {
             files.insert(to.to_owned(), file)
         };
         if let Some(old) = replaced {
-            self.discard(old.id);
+            self.discard(old);
         }
         self.persist(to)?;
         Ok(true)
@@ -402,7 +456,7 @@ impl DirtyFiles {
         let old = self.files().remove(key);
         match old {
             Some(f) => {
-                self.discard(f.id);
+                self.discard(f);
                 true
             }
             None => false,
@@ -411,12 +465,14 @@ impl DirtyFiles {
 
     /// Deletes a record and its data file; the record goes first, so a crash in between leaves
     /// an orphan data file, never a record without data.
-    fn discard(&self, id: u64) {
-        if let Err(e) = self.journal.remove(id) {
-            tracing::error!(id, error = %e, "could not remove journal record");
+    fn discard(&self, file: DirtyFile) {
+        let mut journalled = file.record.lock().unwrap_or_else(|e| e.into_inner());
+        *journalled = Journalled::Discarded;
+        if let Err(e) = self.journal.remove(file.id) {
+            tracing::error!(id = file.id, error = %e, "could not remove journal record");
             return;
         }
-        let _ = std::fs::remove_file(self.data_dir.join(format!("{id:016x}")));
+        let _ = std::fs::remove_file(self.data_dir.join(format!("{:016x}", file.id)));
     }
 }
 

@@ -38,26 +38,66 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Files uploaded at the same time.
 const FILES_IN_FLIGHT: usize = 8;
 
-/// Hands dirty files to the background upload loop.
-#[derive(Clone)]
-pub struct Uploader {
+/// Hands dirty files to the background upload loop, or uploads one at once.
+pub struct Uploader<S> {
     queue: mpsc::UnboundedSender<String>,
+    store: Arc<S>,
+    dirty: Arc<DirtyFiles>,
+    config: UploadConfig,
+    locks: KeyLocks,
 }
 
 /// Keys being uploaded, and whether another pass was asked for meanwhile. One task per key at
 /// a time: two uploads of one key could otherwise finish in the wrong order.
 type Active = Arc<std::sync::Mutex<HashMap<String, bool>>>;
 
-impl Uploader {
+/// One lock per key being uploaded: the background task and `upload_now` never upload the
+/// same key at once.
+#[derive(Clone, Default)]
+struct KeyLocks(Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl KeyLocks {
+    async fn lock(&self, key: &str) -> KeyGuard {
+        let lock = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(key.to_owned()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        KeyGuard {
+            locks: self.clone(),
+            key: key.to_owned(),
+            guard: Some(guard),
+            lock,
+        }
+    }
+}
+
+struct KeyGuard {
+    locks: KeyLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.locks.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map and this guard hold it: nobody waits, the entry can go.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl<S: ObjectStore> Uploader<S> {
     /// Starts the upload loop on the current runtime.
-    pub fn start<S: ObjectStore>(
-        store: Arc<S>,
-        dirty: Arc<DirtyFiles>,
-        config: UploadConfig,
-    ) -> Self {
+    pub fn start(store: Arc<S>, dirty: Arc<DirtyFiles>, config: UploadConfig) -> Self {
         let (queue, mut rx) = mpsc::unbounded_channel::<String>();
         let files = Arc::new(Semaphore::new(FILES_IN_FLIGHT));
         let active: Active = Arc::default();
+        let locks = KeyLocks::default();
+        let (task_store, task_dirty, task_locks) = (store.clone(), dirty.clone(), locks.clone());
         tokio::spawn(async move {
             while let Some(key) = rx.recv().await {
                 {
@@ -71,10 +111,12 @@ impl Uploader {
                 let Ok(permit) = files.clone().acquire_owned().await else {
                     return;
                 };
-                let (store, dirty, active) = (store.clone(), dirty.clone(), active.clone());
+                let (store, dirty, active) =
+                    (task_store.clone(), task_dirty.clone(), active.clone());
+                let locks = task_locks.clone();
                 tokio::spawn(async move {
                     loop {
-                        upload_until_done(&*store, &dirty, &key, config).await;
+                        upload_until_done(&*store, &dirty, &locks, &key, config).await;
                         let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
                         if active.get(&key) == Some(&true) {
                             active.insert(key.clone(), false);
@@ -87,12 +129,45 @@ impl Uploader {
                 });
             }
         });
-        Uploader { queue }
+        Uploader {
+            queue,
+            store,
+            dirty,
+            config,
+            locks,
+        }
     }
 
     /// Queues `key` for upload (once nobody writes it; queuing twice is harmless).
     pub fn enqueue(&self, key: &str) {
         let _ = self.queue.send(key.to_owned());
+    }
+
+    /// Uploads `key` as it is now, even if it is open for writing, and returns the upload's
+    /// error (one attempt; the store retries transient failures). On failure the file stays
+    /// dirty and is uploaded in the background later.
+    pub async fn upload_now(&self, key: &str) -> Result<(), StoreError> {
+        let _guard = self.locks.lock(key).await;
+        let Some(snapshot) = self.dirty.snapshot_open(key) else {
+            tracing::debug!(key, "upload_now: not dirty");
+            return Ok(()); // not dirty: S3 has it
+        };
+        tracing::debug!(key, in_s3 = snapshot.in_s3, "upload_now");
+        if snapshot.in_s3 {
+            return Ok(());
+        }
+        let etag = upload_resolving_conflict(&*self.store, &snapshot, self.config)
+            .await
+            .map_err(|e| match e {
+                UploadError::Conflict => StoreError::PreconditionFailed,
+                UploadError::Store(e) => e,
+            })?;
+        if self.dirty.uploaded(&snapshot, &etag) == UploadOutcome::Removed
+            && let Err(e) = self.store.delete(key).await
+        {
+            tracing::warn!(key, error = %e, "could not delete object of an unlinked file");
+        }
+        Ok(())
     }
 }
 
@@ -122,18 +197,23 @@ fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
 async fn upload_until_done<S: ObjectStore>(
     store: &S,
     dirty: &DirtyFiles,
+    locks: &KeyLocks,
     key: &str,
     config: UploadConfig,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
+        let guard = locks.lock(key).await;
         let Some(snapshot) = dirty.snapshot(key) else {
             return;
         };
-        let result = match upload_once(store, &snapshot, config).await {
-            Err(UploadError::Conflict) => upload_conflict_copy(store, &snapshot, config).await,
-            other => other,
+        let result = if snapshot.in_s3 {
+            Ok(snapshot.base_etag.clone().unwrap_or_default())
+        } else {
+            upload_resolving_conflict(store, &snapshot, config).await
         };
+        // Not held while backing off: `upload_now` may try meanwhile.
+        drop(guard);
         match result {
             Ok(etag) => match dirty.uploaded(&snapshot, &etag) {
                 UploadOutcome::Clean => {
@@ -171,6 +251,18 @@ enum Base {
     Usable,
     /// The base version is gone (a conflict): only the local copy is used.
     Gone,
+}
+
+/// Uploads the snapshot; on a conflict, as a conflict copy beside the key.
+async fn upload_resolving_conflict<S: ObjectStore>(
+    store: &S,
+    snapshot: &UploadSnapshot,
+    config: UploadConfig,
+) -> Result<String, UploadError> {
+    match upload_once(store, snapshot, config).await {
+        Err(UploadError::Conflict) => upload_conflict_copy(store, snapshot, config).await,
+        other => other,
+    }
 }
 
 /// Bytes `start..start + len` of the local copy, first fetching what is still the base's.

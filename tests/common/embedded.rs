@@ -36,6 +36,22 @@ pub static TRAFFIC: Traffic = Traffic {
     copies: AtomicU64::new(0),
 };
 
+/// Buckets whose uploads the in-process server refuses (403 AccessDenied), as a server with a
+/// policy that denies writes would.
+pub static REFUSING_UPLOADS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn refuses(method: &hyper::Method, path: &str) -> bool {
+    if method != hyper::Method::PUT && method != hyper::Method::POST {
+        return false;
+    }
+    let refusing = REFUSING_UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
+    refusing.iter().any(|b| {
+        path.strip_prefix('/')
+            .and_then(|p| p.strip_prefix(b.as_str()))
+            .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
 fn header_number(headers: &hyper::HeaderMap, name: &str) -> u64 {
     headers
         .get(name)
@@ -67,6 +83,7 @@ pub fn start_s3s_fs(root: &Path, runtime: &tokio::runtime::Runtime) -> String {
             let counted =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let method = req.method().clone();
+                    let refused = refuses(&method, req.uri().path());
                     let headers = req.headers();
                     if method == hyper::Method::PUT || method == hyper::Method::POST {
                         if headers.contains_key("x-amz-copy-source") {
@@ -82,6 +99,14 @@ pub fn start_s3s_fs(root: &Path, runtime: &tokio::runtime::Runtime) -> String {
                     }
                     let response = hyper::service::Service::call(&service, req);
                     async move {
+                        if refused {
+                            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                                <Error><Code>AccessDenied</Code>\
+                                <Message>uploads refused by the test</Message></Error>";
+                            let mut denied = hyper::Response::new(s3s::Body::from(body.to_owned()));
+                            *denied.status_mut() = hyper::StatusCode::FORBIDDEN;
+                            return Ok(denied);
+                        }
                         let response = response.await?;
                         if method == hyper::Method::GET {
                             let len = header_number(response.headers(), "content-length");

@@ -143,6 +143,41 @@ impl TestServer {
         name
     }
 
+    /// Makes the server refuse every upload to `bucket` from now on: the in-process server
+    /// answers 403, other servers lose the bucket (deleted with its objects).
+    pub fn refuse_uploads(&self, bucket: &str) {
+        if self.kind == ServerKind::S3sFs {
+            embedded::REFUSING_UPLOADS
+                .lock()
+                .unwrap()
+                .push(bucket.to_owned());
+        } else {
+            self.delete_bucket(bucket);
+        }
+    }
+
+    /// Deletes every object of `bucket`, then the bucket itself.
+    pub fn delete_bucket(&self, bucket: &str) {
+        let (files, _) = self.list(bucket, "", false);
+        rt().block_on(async {
+            for key in files {
+                let _ = self
+                    .client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await;
+            }
+            self.client
+                .delete_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("delete bucket {bucket}: {e:?}"));
+        });
+    }
+
     pub fn put(&self, bucket: &str, key: &str, data: &[u8]) {
         self.put_with_metadata(bucket, key, data, &[]);
     }
