@@ -24,8 +24,6 @@ pub enum FsError {
     Exists,
     #[error("directory not empty")]
     NotEmpty,
-    #[error("directories can't be renamed yet (EXDEV: tools fall back to copying)")]
-    CrossDevice,
     #[error("operation not supported yet: {0}")]
     NotSupported(&'static str),
     #[error("local cache: {0}")]
@@ -78,7 +76,6 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::Exists => libc::EEXIST,
             FsError::NotEmpty => libc::ENOTEMPTY,
-            FsError::CrossDevice => libc::EXDEV,
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::Local(_, errno) => errno.unwrap_or(libc::EIO),
             FsError::Upload { .. } => libc::EIO,

@@ -358,18 +358,35 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn symlink(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let errno = if self.inner.writes.is_some() {
-            libc::EOPNOTSUPP
-        } else {
-            libc::EROFS
+        let (uid, gid) = (req.uid(), req.gid());
+        let (name, target) = (link_name.to_owned(), target.to_owned());
+        self.spawn(move |fs| async move {
+            let result = fs.symlink(uid, gid, parent.0, &name, &target).await;
+            reply_entry(reply, fs.ttl(), result);
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = match self.inner.handle_key(fh.0) {
+            Some((key, true)) => self.inner.fallocate(&key, ino.0, offset, length, mode),
+            Some((_, false)) | None => Err(FsError::BadHandle(fh.0)),
         };
-        reply.error(Errno::from_i32(errno));
+        reply_unit(reply, result);
     }
 
     fn getxattr(
@@ -609,10 +626,30 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // S3 has no capacity limit; report a large, constant size so tools that check free
-        // space proceed. Read-only for now: nothing is free to write.
         const BLOCK: u32 = 4096;
-        const BLOCKS: u64 = (1u64 << 50) / BLOCK as u64; // 1 PiB
-        reply.statfs(BLOCKS, 0, 0, u64::from(u32::MAX), 0, BLOCK, 255, BLOCK);
+        let space = self.inner.writes.as_ref().map(|w| w.dirty.disk_space());
+        match space {
+            // Writes land in the cache directory first: its disk is what can be written
+            // before uploads must drain it.
+            Some(Ok((total, available))) => {
+                let (total, available) = (total / u64::from(BLOCK), available / u64::from(BLOCK));
+                reply.statfs(
+                    total,
+                    available,
+                    available,
+                    u64::from(u32::MAX),
+                    u64::from(u32::MAX),
+                    BLOCK,
+                    255,
+                    BLOCK,
+                );
+            }
+            Some(Err(e)) => reply.error(errno(&FsError::from(e))),
+            // Read-only: S3 has no capacity limit, so a large constant size, nothing free.
+            None => {
+                const BLOCKS: u64 = (1u64 << 50) / BLOCK as u64; // 1 PiB
+                reply.statfs(BLOCKS, 0, 0, u64::from(u32::MAX), 0, BLOCK, 255, BLOCK);
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use fuser::{FopenFlags, OpenFlags};
 
 use crate::config::Durability;
 use crate::error::FsError;
-use crate::namespace::{Attr, Listed, Namespace, NodeKind};
+use crate::namespace::{Attr, Listed, Namespace, NodeKind, stored_metadata};
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::{ObjectStore, Precondition};
 use crate::write::local::fetch_missing;
@@ -311,7 +311,8 @@ impl<S: ObjectStore> Vfs<S> {
         Ok(attr)
     }
 
-    /// chmod/chown/utimens of an object in S3: a self-copy with new `x-amz-meta-*`.
+    /// chmod/chown/utimens of something in S3: a self-copy of an object with new
+    /// `x-amz-meta-*`, or a directory's marker written anew (created if it had none).
     pub(crate) async fn replace_metadata(
         &self,
         ino: u64,
@@ -321,25 +322,37 @@ impl<S: ObjectStore> Vfs<S> {
         mtime: Option<std::time::SystemTime>,
     ) -> Result<Attr, FsError> {
         let attr = self.namespace.getattr(ino).await?;
+        let changed = Attr {
+            perm: mode.map(|m| (m & 0o7777) as u16).unwrap_or(attr.perm),
+            uid: uid.unwrap_or(attr.uid),
+            gid: gid.unwrap_or(attr.gid),
+            mtime: mtime.unwrap_or(attr.mtime),
+            ..attr.clone()
+        };
         let type_bits = match attr.kind {
             NodeKind::File => libc::S_IFREG,
             NodeKind::Symlink => libc::S_IFLNK,
-            NodeKind::Directory => {
-                return Err(FsError::NotSupported("changing attributes of directories"));
-            }
+            NodeKind::Directory => libc::S_IFDIR,
         };
-        let perm = mode.map(|m| m & 0o7777).unwrap_or(u32::from(attr.perm));
-        let mtime = mtime.unwrap_or(attr.mtime);
-        let secs = mtime
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let metadata = std::collections::HashMap::from([
-            ("mode".to_owned(), (type_bits | perm).to_string()),
-            ("uid".to_owned(), uid.unwrap_or(attr.uid).to_string()),
-            ("gid".to_owned(), gid.unwrap_or(attr.gid).to_string()),
-            ("mtime".to_owned(), secs.to_string()),
-        ]);
+        let metadata = stored_metadata(
+            type_bits | u32::from(changed.perm),
+            changed.uid,
+            changed.gid,
+            changed.mtime,
+        );
+        if attr.kind == NodeKind::Directory {
+            if ino == crate::namespace::ROOT_INO {
+                return Err(FsError::NotSupported(
+                    "changing attributes of the mount root",
+                ));
+            }
+            let marker = self.namespace.marker_of(ino)?;
+            self.store
+                .put_object(&marker, bytes::Bytes::new(), &metadata, &Precondition::None)
+                .await
+                .map_err(|e| FsError::store(&marker, e))?;
+            return self.namespace.dir_attr_changed(ino, changed);
+        }
         let key = self.namespace.key_of(ino)?;
         self.store
             .replace_metadata(&key, &metadata)
@@ -347,6 +360,18 @@ impl<S: ObjectStore> Vfs<S> {
             .map_err(|e| FsError::store(&key, e))?;
         self.namespace.expire(ino);
         self.namespace.getattr(ino).await
+    }
+
+    /// Fails with `EEXIST` if `name` exists in `parent`.
+    async fn check_absent(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        match self.namespace.lookup(parent, name).await {
+            Ok(existing) => {
+                self.namespace.forget(existing.ino, 1);
+                Err(FsError::Exists)
+            }
+            Err(FsError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) async fn mkdir(
@@ -359,23 +384,85 @@ impl<S: ObjectStore> Vfs<S> {
     ) -> Result<Attr, FsError> {
         self.writes()?;
         let (path, marker) = self.namespace.new_dir_marker(parent, name)?;
-        if let Ok(existing) = self.namespace.lookup(parent, name).await {
-            self.namespace.forget(existing.ino, 1);
-            return Err(FsError::Exists);
-        }
-        let metadata = std::collections::HashMap::from([
-            (
-                "mode".to_owned(),
-                (libc::S_IFDIR | (mode & 0o7777)).to_string(),
-            ),
-            ("uid".to_owned(), req_uid.to_string()),
-            ("gid".to_owned(), req_gid.to_string()),
-        ]);
+        self.check_absent(parent, name).await?;
+        let now = std::time::SystemTime::now();
+        let metadata = stored_metadata(libc::S_IFDIR | (mode & 0o7777), req_uid, req_gid, now);
         self.store
             .put_object(&marker, bytes::Bytes::new(), &metadata, &Precondition::None)
             .await
             .map_err(|e| FsError::store(&marker, e))?;
-        Ok(self.namespace.made_dir(&path))
+        let attr = Attr {
+            ino: 0,
+            kind: NodeKind::Directory,
+            size: 0,
+            mtime: now,
+            perm: (mode & 0o7777) as u16,
+            uid: req_uid,
+            gid: req_gid,
+        };
+        Ok(self.namespace.made_dir(&path, attr))
+    }
+
+    /// A symlink is an object holding its target, marked by its mode; written straight to S3
+    /// (it is small and has no open handle to close).
+    pub(crate) async fn symlink(
+        &self,
+        req_uid: u32,
+        req_gid: u32,
+        parent: u64,
+        name: &OsStr,
+        target: &std::path::Path,
+    ) -> Result<Attr, FsError> {
+        self.writes()?;
+        let target = target.as_os_str().as_encoded_bytes();
+        if target.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        if target.len() > MAX_SYMLINK_TARGET as usize {
+            return Err(FsError::NameTooLong);
+        }
+        let (_, key) = self.namespace.rename_target(parent, name)?;
+        self.check_absent(parent, name).await?;
+        let metadata = stored_metadata(
+            libc::S_IFLNK | 0o777,
+            req_uid,
+            req_gid,
+            std::time::SystemTime::now(),
+        );
+        let body = bytes::Bytes::copy_from_slice(target);
+        self.store
+            .put_object(&key, body, &metadata, &Precondition::Absent)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::PreconditionFailed => FsError::Exists,
+                e => FsError::store(&key, e),
+            })?;
+        self.namespace.lookup(parent, name).await
+    }
+
+    /// fallocate: plain allocation may extend the file (zeros, which cost nothing in a sparse
+    /// cache file); hole punching and the other modes are not supported.
+    pub(crate) fn fallocate(
+        &self,
+        key: &str,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), FsError> {
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(FsError::NotSupported(
+                "fallocate modes other than allocation",
+            ));
+        }
+        let dirty = &self.writes()?.dirty;
+        let end = offset.checked_add(length).ok_or(FsError::InvalidArgument)?;
+        let size = dirty.attr(key).ok_or(FsError::NotFound)?.size;
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
+            let attr = dirty.set_attr(key, Some(end), None, None, None, None)?;
+            self.namespace.refresh_dirty(ino, &attr);
+        }
+        Ok(())
     }
 
     pub(crate) async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
@@ -410,7 +497,9 @@ impl<S: ObjectStore> Vfs<S> {
         let source = self.namespace.lookup(parent, name).await?;
         self.namespace.forget(source.ino, 1);
         if source.kind == NodeKind::Directory {
-            return Err(FsError::CrossDevice);
+            return self
+                .rename_dir(source.ino, new_parent, new_name, no_replace)
+                .await;
         }
         let (new_path, new_key) = self.namespace.rename_target(new_parent, new_name)?;
         let old_key = self.namespace.key_of(source.ino)?;
@@ -458,6 +547,127 @@ impl<S: ObjectStore> Vfs<S> {
             .map_err(|e| FsError::store(&old_key, e))?;
         self.namespace.renamed(source.ino, &new_path);
         Ok(())
+    }
+
+    /// Renames directory `ino` with everything below it. S3 has no rename: local copies move
+    /// in the cache (journalled), objects are copied server-side and only then deleted, so an
+    /// interruption leaves keys under both names, never under neither. Not atomic.
+    async fn rename_dir(
+        &self,
+        ino: u64,
+        new_parent: u64,
+        new_name: &OsStr,
+        no_replace: bool,
+    ) -> Result<(), FsError> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        let writes = self.writes()?;
+        let old_prefix = self.namespace.marker_of(ino)?;
+        let (new_path, new_prefix) = self.namespace.new_dir_marker(new_parent, new_name)?;
+        if new_prefix == old_prefix {
+            return Ok(());
+        }
+        if new_prefix.starts_with(&old_prefix) {
+            return Err(FsError::InvalidArgument); // into itself
+        }
+        match self.namespace.lookup(new_parent, new_name).await {
+            Ok(target) => {
+                self.namespace.forget(target.ino, 1);
+                if no_replace {
+                    return Err(FsError::Exists);
+                }
+                if target.kind != NodeKind::Directory {
+                    return Err(FsError::NotDirectory);
+                }
+                if !self.namespace.list(target.ino).await?.is_empty() {
+                    return Err(FsError::NotEmpty);
+                }
+                let marker = self.namespace.removed_dir(target.ino)?;
+                self.store
+                    .delete(&marker)
+                    .await
+                    .map_err(|e| FsError::store(&marker, e))?;
+            }
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let renamed = |key: &str| format!("{new_prefix}{}", &key[old_prefix.len()..]);
+        let mut local = std::collections::HashSet::new();
+        for key in writes.dirty.under(&old_prefix).into_keys() {
+            self.complete_local(&key).await?;
+            let new_key = renamed(&key);
+            if writes.dirty.rename(&key, &new_key, None)?
+                && writes.dirty.snapshot(&new_key).is_some()
+            {
+                writes.uploader.enqueue(&new_key);
+            }
+            local.insert(key);
+        }
+        let keys = self.keys_under(&old_prefix).await?;
+        const IN_FLIGHT: usize = 16;
+        let copies: Vec<(String, String)> = keys
+            .iter()
+            .filter(|k| !local.contains(*k))
+            .map(|k| (k.clone(), renamed(k)))
+            .collect();
+        stream::iter(copies)
+            .map(|(from, to)| {
+                let store = Arc::clone(&self.store);
+                async move {
+                    store
+                        .copy_object(&from, &to)
+                        .await
+                        .map_err(|e| FsError::store(&from, e))
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?;
+        stream::iter(keys)
+            .map(|key| {
+                let store = Arc::clone(&self.store);
+                async move {
+                    store
+                        .delete(&key)
+                        .await
+                        .map_err(|e| FsError::store(&key, e))
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?;
+        self.namespace.renamed_dir(ino, &new_path)?;
+        Ok(())
+    }
+
+    /// Every key at or below `prefix` (a directory's marker key), markers included.
+    async fn keys_under(&self, prefix: &str) -> Result<Vec<String>, FsError> {
+        let mut keys = Vec::new();
+        let mut dirs = vec![prefix.to_owned()];
+        while let Some(dir) = dirs.pop() {
+            let mut token = None;
+            let mut has_marker = false;
+            loop {
+                let page = self
+                    .store
+                    .list_page(&dir, token, None)
+                    .await
+                    .map_err(|e| FsError::store(&dir, e))?;
+                for (key, _) in page.objects {
+                    has_marker |= key == dir;
+                    keys.push(key);
+                }
+                dirs.extend(page.prefixes);
+                token = page.next_token;
+                if token.is_none() {
+                    break;
+                }
+            }
+            // Some servers don't list markers; ask for this one directly.
+            if !has_marker && self.store.head(&dir).await.is_ok() {
+                keys.push(dir);
+            }
+        }
+        Ok(keys)
     }
 
     pub(crate) async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {

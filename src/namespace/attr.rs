@@ -42,6 +42,26 @@ const META_UID: &str = "uid";
 const META_GID: &str = "gid";
 const META_MTIME: &str = "mtime";
 
+/// The `x-amz-meta-*` that store `mode` (type bits included), owner and mtime (whole seconds,
+/// as s3fs writes them).
+pub fn stored_metadata(
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: SystemTime,
+) -> std::collections::HashMap<String, String> {
+    let secs = mtime
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    std::collections::HashMap::from([
+        (META_MODE.to_owned(), mode.to_string()),
+        (META_UID.to_owned(), uid.to_string()),
+        (META_GID.to_owned(), gid.to_string()),
+        (META_MTIME.to_owned(), secs.to_string()),
+    ])
+}
+
 const S_IFMT: u32 = libc::S_IFMT;
 const S_IFLNK: u32 = libc::S_IFLNK;
 const S_IFDIR: u32 = libc::S_IFDIR;
@@ -57,6 +77,29 @@ impl Defaults {
             perm: self.dir_mode,
             uid: self.uid,
             gid: self.gid,
+        }
+    }
+
+    /// Attributes of a directory with a `dir/` marker: the marker's `x-amz-meta-*` where present.
+    pub fn marker(&self, ino: u64, meta: &ObjectMeta) -> Attr {
+        let file = self.object(ino, meta);
+        let has = |name: &str| meta.user_metadata.contains_key(name);
+        Attr {
+            perm: if has(META_MODE) {
+                file.perm
+            } else {
+                self.dir_mode
+            },
+            mtime: if has(META_MTIME) {
+                file.mtime
+            } else {
+                self.mount_time
+            },
+            ..Attr {
+                uid: file.uid,
+                gid: file.gid,
+                ..self.directory(ino)
+            }
         }
     }
 

@@ -163,6 +163,25 @@ impl InodeTable {
         self.by_path.insert(path.to_owned(), ino);
     }
 
+    /// Moves every node at or below path `from` to the same place below `to` (directory
+    /// rename).
+    pub fn rename_subtree(&mut self, from: &str, to: &str) {
+        let below = format!("{from}/");
+        let moved: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.path == from || n.path.starts_with(&below))
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in moved {
+            let path = {
+                let node = &self.nodes[&ino];
+                format!("{to}{}", &node.path[from.len()..])
+            };
+            self.rename(ino, &path);
+        }
+    }
+
     /// Drops `n` kernel references; the node goes away when none remain.
     pub fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT_INO {

@@ -8,12 +8,12 @@ mod attr;
 mod inodes;
 mod names;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use attr::{Attr, Defaults, NodeKind};
+pub use attr::{Attr, Defaults, NodeKind, stored_metadata};
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen};
 pub use names::normalize_prefix;
@@ -57,7 +57,8 @@ pub struct Namespace<S> {
     dirty: Option<Arc<DirtyFiles>>,
     /// Directories made on this mount. Their markers are in S3, but some servers never list
     /// markers, so the mount remembers them to show empty directories it created.
-    made_dirs: Mutex<HashSet<String>>,
+    /// Directories whose marker this mount wrote (mkdir, setattr), with their attributes.
+    made_dirs: Mutex<HashMap<String, Attr>>,
 }
 
 impl<S: ObjectStore> Namespace<S> {
@@ -73,7 +74,7 @@ impl<S: ObjectStore> Namespace<S> {
             table: Mutex::new(table),
             skipped: Mutex::new(HashSet::new()),
             dirty: None,
-            made_dirs: Mutex::new(HashSet::new()),
+            made_dirs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -125,7 +126,7 @@ impl<S: ObjectStore> Namespace<S> {
         }
     }
 
-    fn made_dirs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn made_dirs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attr>> {
         self.made_dirs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -136,11 +137,28 @@ impl<S: ObjectStore> Namespace<S> {
         Ok((path, marker))
     }
 
-    /// Records directory `path` made on this mount (its marker is stored); one kernel reference.
-    pub fn made_dir(&self, path: &str) -> Attr {
-        self.made_dirs().insert(path.to_owned());
-        let seen = self.seen_directory();
-        self.table().remember(path, seen)
+    /// Records directory `path` whose marker this mount wrote with `attr` (mkdir: one kernel
+    /// reference), or rewrote (setattr of `ino`).
+    pub fn made_dir(&self, path: &str, attr: Attr) -> Attr {
+        self.made_dirs().insert(path.to_owned(), attr.clone());
+        self.table().remember(path, self.seen_marker(attr))
+    }
+
+    /// Records new attributes of directory `ino` (its marker was rewritten).
+    pub fn dir_attr_changed(&self, ino: u64, attr: Attr) -> Result<Attr, FsError> {
+        let (path, _) = self.path_of(ino)?;
+        self.made_dirs().insert(path.clone(), attr.clone());
+        let mut table = self.table();
+        let node = table.get_mut(ino).ok_or(FsError::StaleInode(ino))?;
+        node.attr = Attr { ino, ..attr };
+        node.from_head = true;
+        Ok(node.attr.clone())
+    }
+
+    /// The marker key of directory `ino`.
+    pub fn marker_of(&self, ino: u64) -> Result<String, FsError> {
+        let (path, _) = self.path_of(ino)?;
+        Ok(dir_key(&self.prefix, &path))
     }
 
     /// Forgets a removed directory `ino`; returns its marker key.
@@ -221,9 +239,20 @@ impl<S: ObjectStore> Namespace<S> {
         }
     }
 
+    /// A directory known only from keys under it: mount defaults.
     fn seen_directory(&self) -> Seen {
         Seen {
             attr: self.defaults.directory(0),
+            etag: None,
+            from_head: false,
+            from_server: true,
+        }
+    }
+
+    /// A directory whose marker's metadata is known: listings keep these attributes.
+    fn seen_marker(&self, attr: Attr) -> Seen {
+        Seen {
+            attr,
             etag: None,
             from_head: true,
             from_server: true,
@@ -244,9 +273,9 @@ impl<S: ObjectStore> Namespace<S> {
             Err(_) => return Err(FsError::NotFound),
         }
         let path = join(&dir, name);
-        if self.made_dirs().contains(&path) {
-            let seen = self.seen_directory();
-            return Ok(self.table().remember(&path, seen));
+        let made = self.made_dirs().get(&path).cloned();
+        if let Some(attr) = made {
+            return Ok(self.table().remember(&path, self.seen_marker(attr)));
         }
         if let Some(attr) = self.dirty_attr(&self.object_key(&path)) {
             let seen = self.seen_dirty(&attr);
@@ -275,6 +304,13 @@ impl<S: ObjectStore> Namespace<S> {
             self.store.list_page(&as_dir, None, Some(1))
         );
         let list = list.map_err(|e| FsError::store(&as_dir, e))?;
+        if list.objects.first().is_some_and(|(k, _)| *k == as_dir) {
+            // A marker: its metadata holds the directory's attributes.
+            return match self.store.head(&as_dir).await {
+                Ok(meta) => Ok(self.seen_marker(self.defaults.marker(0, &meta))),
+                Err(_) => Ok(self.seen_directory()),
+            };
+        }
         if !list.objects.is_empty() || !list.prefixes.is_empty() {
             return Ok(self.seen_directory());
         }
@@ -340,6 +376,25 @@ impl<S: ObjectStore> Namespace<S> {
     /// Records that `ino` now lives at `path`.
     pub fn renamed(&self, ino: u64, path: &str) {
         self.table().rename(ino, path);
+    }
+
+    /// Directory `ino` and everything below it now live at `path`; returns the old path.
+    pub fn renamed_dir(&self, ino: u64, path: &str) -> Result<String, FsError> {
+        let (old, _) = self.path_of(ino)?;
+        self.table().rename_subtree(&old, path);
+        let below = format!("{old}/");
+        let mut made = self.made_dirs();
+        let moved: Vec<String> = made
+            .keys()
+            .filter(|p| **p == old || p.starts_with(&below))
+            .cloned()
+            .collect();
+        for p in moved {
+            if let Some(attr) = made.remove(&p) {
+                made.insert(format!("{path}{}", &p[old.len()..]), attr);
+            }
+        }
+        Ok(old)
     }
 
     /// Forgets the path of `ino` after an unlink, so the next lookup asks again.
@@ -410,18 +465,17 @@ impl<S: ObjectStore> Namespace<S> {
                 break;
             }
         }
-        let made: Vec<String> = self
+        let made: Vec<(String, Attr)> = self
             .made_dirs()
             .iter()
-            .filter_map(|p| {
+            .filter_map(|(p, attr)| {
                 let (parent, name) = p.rsplit_once('/').unwrap_or(("", p));
-                (parent == dir).then(|| name.to_owned())
+                (parent == dir).then(|| (name.to_owned(), attr.clone()))
             })
             .collect();
-        for name in made {
-            let seen = self.seen_directory();
-            let listed = self.listed(&dir, &name, seen);
-            entries.insert(name, listed);
+        for (name, attr) in made {
+            let listed = self.listed(&dir, &name, self.seen_marker(attr));
+            entries.insert(name.clone(), listed);
         }
         {
             for (key, attr) in dirty {
@@ -460,7 +514,7 @@ impl<S: ObjectStore> Namespace<S> {
         if let Some(node) = table.find(&path)
             && node.from_head
             && node.etag == seen.etag
-            && seen.attr.kind != NodeKind::Directory
+            && (node.attr.kind == NodeKind::Directory) == (seen.attr.kind == NodeKind::Directory)
         {
             seen.attr = Attr {
                 size: seen.attr.size,

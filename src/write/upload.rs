@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::dirty::{DirtyFiles, UploadOutcome, UploadSnapshot};
 use super::local::fetch_missing;
+use crate::namespace::stored_metadata;
 use crate::store::{ObjectStore, Precondition, StoreError};
 
 /// Upload tuning.
@@ -178,18 +179,8 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
 }
 
 fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
-    let mtime = snapshot
-        .attr
-        .mtime
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    HashMap::from([
-        ("mode".to_owned(), snapshot.attr.mode.to_string()),
-        ("uid".to_owned(), snapshot.attr.uid.to_string()),
-        ("gid".to_owned(), snapshot.attr.gid.to_string()),
-        ("mtime".to_owned(), mtime.to_string()),
-    ])
+    let attr = &snapshot.attr;
+    stored_metadata(attr.mode, attr.uid, attr.gid, attr.mtime)
 }
 
 /// Uploads `key` until S3 holds its current content (retrying failures), or until it is no
