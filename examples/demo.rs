@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         cache_dir: base.join("cache"),
         read_write: false,
         durability: keepfs::config::Durability::Local,
+        max_cache_size: None,
         part_size: 8 << 20,
         upload_concurrency: 16,
     };

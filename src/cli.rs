@@ -17,7 +17,8 @@ use crate::config::{
     about = "Mount an S3 bucket (or a prefix of one) as a POSIX filesystem through FUSE",
     long_about = "Mount an S3 bucket (or a prefix of one) as a POSIX filesystem through FUSE.\n\n\
         Credentials and region come from the AWS default chain (environment, profile, web \
-        identity/IRSA, EKS Pod Identity, ECS, IMDS). Mounts are read-only unless --read-write."
+        identity/IRSA, EKS Pod Identity, ECS, IMDS). Writes land in the cache directory and are \
+        uploaded in the background; --read-only refuses them."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -53,14 +54,20 @@ pub struct MountArgs {
     #[arg(long)]
     pub force_path_style: bool,
 
-    /// Mount read-only: every write fails with EROFS (the default in this release).
+    /// Mount read-only: every write fails with EROFS.
     #[arg(long, conflicts_with = "read_write")]
     pub read_only: bool,
 
-    /// Allow writes (preview): new files, writes at any offset, truncate, chmod/chown/utimens of
-    /// written files and unlink land in the cache directory and are uploaded in the background.
+    /// Allow writes (the default): every change lands in the cache directory first and is
+    /// uploaded in the background.
     #[arg(long)]
     pub read_write: bool,
+
+    /// Most bytes written files may hold in the cache directory before their upload (bytes, or
+    /// with K/M/G suffix; default: only the cache disk's free space). A write that would go
+    /// beyond waits up to 30 s for uploads to free space, then fails with ENOSPC.
+    #[arg(long, value_name = "SIZE")]
+    pub max_cache_size: Option<String>,
 
     /// When close() and fsync() of a written file return: `local` once it is durable in the
     /// cache directory (uploaded in the background; needs a persistent cache disk to survive a
@@ -164,9 +171,10 @@ impl MountArgs {
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
-            read_write: self.read_write,
+            read_write: !self.read_only,
             durability: self.durability,
             part_size: parse_size(&self.part_size)?.max(5 << 20),
+            max_cache_size: self.max_cache_size.as_deref().map(parse_size).transpose()?,
             upload_concurrency: usize::from(self.upload_concurrency),
             cache_dir: self.cache_dir.clone().unwrap_or_else(|| {
                 default_cache_dir(self.endpoint_url.as_deref(), &source.bucket, &source.prefix)

@@ -157,6 +157,8 @@ pub struct MountConfig {
     pub cache_dir: PathBuf,
     /// Whether writes are allowed (dirty files in the cache directory, uploaded in background).
     pub read_write: bool,
+    /// Bound on bytes written files hold in the cache directory (`None`: the disk's space).
+    pub max_cache_size: Option<u64>,
     /// When close/fsync of a written file return.
     pub durability: Durability,
     /// Multipart part size in bytes (at least 5 MiB).

@@ -251,6 +251,26 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             _ => None,
         };
         let result = match (handle, fs.writes()) {
+            (Some((key, file)), Ok(w)) if !w.has_room(data.len() as u64) => {
+                // Over --max-cache-size: wait for uploads off the FUSE thread.
+                let data = data.to_vec();
+                return self.spawn(move |fs| async move {
+                    let result = match fs.writes() {
+                        Ok(w) => match w.wait_for_room(data.len() as u64).await {
+                            Ok(()) => w
+                                .dirty
+                                .write(&key, &file, offset, &data)
+                                .map_err(FsError::from),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Ok(()) => reply.written(data.len() as u32),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
             (Some((key, file)), Ok(w)) => w
                 .dirty
                 .write(&key, &file, offset, data)
@@ -627,7 +647,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         const BLOCK: u32 = 4096;
-        let space = self.inner.writes.as_ref().map(|w| w.dirty.disk_space());
+        let space = self.inner.writes.as_ref().map(|w| w.space());
         match space {
             // Writes land in the cache directory first: its disk is what can be written
             // before uploads must drain it.

@@ -253,6 +253,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             dirty,
             uploader,
             durability: config.durability,
+            max_cache_size: config.max_cache_size,
         };
         (namespace, Some(writes))
     } else {

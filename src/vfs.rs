@@ -66,6 +66,48 @@ pub struct Writes<S> {
     pub dirty: Arc<DirtyFiles>,
     pub uploader: Uploader<S>,
     pub durability: Durability,
+    pub max_cache_size: Option<u64>,
+}
+
+/// How long a write waits for uploads to free cache space before failing with ENOSPC.
+const CACHE_FULL_WAIT: Duration = Duration::from_secs(30);
+
+impl<S> Writes<S> {
+    /// Whether `len` more bytes fit under `--max-cache-size`.
+    pub(crate) fn has_room(&self, len: u64) -> bool {
+        self.max_cache_size
+            .is_none_or(|limit| self.dirty.cache_bytes() + len <= limit)
+    }
+
+    /// Waits (bounded) until `len` more bytes fit; `ENOSPC` if they don't.
+    pub(crate) async fn wait_for_room(&self, len: u64) -> Result<(), FsError> {
+        let deadline = tokio::time::Instant::now() + CACHE_FULL_WAIT;
+        while !self.has_room(len) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FsError::Local(
+                    format!(
+                        "cache directory holds {} bytes of written data, the --max-cache-size limit; uploads did not free space in time",
+                        self.dirty.cache_bytes()
+                    ),
+                    Some(libc::ENOSPC),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// (total, available) bytes for `statfs`: the cache disk, within `--max-cache-size`.
+    pub(crate) fn space(&self) -> std::io::Result<(u64, u64)> {
+        let (total, available) = self.dirty.disk_space()?;
+        Ok(match self.max_cache_size {
+            None => (total, available),
+            Some(limit) => (
+                total.min(limit),
+                available.min(limit.saturating_sub(self.dirty.cache_bytes())),
+            ),
+        })
+    }
 }
 
 pub(crate) struct Vfs<S> {

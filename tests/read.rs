@@ -348,7 +348,7 @@ fn writes_fail_with_erofs() {
     let s = server();
     let bucket = s.bucket("erofs");
     s.put(&bucket, "existing", b"data");
-    let m = Mount::new(&source(&bucket), &[]);
+    let m = Mount::new(&source(&bucket), &["--read-only"]);
     let erofs = |r: std::io::Result<()>| {
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
     };

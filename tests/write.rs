@@ -181,29 +181,68 @@ fn metadata_of_written_files_is_stored() {
 }
 
 #[test]
-fn many_small_files() {
+fn a_thousand_small_files() {
     let s = server();
     let bucket = s.bucket("wmany");
     let m = rw_mount(&bucket, &[]);
-    for i in 0..200 {
-        fs::write(m.path().join(format!("f{i:04}")), format!("file {i}")).unwrap();
+    const N: usize = 1000;
+    let content = |i: usize| format!("file {i}\n").repeat(i % 50 + 1);
+    for i in 0..N {
+        fs::write(m.path().join(format!("f{i:04}")), content(i)).unwrap();
     }
-    assert_eq!(names(m.path()).len(), 200);
-    for i in (0..200).step_by(37) {
-        s.wait_for_object(
-            &bucket,
-            &format!("f{i:04}"),
-            &sha256(format!("file {i}").as_bytes()),
-        );
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while s.list(&bucket, "", false).0.len() < 200 {
+    assert_eq!(names(m.path()).len(), N);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s.list(&bucket, "", false).0.len() < N {
         assert!(
             std::time::Instant::now() < deadline,
-            "not all 200 files reached S3"
+            "not all {N} files reached S3"
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // Every one of them, byte for byte.
+    for i in 0..N {
+        let key = format!("f{i:04}");
+        assert_eq!(
+            s.get(&bucket, &key).map(|b| sha256(&b)),
+            Some(sha256(content(i).as_bytes())),
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn a_1_gib_file_written_sequentially() {
+    use sha2::Digest;
+    let s = server();
+    let bucket = s.bucket("w1gib");
+    let m = rw_mount(&bucket, &[]);
+    const MIB: usize = 1 << 20;
+    let size_mib = 1024;
+    let mut hash = sha2::Sha256::new();
+    let mut f = fs::File::create(m.path().join("big.bin")).unwrap();
+    for i in 0..size_mib {
+        let chunk = pattern(MIB, 1000 + i as u64);
+        hash.update(&chunk);
+        f.write_all(&chunk).unwrap();
+    }
+    close(f).unwrap();
+    let want = format!("{:x}", hash.finalize());
+    assert_eq!(
+        fs::metadata(m.path().join("big.bin")).unwrap().len(),
+        (size_mib * MIB) as u64
+    );
+    assert_eq!(
+        sha256_file(&m.path().join("big.bin")),
+        want,
+        "through the mount"
+    );
+    s.wait_for_object_streaming(
+        &bucket,
+        "big.bin",
+        (size_mib * MIB) as u64,
+        &want,
+        std::time::Duration::from_secs(300),
+    );
 }
 
 #[test]
@@ -779,4 +818,36 @@ fn rename_a_directory_of_200_files() {
     assert!(left.is_empty(), "left under the old name: {left:?}");
     let (moved, _) = s.list(&bucket, "moved/", false);
     assert!(moved.len() >= 200, "{} keys under moved/", moved.len());
+}
+
+#[test]
+fn max_cache_size_makes_writers_wait_then_enospc() {
+    let s = server();
+    let bucket = s.bucket("wcachemax");
+    let m = rw_mount(&bucket, &["--max-cache-size", "4MiB"]);
+    // Two 3 MiB files: the second one's writes wait until the first is uploaded and its
+    // local copy freed, then go on.
+    let a = pattern(3 << 20, 101);
+    let b = pattern(3 << 20, 102);
+    fs::write(m.path().join("a.bin"), &a).unwrap();
+    fs::write(m.path().join("b.bin"), &b).unwrap();
+    s.wait_for_object(&bucket, "a.bin", &sha256(&a));
+    s.wait_for_object(&bucket, "b.bin", &sha256(&b));
+
+    // One file larger than the limit can never fit: ENOSPC, after the bounded wait.
+    let mut f = fs::File::create(m.path().join("big.bin")).unwrap();
+    let chunk = pattern(1 << 20, 103);
+    let mut written = 0;
+    let err = loop {
+        match f.write_all(&chunk) {
+            Ok(()) => written += chunk.len(),
+            Err(e) => break e,
+        }
+        assert!(written <= 8 << 20, "writes beyond the limit succeeded");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    // What was acknowledged before is untouched.
+    assert_eq!(sha256_file(&m.path().join("a.bin")), sha256(&a));
+    assert_eq!(sha256_file(&m.path().join("b.bin")), sha256(&b));
 }

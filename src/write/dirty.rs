@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::local::{Coverage, LocalData};
+use super::local::{CacheUsage, Coverage, LocalData};
 use crate::cache::CacheDir;
 use crate::cache::journal::{FileRecord, Journal, RECORD_VERSION, RecordState};
 
@@ -83,6 +83,7 @@ pub struct DirtyFiles {
     journal: Journal,
     files: Mutex<HashMap<String, DirtyFile>>,
     next_id: AtomicU64,
+    usage: Arc<CacheUsage>,
 }
 
 fn to_ns(t: SystemTime) -> i128 {
@@ -106,6 +107,7 @@ impl DirtyFiles {
         let journal = Journal::new(cache);
         let data_dir = cache.data_dir();
         let loaded = journal.load()?;
+        let usage = Arc::new(CacheUsage::default());
         let mut files = HashMap::new();
         let mut max_id = 0;
         for record in loaded.records {
@@ -122,7 +124,7 @@ impl DirtyFiles {
             // `size` bytes; anything beyond was written after the last close and is dropped.
             data.set_len(record.size)?;
             let record_copy = record.clone();
-            let data = LocalData::new(data, record.coverage, record.base_etag);
+            let data = LocalData::new(data, record.coverage, record.base_etag, usage.clone());
             let attr = DirtyAttr {
                 size: record.size,
                 mode: record.mode,
@@ -157,9 +159,15 @@ impl DirtyFiles {
                 journal,
                 files: Mutex::new(files),
                 next_id: AtomicU64::new(max_id.max(now_id()) + 1),
+                usage,
             },
             keys,
         ))
+    }
+
+    /// Bytes the local copies hold in the cache directory.
+    pub fn cache_bytes(&self) -> u64 {
+        self.usage.bytes()
     }
 
     /// (total, available) bytes of the filesystem holding the cache directory: what can still
@@ -233,7 +241,10 @@ impl DirtyFiles {
             .mode(0o600)
             .open(self.data_dir.join(format!("{id:016x}")))?;
         file.set_len(size)?;
-        Ok((id, LocalData::new(file, coverage, base_etag)))
+        Ok((
+            id,
+            LocalData::new(file, coverage, base_etag, self.usage.clone()),
+        ))
     }
 
     fn install(&self, key: &str, (id, data): (u64, LocalData), attr: DirtyAttr) -> DirtyAttr {

@@ -11,7 +11,8 @@ use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rangemap::RangeSet;
 use serde::{Deserialize, Serialize};
@@ -72,10 +73,23 @@ impl Coverage {
 /// A data file and its coverage, shared by the dirty-file table, open handles and uploads.
 /// Every change to the file's bytes happens under the coverage lock, so a fetch that lands
 /// late never overwrites a write made meanwhile.
+/// Bytes the local copies hold in the cache directory (what `--max-cache-size` bounds).
+#[derive(Debug, Default)]
+pub struct CacheUsage(AtomicU64);
+
+impl CacheUsage {
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Debug)]
 pub struct LocalData {
     file: File,
     coverage: Mutex<Coverage>,
+    usage: Arc<CacheUsage>,
+    /// What this copy adds to `usage`: the length of its present ranges.
+    held: AtomicU64,
     /// The S3 version this copy is based on (missing bytes come from it; uploads are
     /// conditional on it); `None` for a new file. Kept with the bytes so that a handle still
     /// reads them after the dirty file is uploaded and dropped.
@@ -83,11 +97,39 @@ pub struct LocalData {
 }
 
 impl LocalData {
-    pub fn new(file: File, coverage: Coverage, base_etag: Option<String>) -> Self {
-        LocalData {
+    pub fn new(
+        file: File,
+        mut coverage: Coverage,
+        base_etag: Option<String>,
+        usage: Arc<CacheUsage>,
+    ) -> Self {
+        // A record without ranges (a complete copy) holds its whole length.
+        if coverage.present.is_empty()
+            && let Ok(len) = file.metadata().map(|m| m.len())
+            && len > 0
+        {
+            coverage.present.insert(0..len);
+        }
+        let data = LocalData {
             file,
-            coverage: Mutex::new(coverage),
+            coverage: Mutex::new(Coverage::default()),
+            usage,
+            held: AtomicU64::new(0),
             base_etag: Mutex::new(base_etag),
+        };
+        data.account(&coverage);
+        *data.coverage_lock() = coverage;
+        data
+    }
+
+    /// Brings `usage` up to date with `coverage` (called with the coverage lock held).
+    fn account(&self, coverage: &Coverage) {
+        let now: u64 = coverage.present.iter().map(|r| r.end - r.start).sum();
+        let before = self.held.swap(now, Ordering::Relaxed);
+        if now >= before {
+            self.usage.0.fetch_add(now - before, Ordering::Relaxed);
+        } else {
+            self.usage.0.fetch_sub(before - now, Ordering::Relaxed);
         }
     }
 
@@ -131,6 +173,7 @@ impl LocalData {
             coverage.present.insert(range.clone());
             coverage.changed.insert(range);
         }
+        self.account(&coverage);
         Ok(())
     }
 
@@ -144,6 +187,7 @@ impl LocalData {
             self.file.write_all_at(&bytes[from..to], gap.start)?;
             coverage.present.insert(gap);
         }
+        self.account(&coverage);
         Ok(())
     }
 
@@ -152,6 +196,7 @@ impl LocalData {
         let mut coverage = self.coverage_lock();
         self.file.set_len(size)?;
         coverage.cut(size);
+        self.account(&coverage);
         Ok(())
     }
 
@@ -162,6 +207,12 @@ impl LocalData {
         coverage.base_len = 0;
         coverage.changed.clear();
         coverage.present.clear();
+        if let Ok(len) = self.size()
+            && len > 0
+        {
+            coverage.present.insert(0..len);
+        }
+        self.account(&coverage);
     }
 
     /// Flushes the data file to disk and returns the coverage it holds: taken before the
@@ -234,6 +285,14 @@ pub fn bytes_fetched() -> u64 {
     BYTES_FETCHED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+impl Drop for LocalData {
+    fn drop(&mut self) {
+        // The data file's blocks are freed once the last handle closes it.
+        let held = *self.held.get_mut();
+        self.usage.0.fetch_sub(held, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,7 +309,12 @@ mod tests {
         file.set_len(base_len).unwrap();
         (
             dir,
-            LocalData::new(file, Coverage::of_base(base_len), Some("\"e\"".into())),
+            LocalData::new(
+                file,
+                Coverage::of_base(base_len),
+                Some("\"e\"".into()),
+                Arc::default(),
+            ),
         )
     }
 

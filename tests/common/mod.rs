@@ -291,6 +291,58 @@ impl TestServer {
         }
     }
 
+    /// The object's sha256, read as a stream (for objects too large to hold in memory).
+    pub fn sha256_streaming(&self, bucket: &str, key: &str) -> Option<String> {
+        use sha2::Digest;
+        rt().block_on(async {
+            let mut out = self
+                .client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
+            let mut hash = Sha256::new();
+            while let Some(chunk) = out.body.next().await {
+                hash.update(chunk.ok()?);
+            }
+            Some(format!("{:x}", hash.finalize()))
+        })
+    }
+
+    /// Waits (up to `timeout`) until the object has `size` bytes and its sha256, read as a
+    /// stream, is `sha`.
+    pub fn wait_for_object_streaming(
+        &self,
+        bucket: &str,
+        key: &str,
+        size: u64,
+        sha: &str,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        // Cheap HEADs until the size is right; then read it whole.
+        while self.head(bucket, key).and_then(|h| h.content_length()) != Some(size as i64) {
+            assert!(
+                Instant::now() < deadline,
+                "{key}: never reached {size} bytes"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        loop {
+            let got = self.sha256_streaming(bucket, key);
+            if got.as_deref() == Some(sha) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: S3 holds {got:?}, want {sha}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Waits (up to 60 s) until the object is gone.
     pub fn wait_for_absence(&self, bucket: &str, key: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
