@@ -60,6 +60,27 @@ pub fn traffic() -> Option<(u64, u64, u64)> {
     (server().kind == ServerKind::S3sFs).then(|| embedded::TRAFFIC.now())
 }
 
+/// Polls `current` (the sha256 S3 holds for `key`) until it is `sha`; panics at `deadline`.
+fn poll_sha(
+    key: &str,
+    sha: &str,
+    deadline: Instant,
+    pause: Duration,
+    current: impl Fn() -> Option<String>,
+) {
+    loop {
+        let got = current();
+        if got.as_deref() == Some(sha) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key}: S3 holds {got:?}, want {sha}"
+        );
+        std::thread::sleep(pause);
+    }
+}
+
 /// One runtime for all harness I/O (seeding, in-process server).
 pub fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -260,17 +281,10 @@ impl TestServer {
     /// Waits (up to 60 s) until the object's sha256 is `sha`; panics with what it saw otherwise.
     pub fn wait_for_object(&self, bucket: &str, key: &str, sha: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let got = self.get(bucket, key).map(|b| sha256(&b));
-            if got.as_deref() == Some(sha) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{key}: S3 holds {got:?}, want {sha}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let pause = Duration::from_millis(100);
+        poll_sha(key, sha, deadline, pause, || {
+            self.get(bucket, key).map(|b| sha256(&b))
+        });
     }
 
     /// The object's ETag (HEAD), or `None` if it does not exist.
@@ -330,17 +344,10 @@ impl TestServer {
             );
             std::thread::sleep(Duration::from_millis(500));
         }
-        loop {
-            let got = self.sha256_streaming(bucket, key);
-            if got.as_deref() == Some(sha) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{key}: S3 holds {got:?}, want {sha}"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        let pause = Duration::from_millis(500);
+        poll_sha(key, sha, deadline, pause, || {
+            self.sha256_streaming(bucket, key)
+        });
     }
 
     /// Waits (up to 60 s) until the object is gone.
