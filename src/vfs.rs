@@ -12,14 +12,11 @@ use fuser::{FopenFlags, OpenFlags};
 
 use crate::config::Durability;
 use crate::error::FsError;
-use crate::namespace::{Attr, Listed, Namespace, NodeKind, stored_metadata};
+use crate::namespace::{Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, stored_metadata};
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::{ObjectStore, Precondition};
 use crate::write::local::fetch_missing;
 use crate::write::{DirtyAttr, DirtyFiles, LocalData, Uploader};
-
-/// Symlink targets longer than this are refused (Linux PATH_MAX).
-const MAX_SYMLINK_TARGET: u32 = 4096;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Handle tables are plain maps: a panic elsewhere cannot leave them half-updated.
@@ -570,7 +567,8 @@ impl<S: ObjectStore> Vfs<S> {
             Err(crate::store::StoreError::NotFound) => None,
             Err(e) => return Err(FsError::store(&new_key, e)),
         };
-        if writes.dirty.rename(&old_key, &new_key, target_etag)? {
+        let moved_local = writes.dirty.rename(&old_key, &new_key, target_etag)?;
+        if moved_local {
             if writes.dirty.snapshot(&new_key).is_some() {
                 writes.uploader.enqueue(&new_key);
             }
@@ -582,11 +580,12 @@ impl<S: ObjectStore> Vfs<S> {
                 .map_err(|e| FsError::store(&old_key, e))?;
         }
         // The old key may exist in S3 (uploaded before); an upload of it still running deletes
-        // it again when it finds the file gone.
-        self.store
-            .delete(&old_key)
-            .await
-            .map_err(|e| FsError::store(&old_key, e))?;
+        // it again when it finds the file gone, and its task runs after this delete.
+        let deleted = self.store.delete(&old_key).await;
+        if moved_local {
+            writes.uploader.enqueue(&old_key);
+        }
+        deleted.map_err(|e| FsError::store(&old_key, e))?;
         self.namespace.renamed(source.ino, &new_path);
         Ok(())
     }
@@ -677,6 +676,10 @@ impl<S: ObjectStore> Vfs<S> {
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<_>>()
             .await?;
+        // After the deletes, so that uploads in flight end with their keys deleted.
+        for key in &local {
+            writes.uploader.enqueue(key);
+        }
         self.namespace.renamed_dir(ino, &new_path)?;
         Ok(())
     }
@@ -720,11 +723,14 @@ impl<S: ObjectStore> Vfs<S> {
             return Err(FsError::IsDirectory);
         }
         let key = self.namespace.key_of(attr.ino)?;
-        writes.dirty.remove(&key);
-        self.store
-            .delete(&key)
-            .await
-            .map_err(|e| FsError::store(&key, e))?;
+        let had_local_copy = writes.dirty.remove(&key);
+        let deleted = self.store.delete(&key).await;
+        if had_local_copy {
+            // After the delete: the key's uploader task then ends whatever an upload in
+            // flight started (see `DirtyFiles::is_gone`).
+            writes.uploader.enqueue(&key);
+        }
+        deleted.map_err(|e| FsError::store(&key, e))?;
         self.namespace.unlinked(attr.ino);
         Ok(())
     }

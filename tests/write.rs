@@ -645,9 +645,18 @@ fn symlinks_are_objects_holding_their_target() {
         .parse()
         .unwrap();
     assert_eq!(mode & libc::S_IFMT, libc::S_IFLNK);
-    // Another mount sees the same links.
+    // Another mount sees the same links, also when it lists the directory first (listings
+    // carry no metadata: the kernel must not take the small object for a file).
     drop(m);
     let m = rw_mount(&bucket, &[]);
+    assert!(names(m.path()).contains(&"link".to_string()));
+    assert!(
+        fs::symlink_metadata(m.path().join("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::read(m.path().join("link")).unwrap(), b"pointed at");
     assert_eq!(
         fs::read_link(m.path().join("d/abs")).unwrap(),
         std::path::Path::new("/somewhere/else")
@@ -850,4 +859,34 @@ fn max_cache_size_makes_writers_wait_then_enospc() {
     // What was acknowledged before is untouched.
     assert_eq!(sha256_file(&m.path().join("a.bin")), sha256(&a));
     assert_eq!(sha256_file(&m.path().join("b.bin")), sha256(&b));
+}
+
+#[test]
+fn unlinked_files_stay_gone_while_their_upload_finishes() {
+    // What editors do with swap and backup files: create, close, unlink, create again.
+    let s = server();
+    let bucket = s.bucket("wswap");
+    let m = rw_mount(&bucket, &[]);
+    let swap = m.path().join(".f.swp");
+    for i in 0..20u8 {
+        fs::write(&swap, vec![i; 12288]).unwrap();
+        fs::remove_file(&swap).unwrap();
+        assert_eq!(
+            fs::metadata(&swap).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT),
+            "round {i}: an unlinked file must not come back from its racing upload"
+        );
+        if names(m.path()).contains(&".f.swp".to_string()) {
+            panic!(
+                "round {i}: listed; S3 has {:?}; now {:?}",
+                s.list(&bucket, "", false),
+                names(m.path())
+            );
+        }
+    }
+    fs::write(&swap, b"last").unwrap();
+    s.wait_for_object(&bucket, ".f.swp", &sha256(b"last"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (keys, _) = s.list(&bucket, "", false);
+    assert_eq!(keys, [".f.swp"], "no conflict copies, nothing left over");
 }

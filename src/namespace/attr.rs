@@ -42,24 +42,36 @@ const META_UID: &str = "uid";
 const META_GID: &str = "gid";
 const META_MTIME: &str = "mtime";
 
-/// The `x-amz-meta-*` that store `mode` (type bits included), owner and mtime (whole seconds,
-/// as s3fs writes them).
+/// Symlink targets longer than this are refused (Linux PATH_MAX): a larger object is never a
+/// symlink.
+pub const MAX_SYMLINK_TARGET: u32 = 4096;
+
+/// The `x-amz-meta-*` that store `mode` (type bits included), owner and mtime.
 pub fn stored_metadata(
     mode: u32,
     uid: u32,
     gid: u32,
     mtime: SystemTime,
 ) -> std::collections::HashMap<String, String> {
-    let secs = mtime
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     std::collections::HashMap::from([
         (META_MODE.to_owned(), mode.to_string()),
         (META_UID.to_owned(), uid.to_string()),
         (META_GID.to_owned(), gid.to_string()),
-        (META_MTIME.to_owned(), secs.to_string()),
+        (META_MTIME.to_owned(), format_mtime(mtime)),
     ])
+}
+
+/// Seconds since the epoch, with the nanoseconds as a fraction when there are any (as rclone
+/// writes it; whole seconds, as s3fs writes them, otherwise). Keeping the fraction means a
+/// file's mtime does not change when its upload completes, which editors check.
+fn format_mtime(mtime: SystemTime) -> String {
+    let since = mtime
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    match since.subsec_nanos() {
+        0 => since.as_secs().to_string(),
+        nanos => format!("{}.{nanos:09}", since.as_secs()),
+    }
 }
 
 const S_IFMT: u32 = libc::S_IFMT;
@@ -199,6 +211,21 @@ mod tests {
         assert_eq!(
             a.mtime,
             SystemTime::UNIX_EPOCH + Duration::from_millis(12_500)
+        );
+    }
+
+    #[test]
+    fn mtime_round_trips_with_nanoseconds() {
+        for t in [
+            SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
+            SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(12),
+        ] {
+            assert_eq!(parse_mtime(&format_mtime(t)), Some(t));
+        }
+        assert_eq!(
+            format_mtime(SystemTime::UNIX_EPOCH + Duration::from_secs(12)),
+            "12"
         );
     }
 

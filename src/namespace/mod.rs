@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use attr::{Attr, Defaults, NodeKind, stored_metadata};
+pub use attr::{Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata};
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen};
 pub use names::normalize_prefix;
@@ -34,6 +34,14 @@ pub struct Listed {
     etag: Option<String>,
     from_head: bool,
     from_server: bool,
+}
+
+impl Listed {
+    /// Whether its attributes are only what a listing says (no HEAD metadata): a small file
+    /// may then really be a symlink.
+    pub fn kind_unconfirmed(&self) -> bool {
+        self.attr.kind == NodeKind::File && !self.from_head && self.from_server
+    }
 }
 
 /// An object opened for reading, pinned to the version seen at open.
@@ -86,6 +94,11 @@ impl<S: ObjectStore> Namespace<S> {
 
     fn dirty_attr(&self, key: &str) -> Option<DirtyAttr> {
         self.dirty.as_ref().and_then(|d| d.attr(key))
+    }
+
+    /// Removed here while its upload may still put it in S3 for a moment.
+    fn is_gone(&self, key: &str) -> bool {
+        self.dirty.as_ref().is_some_and(|d| d.is_gone(key))
     }
 
     fn seen_dirty(&self, attr: &DirtyAttr) -> Seen {
@@ -281,10 +294,17 @@ impl<S: ObjectStore> Namespace<S> {
             let seen = self.seen_dirty(&attr);
             return Ok(self.table().remember(&path, seen));
         }
+        if self.is_gone(&self.object_key(&path)) {
+            return Err(FsError::NotFound);
+        }
         {
             let mut table = self.table();
+            // A small object known only from a listing may be a symlink: ask (HEAD).
             if let Some(node) = table.find(&path)
                 && node.validated.is_some_and(|t| t.elapsed() < self.ttl)
+                && (node.from_head
+                    || node.attr.kind != NodeKind::File
+                    || node.attr.size > u64::from(MAX_SYMLINK_TARGET))
             {
                 let attr = node.attr.clone();
                 table.add_lookup(attr.ino);
@@ -423,6 +443,13 @@ impl<S: ObjectStore> Namespace<S> {
             .as_ref()
             .map(|d| d.under(&prefix))
             .unwrap_or_default();
+        // Taken before listing too: a key removed here stays hidden until its racing upload
+        // has been deleted again, which happens after a listing that could have seen it.
+        let gone = self
+            .dirty
+            .as_ref()
+            .map(|d| d.gone_under(&prefix))
+            .unwrap_or_default();
         let mut token = None;
         loop {
             let page = self
@@ -454,8 +481,8 @@ impl<S: ObjectStore> Namespace<S> {
                     self.skip_key(key, why);
                     continue;
                 }
-                if entries.contains_key(name) {
-                    continue; // the directory of the same name wins
+                if entries.contains_key(name) || gone.contains(key) {
+                    continue; // the directory of the same name wins; or removed here
                 }
                 let seen = self.seen_object(meta, false);
                 entries.insert(name.to_owned(), self.listed(&dir, name, seen));

@@ -84,6 +84,9 @@ pub struct DirtyFiles {
     files: Mutex<HashMap<String, DirtyFile>>,
     next_id: AtomicU64,
     usage: Arc<CacheUsage>,
+    /// Keys whose local copy went away while an upload may have been running (see
+    /// [`DirtyFiles::is_gone`]).
+    gone: Mutex<std::collections::HashSet<String>>,
 }
 
 fn to_ns(t: SystemTime) -> i128 {
@@ -160,6 +163,7 @@ impl DirtyFiles {
                 files: Mutex::new(files),
                 next_id: AtomicU64::new(max_id.max(now_id()) + 1),
                 usage,
+                gone: Mutex::default(),
             },
             keys,
         ))
@@ -248,6 +252,7 @@ impl DirtyFiles {
     }
 
     fn install(&self, key: &str, (id, data): (u64, LocalData), attr: DirtyAttr) -> DirtyAttr {
+        self.settled(key);
         let old = self.files().insert(
             key.to_owned(),
             DirtyFile {
@@ -415,17 +420,24 @@ impl DirtyFiles {
         })
     }
 
+    /// Whether `snapshot` is still of the file `key` names (not unlinked or replaced).
+    pub fn is_current(&self, snapshot: &UploadSnapshot) -> bool {
+        self.files()
+            .get(&snapshot.key)
+            .is_some_and(|f| f.id == snapshot.id)
+    }
+
     /// Records a finished upload of `snapshot`, which S3 now holds as version `etag`.
     pub fn uploaded(&self, snapshot: &UploadSnapshot, etag: &str) -> UploadOutcome {
         let (done, journalled) = {
             let mut files = self.files();
             match files.get_mut(&snapshot.key) {
                 None => return UploadOutcome::Removed,
-                // Unlinked and created anew meanwhile: the new file has its own upload.
-                Some(f) if f.id != snapshot.id => return UploadOutcome::Changed,
                 Some(f) => {
+                    // Also when the key was unlinked and created anew meanwhile: what S3 holds
+                    // now is this mount's own upload, which the new file may replace.
                     f.data.set_base_etag(Some(etag.to_owned()));
-                    if f.generation != snapshot.generation {
+                    if f.id != snapshot.id || f.generation != snapshot.generation {
                         (None, f.record.clone())
                     } else if f.writers > 0 {
                         f.in_s3 = Some(f.generation);
@@ -471,6 +483,7 @@ impl DirtyFiles {
             }
             file.data.detach_from_base();
             file.generation += 1;
+            self.gone().insert(from.to_owned());
             file.data.set_base_etag(base_etag);
             files.insert(to.to_owned(), file)
         };
@@ -486,11 +499,36 @@ impl DirtyFiles {
         let old = self.files().remove(key);
         match old {
             Some(f) => {
+                self.gone().insert(key.to_owned());
                 self.discard(f);
                 true
             }
             None => false,
         }
+    }
+
+    fn gone(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.gone.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key` lost its local copy (unlink, rename) while an upload of it may still be
+    /// running: S3 may show the object for a moment, but it is gone.
+    pub fn is_gone(&self, key: &str) -> bool {
+        self.gone().contains(key)
+    }
+
+    /// The keys under `prefix` that [`DirtyFiles::is_gone`].
+    pub fn gone_under(&self, prefix: &str) -> std::collections::HashSet<String> {
+        self.gone()
+            .iter()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Called by the uploader once no upload of `key` can still be running.
+    pub fn settled(&self, key: &str) {
+        self.gone().remove(key);
     }
 
     /// Deletes a record and its data file; the record goes first, so a crash in between leaves

@@ -103,8 +103,9 @@ impl LocalData {
         base_etag: Option<String>,
         usage: Arc<CacheUsage>,
     ) -> Self {
-        // A record without ranges (a complete copy) holds its whole length.
-        if coverage.present.is_empty()
+        // A complete copy recorded without ranges holds its whole length.
+        if coverage.base_len == 0
+            && coverage.present.is_empty()
             && let Ok(len) = file.metadata().map(|m| m.len())
             && len > 0
         {

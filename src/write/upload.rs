@@ -157,12 +157,20 @@ impl<S: ObjectStore> Uploader<S> {
         if snapshot.in_s3 {
             return Ok(());
         }
-        let etag = upload_resolving_conflict(&*self.store, &snapshot, self.config)
-            .await
-            .map_err(|e| match e {
-                UploadError::Conflict => StoreError::PreconditionFailed,
-                UploadError::Store(e) => e,
-            })?;
+        let etag = match upload_resolving_conflict(
+            &*self.store,
+            &self.dirty,
+            &snapshot,
+            self.config,
+        )
+        .await
+        {
+            Ok(etag) => etag,
+            // Unlinked or replaced meanwhile: nothing of this version is to be kept.
+            Err(UploadError::Superseded) => return Ok(()),
+            Err(UploadError::Conflict) => return Err(StoreError::PreconditionFailed),
+            Err(UploadError::Store(e)) => return Err(e),
+        };
         if self.dirty.uploaded(&snapshot, &etag) == UploadOutcome::Removed
             && let Err(e) = self.store.delete(key).await
         {
@@ -196,12 +204,14 @@ async fn upload_until_done<S: ObjectStore>(
     loop {
         let guard = locks.lock(key).await;
         let Some(snapshot) = dirty.snapshot(key) else {
+            // Nothing (more) to upload; an earlier upload of a removed key is over.
+            dirty.settled(key);
             return;
         };
         let result = if snapshot.in_s3 {
             Ok(snapshot.base_etag.clone().unwrap_or_default())
         } else {
-            upload_resolving_conflict(store, &snapshot, config).await
+            upload_resolving_conflict(store, dirty, &snapshot, config).await
         };
         // Not held while backing off: `upload_now` may try meanwhile.
         drop(guard);
@@ -218,9 +228,12 @@ async fn upload_until_done<S: ObjectStore>(
                     if let Err(e) = store.delete(key).await {
                         tracing::warn!(key, error = %e, "could not delete object of an unlinked file");
                     }
+                    dirty.settled(key);
                     return;
                 }
             },
+            // Unlinked or replaced meanwhile: look again at what the key holds now.
+            Err(UploadError::Superseded) => backoff = Duration::from_millis(200),
             Err(UploadError::Conflict) => {
                 tracing::warn!(key, retry_in = ?backoff, "conflict copy refused; will retry");
                 tokio::time::sleep(backoff).await;
@@ -244,13 +257,17 @@ enum Base {
     Gone,
 }
 
-/// Uploads the snapshot; on a conflict, as a conflict copy beside the key.
+/// Uploads the snapshot; on a conflict, as a conflict copy beside the key, unless the file
+/// was unlinked or replaced meanwhile (then the key may have changed because of that, and
+/// this version is not to be kept anyway).
 async fn upload_resolving_conflict<S: ObjectStore>(
     store: &S,
+    dirty: &DirtyFiles,
     snapshot: &UploadSnapshot,
     config: UploadConfig,
 ) -> Result<String, UploadError> {
     match upload_once(store, snapshot, config).await {
+        Err(UploadError::Conflict) if !dirty.is_current(snapshot) => Err(UploadError::Superseded),
         Err(UploadError::Conflict) => upload_conflict_copy(store, snapshot, config).await,
         other => other,
     }
@@ -291,6 +308,8 @@ async fn read_range<S: ObjectStore>(
 enum UploadError {
     /// Another client changed the key since the version the local copy is based on.
     Conflict,
+    /// The file was unlinked or replaced during the upload.
+    Superseded,
     Store(StoreError),
 }
 
