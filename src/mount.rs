@@ -265,7 +265,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             tracing::warn!(
                 pending,
                 cache_dir = %cache_dir.path().display(),
-                "files written earlier are waiting in the cache directory; mount with --read-write to see them and finish their upload"
+                "files written earlier are waiting in the cache directory; mount without --read-only to see them and finish their upload"
             );
         }
         (namespace, None)
