@@ -177,6 +177,19 @@ impl TestServer {
         }
     }
 
+    /// Undoes [`TestServer::refuse_uploads`] where the server can (the in-process one); returns
+    /// whether it could.
+    pub fn allow_uploads(&self, bucket: &str) -> bool {
+        if self.kind != ServerKind::S3sFs {
+            return false;
+        }
+        embedded::REFUSING_UPLOADS
+            .lock()
+            .unwrap()
+            .retain(|b| b != bucket);
+        true
+    }
+
     /// Deletes every object of `bucket`, then the bucket itself.
     pub fn delete_bucket(&self, bucket: &str) {
         let (files, _) = self.list(bucket, "", false);
