@@ -939,3 +939,35 @@ fn edited_objects_survive_kill_9_with_their_untouched_ranges_in_s3() {
     let (keys, _) = s.list(&bucket, "", false);
     assert_eq!(keys, ["big.bin"], "no conflict copy after the restart");
 }
+
+#[test]
+fn overwrites_after_the_last_close_never_mix_into_acknowledged_bytes() {
+    let s = server();
+    let bucket = s.bucket("wcow");
+    let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "--read-write",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    // Where the server allows it, uploads are held back so the file is still only in the
+    // journal when it is reopened; elsewhere the same promise holds through S3.
+    s.refuse_uploads_if_possible(&bucket);
+    let acknowledged = pattern(3 << 20, 60);
+    fs::write(m.path().join("f.bin"), &acknowledged).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path().join("f.bin"))
+        .unwrap();
+    f.write_all_at(&pattern(1 << 20, 61), 1 << 20).unwrap();
+    f.write_all_at(b"tail", 3 << 20).unwrap();
+    // Killed before this handle's close or fsync: none of it was acknowledged.
+    m.stop_with(libc::SIGKILL);
+    drop(f);
+    drop(m);
+    s.allow_uploads(&bucket);
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(sha256_file(&m.path().join("f.bin")), sha256(&acknowledged));
+    s.wait_for_object(&bucket, "f.bin", &sha256(&acknowledged));
+}

@@ -42,6 +42,11 @@ struct DirtyFile {
     /// The last record written to the journal; its lock orders the journal writes of this
     /// file, so a record never goes back to an older base version.
     record: Arc<Mutex<Journalled>>,
+    /// Size in the last record written: bytes below it are acknowledged and are never
+    /// overwritten in place (see [`DirtyFiles::protect_acknowledged`]).
+    durable_size: u64,
+    /// Earlier data files (ids) whose records stay until this file's next record is written.
+    retired: Vec<u64>,
 }
 
 /// What the journal holds for one dirty file.
@@ -135,7 +140,8 @@ impl DirtyFiles {
                 gid: record.gid,
                 mtime: from_ns(record.mtime_ns),
             };
-            files.insert(
+            let durable_size = record.size;
+            let older = files.insert(
                 record.key.clone(),
                 DirtyFile {
                     id: record.id,
@@ -145,8 +151,15 @@ impl DirtyFiles {
                     generation: 0,
                     in_s3: None,
                     record: Arc::new(Mutex::new(Journalled::Record(record_copy))),
+                    durable_size,
+                    retired: Vec::new(),
                 },
             );
+            // Records come by id: an older one for the same key is a copy-on-write's
+            // predecessor whose removal a crash interrupted (its data file goes as an orphan).
+            if let Some(older) = older {
+                journal.remove(older.id)?;
+            }
         }
         remove_orphans(&data_dir, &files)?;
         let keys: Vec<String> = files.keys().cloned().collect();
@@ -231,12 +244,8 @@ impl DirtyFiles {
         Ok(self.install(key, data, attr))
     }
 
-    fn new_data(
-        &self,
-        coverage: Coverage,
-        base_etag: Option<String>,
-        size: u64,
-    ) -> io::Result<(u64, LocalData)> {
+    /// A new, empty data file and its id.
+    fn new_data_file(&self) -> io::Result<(u64, std::fs::File)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let file = OpenOptions::new()
             .read(true)
@@ -244,6 +253,35 @@ impl DirtyFiles {
             .create_new(true)
             .mode(0o600)
             .open(self.data_dir.join(format!("{id:016x}")))?;
+        Ok((id, file))
+    }
+
+    /// Copy-on-write: before bytes from `from` on are changed, a file whose last record
+    /// acknowledged bytes there moves to a copy of its data file. The original stays, untouched,
+    /// with its record until the copy is journalled, so a crash in between shows exactly what
+    /// was acknowledged. Appends beyond the recorded size need no copy.
+    fn protect_acknowledged(&self, f: &mut DirtyFile, from: u64) -> io::Result<()> {
+        if from >= f.durable_size {
+            return Ok(());
+        }
+        let (id, file) = self.new_data_file()?;
+        if let Err(e) = f.data.copy_into(file) {
+            let _ = std::fs::remove_file(self.data_dir.join(format!("{id:016x}")));
+            return Err(e);
+        }
+        f.retired.push(f.id);
+        f.id = id;
+        f.durable_size = 0;
+        Ok(())
+    }
+
+    fn new_data(
+        &self,
+        coverage: Coverage,
+        base_etag: Option<String>,
+        size: u64,
+    ) -> io::Result<(u64, LocalData)> {
+        let (id, file) = self.new_data_file()?;
         file.set_len(size)?;
         Ok((
             id,
@@ -263,6 +301,8 @@ impl DirtyFiles {
                 generation: 1,
                 in_s3: None,
                 record: Arc::default(),
+                durable_size: 0,
+                retired: Vec::new(),
             },
         );
         if let Some(old) = old {
@@ -311,6 +351,12 @@ impl DirtyFiles {
         offset: u64,
         bytes: &[u8],
     ) -> io::Result<()> {
+        {
+            let mut files = self.files();
+            if let Some(f) = files.get_mut(key).filter(|f| Arc::ptr_eq(&f.data, data)) {
+                self.protect_acknowledged(f, offset)?;
+            }
+        }
         data.write_at(bytes, offset)?;
         let mut files = self.files();
         if let Some(f) = files.get_mut(key).filter(|f| Arc::ptr_eq(&f.data, data)) {
@@ -333,6 +379,7 @@ impl DirtyFiles {
     ) -> io::Result<DirtyAttr> {
         self.with_file(key, |f| {
             if let Some(size) = size {
+                self.protect_acknowledged(f, size)?;
                 f.data.set_len(size)?;
                 f.attr.size = size;
                 f.attr.mtime = SystemTime::now();
@@ -376,7 +423,22 @@ impl DirtyFiles {
         }
         record.base_etag = data.base_etag();
         self.journal.put(&record)?;
+        // The new record is durable: the copies it replaces can go (record first).
+        let retired = self
+            .with_file(key, |f| {
+                if f.id == record.id {
+                    f.durable_size = record.size;
+                    Ok(std::mem::take(&mut f.retired))
+                } else {
+                    Ok(Vec::new())
+                }
+            })
+            .unwrap_or_default();
         *journalled = Journalled::Record(record);
+        drop(journalled);
+        for id in retired {
+            self.remove_record_and_data(id);
+        }
         Ok(())
     }
 
@@ -536,11 +598,17 @@ impl DirtyFiles {
     fn discard(&self, file: DirtyFile) {
         let mut journalled = file.record.lock().unwrap_or_else(|e| e.into_inner());
         *journalled = Journalled::Discarded;
-        if let Err(e) = self.journal.remove(file.id) {
-            tracing::error!(id = file.id, error = %e, "could not remove journal record");
+        for id in file.retired.iter().chain([&file.id]) {
+            self.remove_record_and_data(*id);
+        }
+    }
+
+    fn remove_record_and_data(&self, id: u64) {
+        if let Err(e) = self.journal.remove(id) {
+            tracing::error!(id, error = %e, "could not remove journal record");
             return;
         }
-        let _ = std::fs::remove_file(self.data_dir.join(format!("{:016x}", file.id)));
+        let _ = std::fs::remove_file(self.data_dir.join(format!("{id:016x}")));
     }
 }
 
@@ -608,6 +676,59 @@ mod tests {
         assert!(dirty.attr("never-closed").is_none());
         let files = std::fs::read_dir(cache.data_dir()).unwrap().count();
         assert_eq!(files, 1, "the unacknowledged data file is removed");
+    }
+
+    #[test]
+    fn overwriting_acknowledged_bytes_copies_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files_on_disk = |cache: &CacheDir| {
+            (
+                std::fs::read_dir(cache.data_dir()).unwrap().count(),
+                Journal::new(cache).load().unwrap().records.len(),
+            )
+        };
+        {
+            let cache = CacheDir::open(tmp.path()).unwrap();
+            let (dirty, _) = DirtyFiles::open(&cache).unwrap();
+            dirty.create("k", attr(), None, b"hello world").unwrap();
+            dirty.persist("k").unwrap();
+            let data = dirty.data("k").unwrap();
+            // Reopened and changed in place, then a crash before close: not acknowledged.
+            dirty.write("k", &data, 0, b"HELLO").unwrap();
+            dirty
+                .set_attr("k", Some(8), None, None, None, None)
+                .unwrap();
+            assert_eq!(data.read(0, 100).unwrap(), b"HELLO wo");
+            assert_eq!(files_on_disk(&cache), (2, 1), "a copy beside the original");
+        }
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        {
+            let (dirty, _) = DirtyFiles::open(&cache).unwrap();
+            let data = dirty.data("k").unwrap();
+            assert_eq!(
+                data.read(0, 100).unwrap(),
+                b"hello world",
+                "the acknowledged bytes"
+            );
+            assert_eq!(
+                files_on_disk(&cache),
+                (1, 1),
+                "the unacknowledged copy is gone"
+            );
+            dirty.write("k", &data, 6, b"WORLD").unwrap();
+            dirty.persist("k").unwrap();
+            assert_eq!(
+                files_on_disk(&cache),
+                (1, 1),
+                "the original goes once the copy is journalled"
+            );
+        }
+        let (dirty, _) = DirtyFiles::open(&cache).unwrap();
+        let data = dirty.data("k").unwrap();
+        assert_eq!(data.read(0, 100).unwrap(), b"hello WORLD");
+        // Appends beyond the acknowledged size need no copy.
+        dirty.write("k", &data, 11, b"!").unwrap();
+        assert_eq!(files_on_disk(&cache), (1, 1));
     }
 
     #[test]

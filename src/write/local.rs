@@ -12,7 +12,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use rangemap::RangeSet;
 use serde::{Deserialize, Serialize};
@@ -85,7 +85,9 @@ impl CacheUsage {
 
 #[derive(Debug)]
 pub struct LocalData {
-    file: File,
+    /// Replaced (never modified in place) when acknowledged bytes are about to be overwritten:
+    /// see [`LocalData::copy_into`].
+    file: RwLock<File>,
     coverage: Mutex<Coverage>,
     usage: Arc<CacheUsage>,
     /// What this copy adds to `usage`: the length of its present ranges.
@@ -112,7 +114,7 @@ impl LocalData {
             coverage.present.insert(0..len);
         }
         let data = LocalData {
-            file,
+            file: RwLock::new(file),
             coverage: Mutex::new(Coverage::default()),
             usage,
             held: AtomicU64::new(0),
@@ -161,14 +163,41 @@ impl LocalData {
         self.coverage_lock().missing(range)
     }
 
+    fn file(&self) -> RwLockReadGuard<'_, File> {
+        // A swap either happened or not: poisoning can't leave the file half-replaced.
+        self.file.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn size(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.file().metadata()?.len())
+    }
+
+    /// Copies what the file holds into `new` and continues with `new`: the old data file keeps
+    /// the bytes its journal record acknowledged while the new one takes the changes.
+    pub fn copy_into(&self, new: File) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let coverage = self.coverage_lock();
+        let mut file = self.file.write().unwrap_or_else(|e| e.into_inner());
+        let len = file.metadata()?.len();
+        new.set_len(len)?;
+        let mut buf = vec![0u8; CHUNK as usize];
+        for range in coverage.present.iter() {
+            let mut at = range.start;
+            while at < range.end.min(len) {
+                let n = (range.end.min(len) - at).min(CHUNK) as usize;
+                file.read_exact_at(&mut buf[..n], at)?;
+                new.write_all_at(&buf[..n], at)?;
+                at += n as u64;
+            }
+        }
+        *file = new;
+        Ok(())
     }
 
     /// Writes `bytes` at `offset` (a local change).
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         let mut coverage = self.coverage_lock();
-        self.file.write_all_at(bytes, offset)?;
+        self.file().write_all_at(bytes, offset)?;
         let range = offset..offset + bytes.len() as u64;
         if !range.is_empty() {
             coverage.present.insert(range.clone());
@@ -185,7 +214,7 @@ impl LocalData {
         for gap in coverage.missing(offset..offset + bytes.len() as u64) {
             let from = (gap.start - offset) as usize;
             let to = (gap.end - offset) as usize;
-            self.file.write_all_at(&bytes[from..to], gap.start)?;
+            self.file().write_all_at(&bytes[from..to], gap.start)?;
             coverage.present.insert(gap);
         }
         self.account(&coverage);
@@ -195,7 +224,7 @@ impl LocalData {
     /// Truncates or extends the file; a cut-off tail is not the base's any more.
     pub fn set_len(&self, size: u64) -> io::Result<()> {
         let mut coverage = self.coverage_lock();
-        self.file.set_len(size)?;
+        self.file().set_len(size)?;
         coverage.cut(size);
         self.account(&coverage);
         Ok(())
@@ -220,7 +249,7 @@ impl LocalData {
     /// flush, so every range it names is on disk when this returns.
     pub fn sync(&self) -> io::Result<Coverage> {
         let coverage = self.coverage();
-        self.file.sync_all()?;
+        self.file().sync_all()?;
         Ok(coverage)
     }
 
@@ -235,7 +264,10 @@ impl LocalData {
         let mut buf = vec![0u8; len];
         let mut done = 0;
         while done < len {
-            match self.file.read_at(&mut buf[done..], offset + done as u64)? {
+            match self
+                .file()
+                .read_at(&mut buf[done..], offset + done as u64)?
+            {
                 0 => break,
                 n => done += n,
             }

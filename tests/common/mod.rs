@@ -177,6 +177,13 @@ impl TestServer {
         }
     }
 
+    /// Makes the in-process server refuse uploads to `bucket`; other servers are left alone.
+    pub fn refuse_uploads_if_possible(&self, bucket: &str) {
+        if self.kind == ServerKind::S3sFs {
+            self.refuse_uploads(bucket);
+        }
+    }
+
     /// Undoes [`TestServer::refuse_uploads`] where the server can (the in-process one); returns
     /// whether it could.
     pub fn allow_uploads(&self, bucket: &str) -> bool {
