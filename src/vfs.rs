@@ -573,11 +573,13 @@ impl<S: ObjectStore> Vfs<S> {
                 writes.uploader.enqueue(&new_key);
             }
         } else {
+            // A local copy at the target goes; an upload of it still running finishes first,
+            // so it can't land on top of the copy.
+            let _upload = writes.uploader.lock_key(&new_key).await;
             writes.dirty.remove(&new_key);
-            self.store
-                .copy_object(&old_key, &new_key)
-                .await
-                .map_err(|e| FsError::store(&old_key, e))?;
+            let copied = self.store.copy_object(&old_key, &new_key).await;
+            writes.dirty.settled(&new_key);
+            copied.map_err(|e| FsError::store(&old_key, e))?;
         }
         // The old key may exist in S3 (uploaded before); an upload of it still running deletes
         // it again when it finds the file gone, and its task runs after this delete.

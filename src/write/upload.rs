@@ -139,6 +139,12 @@ impl<S: ObjectStore> Uploader<S> {
         }
     }
 
+    /// Waits until no upload of `key` is running and keeps others from starting until the
+    /// guard is dropped.
+    pub async fn lock_key(&self, key: &str) -> impl Drop + use<S> {
+        self.locks.lock(key).await
+    }
+
     /// Queues `key` for upload (once nobody writes it; queuing twice is harmless).
     pub fn enqueue(&self, key: &str) {
         let _ = self.queue.send(key.to_owned());
@@ -171,10 +177,8 @@ impl<S: ObjectStore> Uploader<S> {
             Err(UploadError::Conflict) => return Err(StoreError::PreconditionFailed),
             Err(UploadError::Store(e)) => return Err(e),
         };
-        if self.dirty.uploaded(&snapshot, &etag) == UploadOutcome::Removed
-            && let Err(e) = self.store.delete(key).await
-        {
-            tracing::warn!(key, error = %e, "could not delete object of an unlinked file");
+        if self.dirty.uploaded(&snapshot, &etag) == UploadOutcome::Removed {
+            delete_if_ours(&*self.store, key, &etag).await;
         }
         Ok(())
     }
@@ -213,24 +217,30 @@ async fn upload_until_done<S: ObjectStore>(
         } else {
             upload_resolving_conflict(store, dirty, &snapshot, config).await
         };
-        // Not held while backing off: `upload_now` may try meanwhile.
+        let outcome = match &result {
+            Ok(etag) => {
+                let outcome = dirty.uploaded(&snapshot, etag);
+                if outcome == UploadOutcome::Removed {
+                    // Unlinked during the upload, which put the object back: remove it again.
+                    delete_if_ours(store, key, etag).await;
+                    dirty.settled(key);
+                }
+                Some(outcome)
+            }
+            Err(_) => None,
+        };
+        // Held until the outcome is recorded (a rename over this key waits for it), but not
+        // while backing off: `upload_now` may try meanwhile.
         drop(guard);
         match result {
-            Ok(etag) => match dirty.uploaded(&snapshot, &etag) {
-                UploadOutcome::Clean => {
+            Ok(_) => match outcome {
+                Some(UploadOutcome::Clean) => {
                     tracing::debug!(key, size = snapshot.attr.size, "uploaded");
                     return;
                 }
+                Some(UploadOutcome::Removed) => return,
                 // Changed during the upload: go again with the new content.
-                UploadOutcome::Changed => backoff = Duration::from_millis(200),
-                // Unlinked during the upload, which put the object back: remove it again.
-                UploadOutcome::Removed => {
-                    if let Err(e) = store.delete(key).await {
-                        tracing::warn!(key, error = %e, "could not delete object of an unlinked file");
-                    }
-                    dirty.settled(key);
-                    return;
-                }
+                _ => backoff = Duration::from_millis(200),
             },
             // Unlinked or replaced meanwhile: look again at what the key holds now.
             Err(UploadError::Superseded) => backoff = Duration::from_millis(200),
@@ -245,6 +255,20 @@ async fn upload_until_done<S: ObjectStore>(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// Deletes `key` if it still holds version `etag` (this mount's own upload of a file that was
+/// unlinked meanwhile), and not something a rename or another client put there since.
+async fn delete_if_ours<S: ObjectStore>(store: &S, key: &str, etag: &str) {
+    match store.head(key).await {
+        Ok(meta) if meta.etag == etag => {
+            if let Err(e) = store.delete(key).await {
+                tracing::warn!(key, error = %e, "could not delete object of an unlinked file");
+            }
+        }
+        Ok(_) | Err(StoreError::NotFound) => {}
+        Err(e) => tracing::warn!(key, error = %e, "could not check object of an unlinked file"),
     }
 }
 
