@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         read_write: false,
         durability: keepfs::config::Durability::Local,
         max_cache_size: None,
+        shutdown_grace: std::time::Duration::from_secs(25),
         part_size: 8 << 20,
         upload_concurrency: 16,
     };

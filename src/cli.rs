@@ -137,6 +137,12 @@ pub struct MountArgs {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
+    /// On SIGTERM/SIGINT, how long to keep uploading closed files before unmounting (new
+    /// writes are refused meanwhile; what is left stays in the cache directory for the next
+    /// start). Kubernetes allows 30 s by default. A second signal stops at once.
+    #[arg(long, default_value = "25", value_name = "DURATION")]
+    pub shutdown_grace: String,
+
     /// Bound on connecting to the endpoint; the check before mounting gives up after twice this.
     #[arg(long, default_value = "5", value_name = "DURATION")]
     pub connect_timeout: String,
@@ -171,6 +177,7 @@ impl MountArgs {
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
+            shutdown_grace: parse_duration(&self.shutdown_grace)?,
             read_write: !self.read_only,
             durability: self.durability,
             part_size: parse_size(&self.part_size)?.max(5 << 20),

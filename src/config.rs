@@ -153,6 +153,8 @@ pub struct MountConfig {
     pub fuse_threads: usize,
     /// Bound on the pre-mount bucket check (connect, list, retries).
     pub connect_timeout: Duration,
+    /// How long a stop signal waits for uploads before unmounting.
+    pub shutdown_grace: Duration,
     /// The cache directory this mount owns (locked while mounted).
     pub cache_dir: PathBuf,
     /// Whether writes are allowed (dirty files in the cache directory, uploaded in background).

@@ -195,7 +195,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyCreate,
     ) {
         let fs = &self.inner;
-        let writes = match fs.writes() {
+        let writes = match fs.new_writes() {
             Ok(w) => w,
             Err(e) => return reply.error(errno(&e)),
         };

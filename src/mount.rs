@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fuser::{Config, MountOption, Session, SessionACL};
@@ -230,6 +231,8 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         ..PrefetchConfig::default()
     };
     runtime.spawn(log_usage(Arc::clone(&fetcher)));
+    // What a stop signal drains before unmounting (read-write mounts).
+    let mut draining = None;
     let (namespace, writes) = if config.read_write {
         let (dirty, pending) =
             DirtyFiles::open(&cache_dir).map_err(|source| MountError::Journal {
@@ -249,11 +252,14 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             uploader.enqueue(key);
         }
         let namespace = namespace.with_dirty_files(Arc::clone(&dirty));
+        let stopping = Arc::new(AtomicBool::new(false));
+        draining = Some((Arc::clone(&dirty), Arc::clone(&stopping)));
         let writes = Writes {
             dirty,
             uploader,
             durability: config.durability,
             max_cache_size: config.max_cache_size,
+            stopping,
         };
         (namespace, Some(writes))
     } else {
@@ -287,8 +293,14 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
 
     let mut unmounter = session.unmount_callable();
     let signal_mountpoint = mountpoint.clone();
+    let grace = config.shutdown_grace;
     runtime.spawn(async move {
-        wait_for_stop_signal().await;
+        let mut signals = StopSignals::new();
+        signals.next().await;
+        if let Some((dirty, stopping)) = draining {
+            stopping.store(true, Ordering::Relaxed);
+            drain_uploads(&dirty, grace, &mut signals).await;
+        }
         tracing::info!(mountpoint = %signal_mountpoint.display(), "stop signal received; unmounting");
         if let Err(e) = unmounter.unmount() {
             tracing::error!(error = %e, "unmount failed (mountpoint busy?); detaching lazily");
@@ -321,28 +333,87 @@ async fn log_usage(fetcher: Arc<BlockFetcher<S3Store>>) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP (the terminal went away) also stops a foreground
-/// keepfs, but a `--daemon` one has left its terminal and ignores it.
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("could not install signal handlers; stop keepfs with umount");
-        return std::future::pending().await;
-    };
-    let daemon = std::env::var_os(DAEMON_CHILD_ENV).is_some();
+/// Waits for uploads of closed files to finish, at most `grace`; a second stop signal ends the
+/// wait. Whatever is left stays in the journal for the next start.
+async fn drain_uploads(dirty: &DirtyFiles, grace: Duration, signals: &mut StopSignals) {
+    let (files, bytes) = dirty.pending();
+    if files == 0 {
+        return;
+    }
+    tracing::info!(
+        files,
+        bytes,
+        ?grace,
+        "stop signal received; new writes refused, uploading closed files before unmounting"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
     loop {
+        let (files, bytes) = dirty.pending();
+        if files == 0 {
+            tracing::info!("all closed files uploaded");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                files,
+                bytes,
+                "shutdown grace over; the rest stays in the cache directory and is uploaded by the next start"
+            );
+            return;
+        }
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => {
-                if !daemon {
-                    return;
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = signals.next() => {
+                tracing::warn!(files, bytes, "second stop signal; unmounting now, the rest stays in the cache directory");
+                return;
+            }
+        }
+    }
+}
+
+/// SIGTERM and SIGINT stop keepfs. SIGHUP (the terminal went away) also stops a foreground
+/// keepfs, but a `--daemon` one has left its terminal and ignores it.
+struct StopSignals {
+    streams: Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some((term, int, hup)),
+            _ => {
+                tracing::error!("could not install signal handlers; stop keepfs with umount");
+                None
+            }
+        };
+        StopSignals { streams }
+    }
+
+    /// Waits for the next stop signal.
+    async fn next(&mut self) {
+        let Some((term, int, hup)) = &mut self.streams else {
+            return std::future::pending().await;
+        };
+        let daemon = std::env::var_os(DAEMON_CHILD_ENV).is_some();
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => {
+                    if !daemon {
+                        return;
+                    }
+                    tracing::info!("SIGHUP ignored (running as a daemon)");
                 }
-                tracing::info!("SIGHUP ignored (running as a daemon)");
             }
         }
     }

@@ -64,6 +64,8 @@ pub struct Writes<S> {
     pub uploader: Uploader<S>,
     pub durability: Durability,
     pub max_cache_size: Option<u64>,
+    /// Set when a stop signal arrived: no new writes, uploads drain before unmounting.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How long a write waits for uploads to free cache space before failing with ENOSPC.
@@ -155,6 +157,16 @@ impl<S: ObjectStore> Vfs<S> {
         self.writes.as_ref().ok_or(FsError::ReadOnly)
     }
 
+    /// Like [`Vfs::writes`], for operations that start a change: refused (`EROFS`) once
+    /// keepfs is stopping. Handles already open keep writing and closing.
+    pub(crate) fn new_writes(&self) -> Result<&Writes<S>, FsError> {
+        let writes = self.writes()?;
+        if writes.stopping.load(Ordering::Relaxed) {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(writes)
+    }
+
     pub(crate) fn handle_key(&self, fh: u64) -> Option<(String, bool)> {
         match lock(&self.files).get(&fh)? {
             Handle::Local { key, writer, .. } => Some((key.clone(), *writer)),
@@ -199,7 +211,7 @@ impl<S: ObjectStore> Vfs<S> {
             };
             return Ok((fh, flags));
         }
-        let dirty = &self.writes()?.dirty;
+        let dirty = &self.new_writes()?.dirty;
         let key = match self.namespace.dirty_key(ino) {
             Some(key) => {
                 if truncate {
@@ -421,7 +433,7 @@ impl<S: ObjectStore> Vfs<S> {
         name: &OsStr,
         mode: u32,
     ) -> Result<Attr, FsError> {
-        self.writes()?;
+        self.new_writes()?;
         let (path, marker) = self.namespace.new_dir_marker(parent, name)?;
         self.check_absent(parent, name).await?;
         let now = std::time::SystemTime::now();
@@ -452,7 +464,7 @@ impl<S: ObjectStore> Vfs<S> {
         name: &OsStr,
         target: &std::path::Path,
     ) -> Result<Attr, FsError> {
-        self.writes()?;
+        self.new_writes()?;
         let target = target.as_os_str().as_encoded_bytes();
         if target.is_empty() {
             return Err(FsError::NotFound);
@@ -505,7 +517,7 @@ impl<S: ObjectStore> Vfs<S> {
     }
 
     pub(crate) async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
-        self.writes()?;
+        self.new_writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
         self.namespace.forget(attr.ino, 1);
         if attr.kind != NodeKind::Directory {
@@ -532,7 +544,7 @@ impl<S: ObjectStore> Vfs<S> {
         new_name: &OsStr,
         no_replace: bool,
     ) -> Result<(), FsError> {
-        let writes = self.writes()?;
+        let writes = self.new_writes()?;
         let source = self.namespace.lookup(parent, name).await?;
         self.namespace.forget(source.ino, 1);
         if source.kind == NodeKind::Directory {
@@ -718,7 +730,7 @@ impl<S: ObjectStore> Vfs<S> {
     }
 
     pub(crate) async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
-        let writes = self.writes()?;
+        let writes = self.new_writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
         self.namespace.forget(attr.ino, 1);
         if attr.kind == NodeKind::Directory {

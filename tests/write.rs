@@ -971,3 +971,39 @@ fn overwrites_after_the_last_close_never_mix_into_acknowledged_bytes() {
     assert_eq!(sha256_file(&m.path().join("f.bin")), sha256(&acknowledged));
     s.wait_for_object(&bucket, "f.bin", &sha256(&acknowledged));
 }
+
+#[test]
+fn sigterm_uploads_closed_files_within_the_grace_period() {
+    let s = server();
+    let bucket = s.bucket("wgrace");
+    let mut m = rw_mount(&bucket, &["--shutdown-grace", "20s"]);
+    let held = s.kind == common::ServerKind::S3sFs;
+    if held {
+        s.refuse_uploads(&bucket);
+    }
+    let data = pattern(3 << 20, 120);
+    fs::write(m.path().join("closed.bin"), &data).unwrap();
+    // SAFETY: kill(2) on the pid of the keepfs child this test started.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    if held {
+        // Still serving while the upload can't finish, but refusing new writes.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert_eq!(
+            fs::write(m.path().join("late.txt"), b"x")
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EROFS)
+        );
+        assert_eq!(sha256_file(&m.path().join("closed.bin")), sha256(&data));
+        s.allow_uploads(&bucket);
+    }
+    assert_eq!(m.wait_exit(std::time::Duration::from_secs(30)), Some(0));
+    if held {
+        assert!(m.log().contains("all closed files uploaded"), "{}", m.log());
+    }
+    // In S3 when keepfs exits: nothing was left for the next start.
+    assert_eq!(
+        s.get(&bucket, "closed.bin").map(|b| sha256(&b)),
+        Some(sha256(&data))
+    );
+}

@@ -44,6 +44,11 @@ pub struct FileRecord {
     /// Which bytes the data file holds (absent in records of complete files).
     #[serde(default)]
     pub coverage: Coverage,
+    /// Identifies this file's lineage across copies, renames and restarts; uploaded as
+    /// `x-amz-meta-keepfs-origin` so keepfs recognises its own earlier uploads (absent in older
+    /// records: a new one is drawn on load).
+    #[serde(default)]
+    pub origin: Option<u64>,
     pub state: RecordState,
 }
 
@@ -172,6 +177,7 @@ mod tests {
             mtime_ns: 1_700_000_000_123_456_789,
             base_etag: Some("\"abc\"".into()),
             coverage: Coverage::default(),
+            origin: Some(7),
             state: RecordState::Dirty,
         }
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::local::{CacheUsage, Coverage, LocalData};
+use super::local::{CacheUsage, Coverage, Frozen, LocalData};
 use crate::cache::CacheDir;
 use crate::cache::journal::{FileRecord, Journal, RECORD_VERSION, RecordState};
 
@@ -47,6 +47,8 @@ struct DirtyFile {
     durable_size: u64,
     /// Earlier data files (ids) whose records stay until this file's next record is written.
     retired: Vec<u64>,
+    /// See [`FileRecord::origin`].
+    origin: u64,
 }
 
 /// What the journal holds for one dirty file.
@@ -66,10 +68,23 @@ pub struct UploadSnapshot {
     id: u64,
     pub attr: DirtyAttr,
     pub base_etag: Option<String>,
-    pub data: Arc<LocalData>,
+    /// The bytes to upload, frozen when the snapshot was taken.
+    pub data: Frozen,
     pub generation: u64,
     /// S3 already holds exactly this content (uploaded while the file was open).
     pub in_s3: bool,
+    /// See [`FileRecord::origin`].
+    pub origin: u64,
+}
+
+impl UploadSnapshot {
+    /// The same snapshot based on version `etag`.
+    pub fn with_base(&self, etag: String) -> Self {
+        UploadSnapshot {
+            base_etag: Some(etag),
+            ..self.clone()
+        }
+    }
 }
 
 /// What became of a dirty file whose upload finished.
@@ -153,6 +168,7 @@ impl DirtyFiles {
                     record: Arc::new(Mutex::new(Journalled::Record(record_copy))),
                     durable_size,
                     retired: Vec::new(),
+                    origin: record.origin.unwrap_or_else(new_origin),
                 },
             );
             // Records come by id: an older one for the same key is a copy-on-write's
@@ -180,6 +196,15 @@ impl DirtyFiles {
             },
             keys,
         ))
+    }
+
+    /// Files that could be uploaded now (closed), and their bytes.
+    pub fn pending(&self) -> (usize, u64) {
+        let files = self.files();
+        files
+            .values()
+            .filter(|f| f.writers == 0)
+            .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size))
     }
 
     /// Bytes the local copies hold in the cache directory.
@@ -303,6 +328,7 @@ impl DirtyFiles {
                 record: Arc::default(),
                 durable_size: 0,
                 retired: Vec::new(),
+                origin: new_origin(),
             },
         );
         if let Some(old) = old {
@@ -412,6 +438,7 @@ impl DirtyFiles {
                     mtime_ns: to_ns(f.attr.mtime),
                     base_etag: None,
                     coverage: Coverage::default(),
+                    origin: Some(f.origin),
                     state: RecordState::Dirty,
                 },
             ))
@@ -476,9 +503,10 @@ impl DirtyFiles {
             id: f.id,
             attr: f.attr.clone(),
             base_etag: f.data.base_etag(),
-            data: f.data.clone(),
+            data: f.data.freeze(),
             generation: f.generation,
             in_s3: f.in_s3 == Some(f.generation),
+            origin: f.origin,
         })
     }
 
@@ -487,6 +515,28 @@ impl DirtyFiles {
         self.files()
             .get(&snapshot.key)
             .is_some_and(|f| f.id == snapshot.id)
+    }
+
+    /// S3 holds version `etag` of this file's own lineage (an upload whose completion a crash
+    /// kept out of the journal): make it the base, as a finished upload would have.
+    pub fn adopt(&self, snapshot: &UploadSnapshot, etag: &str) {
+        let journalled = {
+            let files = self.files();
+            match files.get(&snapshot.key) {
+                Some(f) if f.origin == snapshot.origin => {
+                    f.data.set_base_etag(Some(etag.to_owned()));
+                    f.record.clone()
+                }
+                _ => return,
+            }
+        };
+        let mut journalled = journalled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Journalled::Record(record) = &mut *journalled {
+            record.base_etag = Some(etag.to_owned());
+            if let Err(e) = self.journal.put(record) {
+                tracing::error!(key = snapshot.key, error = %e, "could not record the new base version");
+            }
+        }
     }
 
     /// Records a finished upload of `snapshot`, which S3 now holds as version `etag`.
@@ -629,6 +679,18 @@ fn remove_orphans(
         }
     }
     Ok(())
+}
+
+/// A random lineage id for a new file (see [`FileRecord::origin`]).
+fn new_origin() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; mixing in the clock and a counter makes every call
+    // differ.
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
 }
 
 /// Ids start from the clock so a fresh journal never reuses the name of an orphaned data file.

@@ -12,7 +12,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rangemap::RangeSet;
 use serde::{Deserialize, Serialize};
@@ -87,7 +87,7 @@ impl CacheUsage {
 pub struct LocalData {
     /// Replaced (never modified in place) when acknowledged bytes are about to be overwritten:
     /// see [`LocalData::copy_into`].
-    file: RwLock<File>,
+    file: RwLock<Arc<File>>,
     coverage: Mutex<Coverage>,
     usage: Arc<CacheUsage>,
     /// What this copy adds to `usage`: the length of its present ranges.
@@ -114,7 +114,7 @@ impl LocalData {
             coverage.present.insert(0..len);
         }
         let data = LocalData {
-            file: RwLock::new(file),
+            file: RwLock::new(Arc::new(file)),
             coverage: Mutex::new(Coverage::default()),
             usage,
             held: AtomicU64::new(0),
@@ -163,9 +163,20 @@ impl LocalData {
         self.coverage_lock().missing(range)
     }
 
-    fn file(&self) -> RwLockReadGuard<'_, File> {
+    fn file(&self) -> Arc<File> {
         // A swap either happened or not: poisoning can't leave the file half-replaced.
-        self.file.read().unwrap_or_else(|e| e.into_inner())
+        self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The bytes as they are now, for an upload: the data file and its coverage. Taken when
+    /// the file is journalled and nobody writes it, it stays exactly that: a later change below
+    /// the recorded size goes to a copy (copy-on-write), one beyond it is past the snapshot.
+    pub fn freeze(&self) -> Frozen {
+        let coverage = self.coverage_lock();
+        Frozen {
+            file: self.file(),
+            coverage: coverage.clone(),
+        }
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -190,7 +201,7 @@ impl LocalData {
                 at += n as u64;
             }
         }
-        *file = new;
+        *file = Arc::new(new);
         Ok(())
     }
 
@@ -273,6 +284,52 @@ impl LocalData {
             }
         }
         buf.truncate(done);
+        Ok(buf)
+    }
+}
+
+/// A local copy's bytes frozen for an upload (see [`LocalData::freeze`]).
+#[derive(Debug, Clone)]
+pub struct Frozen {
+    file: Arc<File>,
+    pub coverage: Coverage,
+}
+
+impl Frozen {
+    /// Bytes `start..start + len`: from the data file, and where the copy never held them,
+    /// from base object `key` version `etag` (`None`: the base is gone; those bytes are zeros).
+    pub async fn read<S: ObjectStore>(
+        &self,
+        store: &S,
+        key: &str,
+        etag: Option<&str>,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let local = |e: io::Error| StoreError::Other(format!("reading local copy of {key}: {e}"));
+        let mut buf = vec![0u8; len as usize];
+        let size = self.file.metadata().map_err(local)?.len();
+        if start + len > size {
+            return Err(StoreError::Other(format!(
+                "local copy of {key} is shorter than its size"
+            )));
+        }
+        self.file.read_exact_at(&mut buf, start).map_err(local)?;
+        if let Some(etag) = etag {
+            for gap in self.coverage.missing(start..start + len) {
+                let mut at = (gap.start - start) as usize;
+                let limit = (gap.end - start) as usize;
+                store
+                    .get_range(key, etag, gap.start, gap.end, &mut |chunk| {
+                        // The store checks the length; never write past the gap regardless.
+                        let n = chunk.len().min(limit - at);
+                        buf[at..at + n].copy_from_slice(&chunk[..n]);
+                        at += n;
+                    })
+                    .await?;
+                BYTES_FETCHED.fetch_add(gap.end - gap.start, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         Ok(buf)
     }
 }

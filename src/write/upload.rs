@@ -12,7 +12,6 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::dirty::{DirtyFiles, UploadOutcome, UploadSnapshot};
-use super::local::fetch_missing;
 use crate::namespace::stored_metadata;
 use crate::store::{ObjectStore, Precondition, StoreError};
 
@@ -190,9 +189,14 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
     configured.max(size.div_ceil(MAX_PARTS)).max(5 << 20)
 }
 
+/// `x-amz-meta-*` key naming the lineage of the local file an object was uploaded from.
+const ORIGIN: &str = "keepfs-origin";
+
 fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
     let attr = &snapshot.attr;
-    stored_metadata(attr.mode, attr.uid, attr.gid, attr.mtime)
+    let mut meta = stored_metadata(attr.mode, attr.uid, attr.gid, attr.mtime);
+    meta.insert(ORIGIN.to_owned(), format!("{:016x}", snapshot.origin));
+    meta
 }
 
 /// Uploads `key` until S3 holds its current content (retrying failures), or until it is no
@@ -292,9 +296,35 @@ async fn upload_resolving_conflict<S: ObjectStore>(
 ) -> Result<String, UploadError> {
     match upload_once(store, snapshot, config).await {
         Err(UploadError::Conflict) if !dirty.is_current(snapshot) => Err(UploadError::Superseded),
-        Err(UploadError::Conflict) => upload_conflict_copy(store, snapshot, config).await,
+        Err(UploadError::Conflict) => {
+            // Our own earlier upload (its completion never reached the journal before a
+            // crash) is not someone else's change: replace it.
+            if let Some(etag) = own_upload(store, snapshot).await {
+                tracing::info!(
+                    key = snapshot.key,
+                    "S3 holds an earlier upload of this file; replacing it"
+                );
+                dirty.adopt(snapshot, &etag);
+                let adopted = snapshot.with_base(etag);
+                return match upload_once(store, &adopted, config).await {
+                    Err(UploadError::Conflict) => {
+                        upload_conflict_copy(store, snapshot, config).await
+                    }
+                    other => other,
+                };
+            }
+            upload_conflict_copy(store, snapshot, config).await
+        }
         other => other,
     }
+}
+
+/// The ETag of the object at the snapshot's key if it was uploaded from the same local file
+/// (same lineage), else `None`.
+async fn own_upload<S: ObjectStore>(store: &S, snapshot: &UploadSnapshot) -> Option<String> {
+    let meta = store.head(&snapshot.key).await.ok()?;
+    let origin = format!("{:016x}", snapshot.origin);
+    (meta.user_metadata.get(ORIGIN) == Some(&origin)).then_some(meta.etag)
 }
 
 /// Bytes `start..start + len` of the local copy, first fetching what is still the base's.
@@ -305,26 +335,14 @@ async fn read_range<S: ObjectStore>(
     start: u64,
     len: u64,
 ) -> Result<Bytes, StoreError> {
-    if let (Base::Usable, Some(etag)) = (base, &snapshot.base_etag) {
-        fetch_missing(
-            store,
-            &snapshot.key,
-            etag,
-            &snapshot.data,
-            start..start + len,
-        )
-        .await?;
-    }
+    let etag = match base {
+        Base::Usable => snapshot.base_etag.as_deref(),
+        Base::Gone => None,
+    };
     let buf = snapshot
         .data
-        .read(start, len)
-        .map_err(|e| StoreError::Other(format!("reading local copy of {}: {e}", snapshot.key)))?;
-    if buf.len() as u64 != len {
-        return Err(StoreError::Other(format!(
-            "local copy of {} is shorter than its size (changed during the upload)",
-            snapshot.key
-        )));
-    }
+        .read(store, &snapshot.key, etag, start, len)
+        .await?;
     Ok(Bytes::from(buf))
 }
 
@@ -448,7 +466,7 @@ async fn upload_conflict_copy<S: ObjectStore>(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let copy = format!("{}.keepfs-conflict-{secs}", snapshot.key);
-    if !snapshot.data.coverage().complete() {
+    if !snapshot.data.coverage.complete() {
         tracing::error!(
             key = snapshot.key,
             conflict_copy = copy,
@@ -498,7 +516,7 @@ async fn upload_parts<S: ObjectStore>(
     use futures_util::stream::{self, StreamExt, TryStreamExt};
     let size = snapshot.attr.size;
     let count = size.div_ceil(part);
-    let coverage = snapshot.data.coverage();
+    let coverage = &snapshot.data.coverage;
     let mut parts: Vec<(i32, String)> = stream::iter(0..count)
         .map(|i| {
             let coverage = &coverage;
