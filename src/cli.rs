@@ -28,7 +28,21 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount s3://BUCKET[/PREFIX] at MOUNTPOINT.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
+    /// Show what a cache directory holds: files waiting for upload and whether a mount owns it.
+    /// Works while the mount runs or not.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The cache directory (as given to `keepfs mount --cache-dir`).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: PathBuf,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod mount;
 pub mod namespace;
 pub mod prefetch;
+pub mod status;
 pub mod store;
 pub mod vfs;
 pub mod write;

@@ -14,6 +14,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status(args) => status(&args),
         Command::Mount(args) => {
             let config = match args.to_config() {
                 Ok(config) => config,
@@ -36,6 +37,23 @@ fn main() -> ExitCode {
                 )),
             }
         }
+    }
+}
+
+fn status(args: &keepfs::cli::StatusArgs) -> ExitCode {
+    match keepfs::status::read(&args.cache_dir) {
+        Ok(status) if args.json => match serde_json::to_string_pretty(&status) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("could not encode the status: {e}")),
+        },
+        Ok(status) => {
+            print!("{}", keepfs::status::render(&status));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
     }
 }
 

@@ -1007,3 +1007,55 @@ fn sigterm_uploads_closed_files_within_the_grace_period() {
         Some(sha256(&data))
     );
 }
+
+#[test]
+fn status_shows_pending_uploads_with_or_without_the_mount() {
+    let s = server();
+    let bucket = s.bucket("wstatus");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    let status = |json: bool| {
+        let mut cmd = std::process::Command::new(common::keepfs_bin());
+        cmd.args(["status", "--cache-dir", cache_arg]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut m = Mount::new(&format!("s3://{bucket}"), &["--cache-dir", cache_arg]);
+    let held = s.kind == common::ServerKind::S3sFs;
+    if held {
+        s.refuse_uploads(&bucket);
+    }
+    fs::write(m.path().join("waiting.txt"), b"0123456789").unwrap();
+    let text = status(false);
+    assert!(
+        text.contains(&format!("mounted by keepfs pid {}", m.pid())),
+        "{text}"
+    );
+    if held {
+        assert!(
+            text.contains("pending upload: 1 file(s), 10 bytes"),
+            "{text}"
+        );
+        assert!(text.contains("waiting.txt"), "{text}");
+    }
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    let json: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(json["mounted_by"], serde_json::Value::Null);
+    if held {
+        assert_eq!(json["pending"][0]["key"], "waiting.txt");
+        assert_eq!(json["bytes_pending"], 10);
+        s.allow_uploads(&bucket);
+    }
+    // Not a cache directory: a clear error.
+    let out = std::process::Command::new(common::keepfs_bin())
+        .args(["status", "--cache-dir", "/tmp"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a keepfs cache directory"));
+}

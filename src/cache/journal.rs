@@ -62,12 +62,15 @@ pub struct Loaded {
 
 pub struct Journal {
     dir: PathBuf,
+    /// Whether loading may remove what a crash left behind (only the directory's owner).
+    clean: bool,
 }
 
 impl Journal {
     pub fn new(cache: &CacheDir) -> Self {
         Journal {
             dir: cache.journal_dir(),
+            clean: true,
         }
     }
 
@@ -90,7 +93,17 @@ impl Journal {
         }
     }
 
-    /// Reads every record, sorted by id; removes temporary files a crash left behind.
+    /// The journal of cache directory `dir`, for reading only, without owning the directory
+    /// (`keepfs status` while a mount may be running).
+    pub fn read_only(dir: &std::path::Path) -> Self {
+        Journal {
+            dir: dir.join("journal"),
+            clean: false,
+        }
+    }
+
+    /// Reads every record, sorted by id; removes temporary files a crash left behind (unless
+    /// opened [`Journal::read_only`]).
     pub fn load(&self) -> std::io::Result<Loaded> {
         let mut loaded = Loaded::default();
         for entry in fs::read_dir(&self.dir)? {
@@ -100,7 +113,9 @@ impl Journal {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
             if name.starts_with(TMP_PREFIX) {
-                fs::remove_file(&path)?;
+                if self.clean {
+                    fs::remove_file(&path)?;
+                }
                 continue;
             }
             if !name.ends_with(RECORD_SUFFIX) {
@@ -121,6 +136,9 @@ impl Journal {
                 });
             match parsed {
                 Ok(record) => loaded.records.push(record),
+                // A record being replaced by a running mount may vanish between listing and
+                // reading it; a reader that doesn't own the directory skips it.
+                Err(_) if !self.clean && !path.exists() => {}
                 Err(why) => {
                     tracing::error!(path = %path.display(), why, "unreadable journal record left in place");
                     loaded.unreadable.push((path, why));
