@@ -317,17 +317,8 @@ impl Frozen {
         self.file.read_exact_at(&mut buf, start).map_err(local)?;
         if let Some(etag) = etag {
             for gap in self.coverage.missing(start..start + len) {
-                let mut at = (gap.start - start) as usize;
-                let limit = (gap.end - start) as usize;
-                store
-                    .get_range(key, etag, gap.start, gap.end, &mut |chunk| {
-                        // The store checks the length; never write past the gap regardless.
-                        let n = chunk.len().min(limit - at);
-                        buf[at..at + n].copy_from_slice(&chunk[..n]);
-                        at += n;
-                    })
-                    .await?;
-                BYTES_FETCHED.fetch_add(gap.end - gap.start, std::sync::atomic::Ordering::Relaxed);
+                let at = (gap.start - start) as usize..(gap.end - start) as usize;
+                get_into(store, key, etag, gap, &mut buf[at]).await?;
             }
         }
         Ok(buf)
@@ -338,41 +329,45 @@ impl Frozen {
 const FETCH_PIECE: u64 = 8 << 20;
 
 /// Fetches the bytes of `range` that `data` still lacks from base object `key` version
-/// `etag`. Returns how many bytes were fetched.
+/// `etag`.
 pub async fn fetch_missing<S: ObjectStore>(
     store: &S,
     key: &str,
     etag: &str,
     data: &LocalData,
     range: Range<u64>,
-) -> Result<u64, StoreError> {
-    let mut fetched = 0;
+) -> Result<(), StoreError> {
     for gap in data.missing(range) {
         let mut start = gap.start;
         while start < gap.end {
             let end = (start + FETCH_PIECE).min(gap.end);
-            let mut buf = Vec::with_capacity((end - start) as usize);
-            store
-                .get_range(key, etag, start, end, &mut |chunk| {
-                    buf.extend_from_slice(&chunk)
-                })
-                .await?;
+            let mut buf = vec![0u8; (end - start) as usize];
+            get_into(store, key, etag, start..end, &mut buf).await?;
             data.fill(&buf, start)
                 .map_err(|e| StoreError::Other(format!("writing local copy of {key}: {e}")))?;
-            fetched += end - start;
             start = end;
         }
     }
-    BYTES_FETCHED.fetch_add(fetched, std::sync::atomic::Ordering::Relaxed);
-    Ok(fetched)
+    Ok(())
 }
 
-/// Bytes fetched into local copies since the process started.
-static BYTES_FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many bytes of base objects were fetched into local copies.
-pub fn bytes_fetched() -> u64 {
-    BYTES_FETCHED.load(std::sync::atomic::Ordering::Relaxed)
+/// GETs bytes `range` of version `etag` of `key` into `buf` (as long as `range`).
+async fn get_into<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    etag: &str,
+    range: Range<u64>,
+    buf: &mut [u8],
+) -> Result<(), StoreError> {
+    let mut at = 0;
+    store
+        .get_range(key, etag, range.start, range.end, &mut |chunk| {
+            // The store checks the length; never write past the range regardless.
+            let n = chunk.len().min(buf.len() - at);
+            buf[at..at + n].copy_from_slice(&chunk[..n]);
+            at += n;
+        })
+        .await
 }
 
 impl Drop for LocalData {
