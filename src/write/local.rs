@@ -120,20 +120,33 @@ impl LocalData {
             held: AtomicU64::new(0),
             base_etag: Mutex::new(base_etag),
         };
-        data.account(&coverage);
+        data.recount(&coverage);
         *data.coverage_lock() = coverage;
         data
     }
 
-    /// Brings `usage` up to date with `coverage` (called with the coverage lock held).
-    fn account(&self, coverage: &Coverage) {
+    /// Brings `usage` up to date with all of `coverage` (when it was replaced wholesale; the
+    /// write path counts only what it changes). Called with the coverage lock held.
+    fn recount(&self, coverage: &Coverage) {
         let now: u64 = coverage.present.iter().map(|r| r.end - r.start).sum();
-        let before = self.held.swap(now, Ordering::Relaxed);
+        let before = self.held.load(Ordering::Relaxed);
         if now >= before {
-            self.usage.0.fetch_add(now - before, Ordering::Relaxed);
+            self.hold(now - before);
         } else {
-            self.usage.0.fetch_sub(before - now, Ordering::Relaxed);
+            self.release(before - now);
         }
+    }
+
+    /// Counts `bytes` more present in this copy (and the cache).
+    fn hold(&self, bytes: u64) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+        self.usage.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `bytes` fewer present in this copy (and the cache).
+    fn release(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+        self.usage.0.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     pub fn base_etag(&self) -> Option<String> {
@@ -211,10 +224,11 @@ impl LocalData {
         self.file().write_all_at(bytes, offset)?;
         let range = offset..offset + bytes.len() as u64;
         if !range.is_empty() {
+            let added = range.end - range.start - present_in(&coverage.present, &range);
             coverage.present.insert(range.clone());
             coverage.changed.insert(range);
+            self.hold(added);
         }
-        self.account(&coverage);
         Ok(())
     }
 
@@ -226,9 +240,9 @@ impl LocalData {
             let from = (gap.start - offset) as usize;
             let to = (gap.end - offset) as usize;
             self.file().write_all_at(&bytes[from..to], gap.start)?;
+            self.hold(gap.end - gap.start);
             coverage.present.insert(gap);
         }
-        self.account(&coverage);
         Ok(())
     }
 
@@ -236,8 +250,9 @@ impl LocalData {
     pub fn set_len(&self, size: u64) -> io::Result<()> {
         let mut coverage = self.coverage_lock();
         self.file().set_len(size)?;
+        let cut = present_in(&coverage.present, &(size..u64::MAX));
         coverage.cut(size);
-        self.account(&coverage);
+        self.release(cut);
         Ok(())
     }
 
@@ -253,7 +268,7 @@ impl LocalData {
         {
             coverage.present.insert(0..len);
         }
-        self.account(&coverage);
+        self.recount(&coverage);
     }
 
     /// Flushes the data file to disk and returns the coverage it holds: taken before the
@@ -286,6 +301,14 @@ impl LocalData {
         buf.truncate(done);
         Ok(buf)
     }
+}
+
+/// How many bytes of `range` `present` covers.
+fn present_in(present: &RangeSet<u64>, range: &Range<u64>) -> u64 {
+    present
+        .overlapping(range)
+        .map(|r| r.end.min(range.end) - r.start.max(range.start))
+        .sum()
 }
 
 /// A local copy's bytes frozen for an upload (see [`LocalData::freeze`]).
@@ -427,6 +450,23 @@ mod tests {
         data.fill(b"abcdefgh", 0).unwrap();
         assert_eq!(data.read(0, 8).unwrap(), b"abcd\0\0\0\0");
         assert!(data.coverage().complete());
+    }
+
+    #[test]
+    fn usage_counts_present_bytes_once() {
+        let (_dir, data) = local(100);
+        data.write_at(&[1; 10], 0).unwrap();
+        data.write_at(&[2; 10], 5).unwrap(); // 5 new bytes
+        assert_eq!(data.usage.bytes(), 15);
+        data.fill(&[0; 100], 0).unwrap(); // the other 85
+        assert_eq!(data.usage.bytes(), 100);
+        data.set_len(40).unwrap();
+        assert_eq!(data.usage.bytes(), 40);
+        data.write_at(&[3; 20], 30).unwrap(); // 10 new bytes past the end
+        assert_eq!(data.usage.bytes(), 50);
+        let usage = data.usage.clone();
+        drop(data);
+        assert_eq!(usage.bytes(), 0, "released when the copy goes");
     }
 
     #[test]
