@@ -487,17 +487,18 @@ impl DirtyFiles {
 
     /// The file as it is now, if it exists and nobody is writing it.
     pub fn snapshot(&self, key: &str) -> Option<UploadSnapshot> {
-        self.snapshot_open(key).filter(|_| {
-            let files = self.files();
-            files.get(key).is_some_and(|f| f.writers == 0)
-        })
+        self.take_snapshot(key, false)
     }
 
     /// The file as it is now, even while it is open for writing (`--durability remote`
     /// uploads at close and fsync).
     pub fn snapshot_open(&self, key: &str) -> Option<UploadSnapshot> {
+        self.take_snapshot(key, true)
+    }
+
+    fn take_snapshot(&self, key: &str, even_if_open: bool) -> Option<UploadSnapshot> {
         let files = self.files();
-        let f = files.get(key)?;
+        let f = files.get(key).filter(|f| even_if_open || f.writers == 0)?;
         Some(UploadSnapshot {
             key: key.to_owned(),
             id: f.id,
