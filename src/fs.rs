@@ -601,13 +601,13 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 Err(e) => return reply.error(errno(&e)),
             };
             let fattr = file_attr(&attr);
-            // Listings carry no metadata, so a small object known only from one may be a
-            // symlink: the kernel looks it up (HEAD) before trusting its type. Larger objects
-            // can't be symlinks.
-            let may_be_symlink = entry.kind_unconfirmed()
-                && attr.kind == NodeKind::File
-                && attr.size <= u64::from(crate::namespace::MAX_SYMLINK_TARGET);
-            let entry_ttl = if may_be_symlink { Duration::ZERO } else { ttl };
+            // The kernel looks up (HEADs) a listed object that may be a symlink before
+            // trusting its type.
+            let entry_ttl = if entry.may_be_symlink() {
+                Duration::ZERO
+            } else {
+                ttl
+            };
             if reply.add(
                 INodeNo(attr.ino),
                 i as u64 + 3,

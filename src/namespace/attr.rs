@@ -46,6 +46,13 @@ const META_MTIME: &str = "mtime";
 /// symlink.
 pub const MAX_SYMLINK_TARGET: u32 = 4096;
 
+/// Whether `attr`, known without HEAD metadata (`from_head` false), may belong to a symlink:
+/// a listing can't tell a small object holding a link target from a file. Larger objects
+/// can't be symlinks.
+pub fn may_be_symlink(attr: &Attr, from_head: bool) -> bool {
+    !from_head && attr.kind == NodeKind::File && attr.size <= u64::from(MAX_SYMLINK_TARGET)
+}
+
 /// The `x-amz-meta-*` that store `mode` (type bits included), owner and mtime.
 pub fn stored_metadata(
     mode: u32,

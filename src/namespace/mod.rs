@@ -37,10 +37,10 @@ pub struct Listed {
 }
 
 impl Listed {
-    /// Whether its attributes are only what a listing says (no HEAD metadata): a small file
-    /// may then really be a symlink.
-    pub fn kind_unconfirmed(&self) -> bool {
-        self.attr.kind == NodeKind::File && !self.from_head && self.from_server
+    /// Whether this listed object may really be a symlink (see [`attr::may_be_symlink`]);
+    /// files written on this mount are known.
+    pub fn may_be_symlink(&self) -> bool {
+        self.from_server && attr::may_be_symlink(&self.attr, self.from_head)
     }
 }
 
@@ -302,9 +302,7 @@ impl<S: ObjectStore> Namespace<S> {
             // A small object known only from a listing may be a symlink: ask (HEAD).
             if let Some(node) = table.find(&path)
                 && node.validated.is_some_and(|t| t.elapsed() < self.ttl)
-                && (node.from_head
-                    || node.attr.kind != NodeKind::File
-                    || node.attr.size > u64::from(MAX_SYMLINK_TARGET))
+                && !attr::may_be_symlink(&node.attr, node.from_head)
             {
                 let attr = node.attr.clone();
                 table.add_lookup(attr.ino);
