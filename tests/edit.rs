@@ -7,10 +7,9 @@
 mod common;
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 
-use common::{Mount, pattern, server, sha256, traffic};
+use common::{Mount, append, pattern, server, sha256, traffic};
 
 const MIB: u64 = 1 << 20;
 const PART: u64 = 8 * MIB;
@@ -28,12 +27,7 @@ fn uploads_of_edits_copy_untouched_parts_in_s3() {
     let before = traffic();
 
     let tail = pattern(1024, 165);
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(m.path().join("append.bin"))
-        .unwrap();
-    f.write_all(&tail).unwrap();
-    drop(f);
+    append(&m.path().join("append.bin"), &tail);
     let mut appended = base.clone();
     appended.extend_from_slice(&tail);
 

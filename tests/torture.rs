@@ -16,14 +16,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use common::{Mount, names, pattern, server, sha256};
+use common::{Mount, append, names, pattern, server, sha256};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -105,12 +104,7 @@ fn step(rng: &mut StdRng, root: &std::path::Path, model: &mut Model, open: &mut 
         3 if !existing.is_empty() => {
             let name = pick(rng);
             let more = pattern(rng.random_range(1..300_000), seed);
-            let mut f = OpenOptions::new()
-                .append(true)
-                .open(root.join(&name))
-                .unwrap();
-            f.write_all(&more).unwrap();
-            drop(f);
+            append(&root.join(&name), &more);
             trace(format_args!("append {name} {} bytes, close", more.len()));
             let at = model.current[&name].len();
             model.write_at(&name, at, &more);

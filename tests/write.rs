@@ -7,7 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
-use common::{Mount, names, pattern, server, sha256, sha256_file};
+use common::{Mount, append, names, pattern, server, sha256, sha256_file};
 
 const RW: &[&str] = &["--read-write"];
 
@@ -105,12 +105,7 @@ fn editing_existing_objects_append_truncate_overwrite() {
     s.put(&bucket, "overwrite.bin", &base);
     let m = rw_mount(&bucket, &[]);
 
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(m.path().join("log.txt"))
-        .unwrap();
-    f.write_all(b"appended line\n").unwrap();
-    drop(f);
+    append(&m.path().join("log.txt"), b"appended line\n");
     let mut appended = base.clone();
     appended.extend_from_slice(b"appended line\n");
 
@@ -542,12 +537,7 @@ fn editing_an_object_larger_than_one_copy_piece() {
     let base = pattern((20 << 20) + 17, 31);
     s.put(&bucket, "big.bin", &base);
     let m = rw_mount(&bucket, &[]);
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(m.path().join("big.bin"))
-        .unwrap();
-    f.write_all(b"tail").unwrap();
-    drop(f);
+    append(&m.path().join("big.bin"), b"tail");
     let mut want = base.clone();
     want.extend_from_slice(b"tail");
     assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&want));
@@ -782,12 +772,7 @@ fn rename_a_directory_of_200_files() {
         .unwrap();
     }
     fs::create_dir(m.path().join("proj/src/empty")).unwrap();
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(m.path().join("proj/src/f000.txt"))
-        .unwrap();
-    f.write_all(b" and edited").unwrap();
-    drop(f);
+    append(&m.path().join("proj/src/f000.txt"), b" and edited");
 
     // Onto a non-empty directory: refused.
     assert_eq!(
@@ -921,12 +906,7 @@ fn edited_objects_survive_kill_9_with_their_untouched_ranges_in_s3() {
     f.sync_all().unwrap();
     want[12 << 20..(12 << 20) + 6].copy_from_slice(b"EDITED");
     drop(f);
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(m.path().join("big.bin"))
-        .unwrap();
-    f.write_all(b"tail").unwrap();
-    drop(f);
+    append(&m.path().join("big.bin"), b"tail");
     want.extend_from_slice(b"tail");
     m.stop_with(libc::SIGKILL);
     drop(m);
@@ -977,10 +957,7 @@ fn sigterm_uploads_closed_files_within_the_grace_period() {
     let s = server();
     let bucket = s.bucket("wgrace");
     let mut m = rw_mount(&bucket, &["--shutdown-grace", "20s"]);
-    let held = s.kind == common::ServerKind::S3sFs;
-    if held {
-        s.refuse_uploads(&bucket);
-    }
+    let held = s.refuse_uploads_if_possible(&bucket);
     let data = pattern(3 << 20, 120);
     fs::write(m.path().join("closed.bin"), &data).unwrap();
     // SAFETY: kill(2) on the pid of the keepfs child this test started.
@@ -1025,10 +1002,7 @@ fn status_shows_pending_uploads_with_or_without_the_mount() {
         String::from_utf8(out.stdout).unwrap()
     };
     let mut m = Mount::new(&format!("s3://{bucket}"), &["--cache-dir", cache_arg]);
-    let held = s.kind == common::ServerKind::S3sFs;
-    if held {
-        s.refuse_uploads(&bucket);
-    }
+    let held = s.refuse_uploads_if_possible(&bucket);
     fs::write(m.path().join("waiting.txt"), b"0123456789").unwrap();
     let text = status(false);
     assert!(

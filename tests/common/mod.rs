@@ -81,6 +81,16 @@ fn poll_sha(
     }
 }
 
+/// Opens `path` with `O_APPEND`, writes `bytes` and closes it.
+pub fn append(path: &Path, bytes: &[u8]) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} for append: {e}", path.display()));
+    f.write_all(bytes).unwrap();
+}
+
 /// One runtime for all harness I/O (seeding, in-process server).
 pub fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -178,10 +188,13 @@ impl TestServer {
     }
 
     /// Makes the in-process server refuse uploads to `bucket`; other servers are left alone.
-    pub fn refuse_uploads_if_possible(&self, bucket: &str) {
-        if self.kind == ServerKind::S3sFs {
+    /// Returns whether uploads are now refused.
+    pub fn refuse_uploads_if_possible(&self, bucket: &str) -> bool {
+        let possible = self.kind == ServerKind::S3sFs;
+        if possible {
             self.refuse_uploads(bucket);
         }
+        possible
     }
 
     /// Undoes [`TestServer::refuse_uploads`] where the server can (the in-process one); returns
@@ -270,16 +283,24 @@ impl TestServer {
     /// The object's bytes, or `None` if it does not exist.
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         rt().block_on(async {
-            let out = self
-                .client
-                .get_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .ok()?;
+            let out = self.get_object(bucket, key).await?;
             Some(out.body.collect().await.ok()?.into_bytes().to_vec())
         })
+    }
+
+    /// GetObject of the whole object, `None` if it does not exist.
+    async fn get_object(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Option<aws_sdk_s3::operation::get_object::GetObjectOutput> {
+        self.client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .ok()
     }
 
     /// HEAD of the object, or `None` if it does not exist.
@@ -329,14 +350,7 @@ impl TestServer {
     pub fn sha256_streaming(&self, bucket: &str, key: &str) -> Option<String> {
         use sha2::Digest;
         rt().block_on(async {
-            let mut out = self
-                .client
-                .get_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .ok()?;
+            let mut out = self.get_object(bucket, key).await?;
             let mut hash = Sha256::new();
             while let Some(chunk) = out.body.next().await {
                 hash.update(chunk.ok()?);
