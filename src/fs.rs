@@ -257,10 +257,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 return self.spawn(move |fs| async move {
                     let result = match fs.writes() {
                         Ok(w) => match w.wait_for_room(data.len() as u64).await {
-                            Ok(()) => w
-                                .dirty
-                                .write(&key, &file, offset, &data)
-                                .map_err(FsError::from),
+                            Ok(()) => w.write(&key, &file, offset, &data),
                             Err(e) => Err(e),
                         },
                         Err(e) => Err(e),
@@ -271,10 +268,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     }
                 });
             }
-            (Some((key, file)), Ok(w)) => w
-                .dirty
-                .write(&key, &file, offset, data)
-                .map_err(FsError::from),
+            (Some((key, file)), Ok(w)) => w.write(&key, &file, offset, data),
             (None, Ok(_)) => Err(FsError::BadHandle(fh.0)),
             (_, Err(e)) => Err(e),
         };

@@ -72,6 +72,17 @@ pub struct Writes<S> {
 const CACHE_FULL_WAIT: Duration = Duration::from_secs(30);
 
 impl<S> Writes<S> {
+    /// Writes through an open handle's data file `data` of `key`.
+    pub(crate) fn write(
+        &self,
+        key: &str,
+        data: &Arc<LocalData>,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<(), FsError> {
+        Ok(self.dirty.write(key, data, offset, bytes)?)
+    }
+
     /// Whether `len` more bytes fit under `--max-cache-size`.
     pub(crate) fn has_room(&self, len: u64) -> bool {
         self.max_cache_size
