@@ -151,7 +151,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// On SIGTERM/SIGINT, how long to keep uploading closed files before unmounting (new
+    /// On SIGTERM/SIGINT, how long to keep uploading written files before unmounting (new
     /// writes are refused meanwhile; what is left stays in the cache directory for the next
     /// start). Kubernetes allows 30 s by default. A second signal stops at once.
     #[arg(long, default_value = "25", value_name = "DURATION")]

@@ -333,7 +333,7 @@ async fn log_usage(fetcher: Arc<BlockFetcher<S3Store>>) {
     }
 }
 
-/// Waits for uploads of closed files to finish, at most `grace`; a second stop signal ends the
+/// Waits for every written file to be uploaded (open ones once they close), at most `grace`; a second stop signal ends the
 /// wait. Whatever is left stays in the journal for the next start.
 async fn drain_uploads(dirty: &DirtyFiles, grace: Duration, signals: &mut StopSignals) {
     let (files, bytes) = dirty.pending();
@@ -344,13 +344,13 @@ async fn drain_uploads(dirty: &DirtyFiles, grace: Duration, signals: &mut StopSi
         files,
         bytes,
         ?grace,
-        "stop signal received; new writes refused, uploading closed files before unmounting"
+        "stop signal received; new writes refused, uploading written files before unmounting"
     );
     let deadline = tokio::time::Instant::now() + grace;
     loop {
         let (files, bytes) = dirty.pending();
         if files == 0 {
-            tracing::info!("all closed files uploaded");
+            tracing::info!("all written files uploaded");
             return;
         }
         if tokio::time::Instant::now() >= deadline {

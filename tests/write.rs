@@ -976,7 +976,11 @@ fn sigterm_uploads_closed_files_within_the_grace_period() {
     }
     assert_eq!(m.wait_exit(std::time::Duration::from_secs(30)), Some(0));
     if held {
-        assert!(m.log().contains("all closed files uploaded"), "{}", m.log());
+        assert!(
+            m.log().contains("all written files uploaded"),
+            "{}",
+            m.log()
+        );
     }
     // In S3 when keepfs exits: nothing was left for the next start.
     assert_eq!(

@@ -198,12 +198,12 @@ impl DirtyFiles {
         ))
     }
 
-    /// Files that could be uploaded now (closed), and their bytes.
+    /// Files not yet in S3 (uploading, or still open: a close may come any moment, and the
+    /// kernel reports it after `close()` has returned), and their bytes.
     pub fn pending(&self) -> (usize, u64) {
         let files = self.files();
         files
             .values()
-            .filter(|f| f.writers == 0)
             .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size))
     }
 
