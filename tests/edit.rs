@@ -1,15 +1,16 @@
-//! Editing large existing objects moves only what the edit touches: the untouched parts are
-//! neither downloaded nor re-sent, they are copied inside S3 (UploadPartCopy).
-//!
-//! Its own test binary: the in-process server's traffic counters are per process, and no
-//! other test may move bytes while this one measures.
+//! keepfs moves only the bytes it must, measured with the in-process server's per-bucket
+//! traffic counters: edits of large objects copy untouched parts inside S3 (UploadPartCopy),
+//! and an interrupted multipart upload continues after a restart without re-sending the parts
+//! S3 already has.
 
 mod common;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use common::{Mount, append, pattern, server, sha256, traffic};
+use common::{Mount, append, limit_parts, pattern, server, sha256, sha256_file, traffic};
 
 const MIB: u64 = 1 << 20;
 const PART: u64 = 8 * MIB;
@@ -24,7 +25,7 @@ fn uploads_of_edits_copy_untouched_parts_in_s3() {
     let append_etag = s.etag(&bucket, "append.bin").unwrap();
     let random_etag = s.etag(&bucket, "random.bin").unwrap();
     let m = Mount::new(&format!("s3://{bucket}"), &["--read-write"]);
-    let before = traffic();
+    let before = traffic(&bucket);
 
     let tail = pattern(1024, 165);
     append(&m.path().join("append.bin"), &tail);
@@ -55,7 +56,7 @@ fn uploads_of_edits_copy_untouched_parts_in_s3() {
     // Wait with HEADs (not counted) so the counters see only keepfs's traffic.
     s.wait_for_etag_change(&bucket, "append.bin", &append_etag);
     s.wait_for_etag_change(&bucket, "random.bin", &random_etag);
-    let after = traffic();
+    let after = traffic(&bucket);
     // Now check the bytes (full GETs, after the measurement).
     s.wait_for_object(&bucket, "append.bin", &sha256(&appended));
     s.wait_for_object(&bucket, "random.bin", &sha256(&edited));
@@ -64,8 +65,11 @@ fn uploads_of_edits_copy_untouched_parts_in_s3() {
         common::skipped("byte counts need the in-process server's traffic counters");
         return;
     };
-    let (downloaded, uploaded, copies) =
-        (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+    let (downloaded, uploaded, copies) = (
+        after.downloaded - before.downloaded,
+        after.uploaded - before.uploaded,
+        after.copies - before.copies,
+    );
     eprintln!(
         "edits of two 64 MiB objects: downloaded {downloaded} B, uploaded {uploaded} B, {copies} part copies"
     );
@@ -81,4 +85,136 @@ fn uploads_of_edits_copy_untouched_parts_in_s3() {
         "uploaded {uploaded} B, more than the touched parts and the appended KiB"
     );
     assert!(copies >= 8 + 5, "only {copies} parts were copied in S3");
+}
+
+/// The parts recorded for the uploads in progress in cache directory `cache`.
+fn recorded_parts(cache: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(cache.join("uploads")) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| v["parts"].as_object().map_or(0, |p| p.len()))
+        .sum()
+}
+
+/// Waits (up to 30 s) until the cache directory records `parts` uploaded parts.
+fn wait_for_recorded_parts(cache: &Path, parts: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while recorded_parts(cache) < parts {
+        assert!(
+            Instant::now() < deadline,
+            "only {} parts recorded",
+            recorded_parts(cache)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn uploads_left(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("uploads")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn an_interrupted_upload_continues_after_kill_9_without_resending_parts() {
+    let s = server();
+    let bucket = s.bucket("resume");
+    // The server takes 3 parts, then refuses the rest: the upload is cut off midway.
+    if !limit_parts(&bucket, Some(3)) {
+        common::skipped("resumed uploads: needs the in-process server to cut an upload off");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    let data = pattern((48 * MIB) as usize, 180); // 6 parts of 8 MiB
+    std::fs::write(m.path().join("big.bin"), &data).unwrap();
+    wait_for_recorded_parts(cache.path(), 3);
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    assert!(
+        s.etag(&bucket, "big.bin").is_none(),
+        "nothing completed yet"
+    );
+
+    limit_parts(&bucket, None);
+    let before = traffic(&bucket).unwrap();
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&data));
+    s.wait_for_object(&bucket, "big.bin", &sha256(&data));
+    let after = traffic(&bucket).unwrap();
+    let resent = after.uploaded - before.uploaded;
+    eprintln!(
+        "48 MiB upload cut off after 3 of 6 parts, then kill -9: {resent} B sent after the restart, {} parts",
+        after.parts - before.parts
+    );
+    // The 3 missing parts, plus the CompleteMultipartUpload request's XML.
+    assert!(
+        resent <= 3 * PART + 64 * 1024,
+        "{resent} B sent after the restart; the 3 recorded parts were sent again"
+    );
+    assert_eq!(
+        after.parts - before.parts,
+        3,
+        "only the missing parts are sent"
+    );
+    assert!(m.log().contains("resuming multipart upload"), "{}", m.log());
+    assert_eq!(
+        uploads_left(cache.path()),
+        0,
+        "the finished upload is forgotten"
+    );
+}
+
+#[test]
+fn an_interrupted_upload_of_an_object_changed_meanwhile_is_aborted_for_a_conflict_copy() {
+    let s = server();
+    let bucket = s.bucket("resumeconflict");
+    if !limit_parts(&bucket, Some(1)) {
+        common::skipped("resumed uploads: needs the in-process server to cut an upload off");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    let ours = pattern((24 * MIB) as usize, 181);
+    std::fs::write(m.path().join("f.bin"), &ours).unwrap();
+    wait_for_recorded_parts(cache.path(), 1);
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    // Another client writes the key while keepfs is down.
+    let theirs = pattern(1000, 182);
+    s.put(&bucket, "f.bin", &theirs);
+    limit_parts(&bucket, None);
+
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let copy = loop {
+        let (keys, _) = s.list(&bucket, "", false);
+        if let Some(copy) = keys
+            .into_iter()
+            .find(|k| k.starts_with("f.bin.keepfs-conflict-"))
+        {
+            break copy;
+        }
+        assert!(Instant::now() < deadline, "no conflict copy");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    s.wait_for_object(&bucket, &copy, &sha256(&ours));
+    assert_eq!(
+        s.get(&bucket, "f.bin").map(|b| sha256(&b)),
+        Some(sha256(&theirs))
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while uploads_left(cache.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the outdated upload is still recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(m);
 }

@@ -8,6 +8,7 @@
 //!   lock          held with an exclusive lock by the owning process; contains its pid
 //!   journal/      one record per file the journal describes (see `journal`)
 //!   data/         file contents, named by record id, never by object key
+//!   uploads/      multipart uploads in progress, named by data file id (see `write::resume`)
 //!   tmp/          scratch for atomic replacement (write, fsync, rename)
 //! ```
 
@@ -24,7 +25,7 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_PREFIX: &str = "keepfs-cache-format ";
 const LOCK_FILE: &str = "lock";
-const SUBDIRS: [&str; 3] = ["journal", "data", "tmp"];
+const SUBDIRS: [&str; 4] = ["journal", "data", "uploads", "tmp"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheDirError {
@@ -86,6 +87,10 @@ impl CacheDir {
 
     pub fn data_dir(&self) -> PathBuf {
         self.path.join("data")
+    }
+
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.path.join("uploads")
     }
 
     pub fn tmp_dir(&self) -> PathBuf {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::local::{CacheUsage, Coverage, Frozen, LocalData};
+use super::resume::PendingUploads;
 use crate::cache::CacheDir;
 use crate::cache::journal::{FileRecord, Journal, RECORD_VERSION, RecordState};
 
@@ -65,7 +66,8 @@ enum Journalled {
 #[derive(Clone)]
 pub struct UploadSnapshot {
     pub key: String,
-    id: u64,
+    /// The data file the bytes come from.
+    pub id: u64,
     pub attr: DirtyAttr,
     pub base_etag: Option<String>,
     /// The bytes to upload, frozen when the snapshot was taken.
@@ -101,6 +103,8 @@ pub enum UploadOutcome {
 pub struct DirtyFiles {
     data_dir: PathBuf,
     journal: Journal,
+    /// Multipart uploads in progress, for resuming them after a restart.
+    pending_uploads: PendingUploads,
     files: Mutex<HashMap<String, DirtyFile>>,
     next_id: AtomicU64,
     usage: Arc<CacheUsage>,
@@ -189,6 +193,7 @@ impl DirtyFiles {
             DirtyFiles {
                 data_dir,
                 journal,
+                pending_uploads: PendingUploads::new(cache),
                 files: Mutex::new(files),
                 next_id: AtomicU64::new(max_id.max(now_id()) + 1),
                 usage,
@@ -205,6 +210,16 @@ impl DirtyFiles {
         files
             .values()
             .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size))
+    }
+
+    /// Multipart uploads in progress (see [`PendingUploads`]).
+    pub fn pending_uploads(&self) -> &PendingUploads {
+        &self.pending_uploads
+    }
+
+    /// Whether data file `id` belongs to a dirty file.
+    pub fn has_data_file(&self, id: u64) -> bool {
+        self.files().values().any(|f| f.id == id)
     }
 
     /// Bytes the local copies hold in the cache directory.

@@ -3,6 +3,8 @@
 //! Files up to the part size go up with one PutObject; larger ones as a multipart upload with
 //! several parts in flight. A failed upload is retried with capped exponential backoff.
 //! Only a completed upload replaces the object, so S3 readers see the old or the new version.
+//! A multipart upload cut off by a failure or a crash is continued from the parts S3 already
+//! has (see [`super::resume`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::dirty::{DirtyFiles, UploadOutcome, UploadSnapshot};
+use super::resume::{self, PendingUpload};
 use crate::namespace::stored_metadata;
 use crate::store::{ObjectStore, Precondition, StoreError};
 
@@ -99,6 +102,7 @@ impl<S: ObjectStore> Uploader<S> {
         let locks = KeyLocks::default();
         let (task_store, task_dirty, task_locks) = (store.clone(), dirty.clone(), locks.clone());
         tokio::spawn(async move {
+            abort_orphaned_uploads(&*task_store, &task_dirty).await;
             while let Some(key) = rx.recv().await {
                 {
                     let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
@@ -116,7 +120,8 @@ impl<S: ObjectStore> Uploader<S> {
                 let locks = task_locks.clone();
                 tokio::spawn(async move {
                     loop {
-                        upload_until_done(&*store, &dirty, &locks, &key, config).await;
+                        let sender = Sender::new(&*store, &dirty, config);
+                        upload_until_done(&sender, &locks, &key).await;
                         let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
                         if active.get(&key) == Some(&true) {
                             active.insert(key.clone(), false);
@@ -162,19 +167,13 @@ impl<S: ObjectStore> Uploader<S> {
         if snapshot.in_s3 {
             return Ok(());
         }
-        let etag = match upload_resolving_conflict(
-            &*self.store,
-            &self.dirty,
-            &snapshot,
-            self.config,
-        )
-        .await
-        {
+        let sender = Sender::new(&*self.store, &self.dirty, self.config);
+        let etag = match upload_resolving_conflict(&sender, &snapshot).await {
             Ok(etag) => etag,
             // Unlinked or replaced meanwhile: nothing of this version is to be kept.
             Err(UploadError::Superseded) => return Ok(()),
             Err(UploadError::Conflict) => return Err(StoreError::PreconditionFailed),
-            Err(UploadError::Store(e)) => return Err(e),
+            Err(UploadError::Store(e) | UploadError::Abandoned(e)) => return Err(e),
         };
         if self.dirty.uploaded(&snapshot, &etag) == UploadOutcome::Removed {
             delete_if_ours(&*self.store, key, &etag).await;
@@ -199,27 +198,68 @@ fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
     meta
 }
 
+/// What an upload needs besides the snapshot: the store, the dirty files (and their record of
+/// uploads in progress) and the tuning.
+struct Sender<'a, S> {
+    store: &'a S,
+    dirty: &'a DirtyFiles,
+    config: UploadConfig,
+}
+
+impl<'a, S: ObjectStore> Sender<'a, S> {
+    fn new(store: &'a S, dirty: &'a DirtyFiles, config: UploadConfig) -> Self {
+        Sender {
+            store,
+            dirty,
+            config,
+        }
+    }
+}
+
+/// Aborts multipart uploads recorded for data files that are no longer dirty (the file was
+/// uploaded another way, unlinked or replaced before its upload finished).
+async fn abort_orphaned_uploads<S: ObjectStore>(store: &S, dirty: &DirtyFiles) {
+    let pending = dirty.pending_uploads();
+    for (id, upload) in pending.all() {
+        if dirty.has_data_file(id) {
+            continue; // resumed or replaced by the file's own next upload
+        }
+        abort(store, &upload).await;
+        pending.remove(id);
+    }
+}
+
+/// Aborts a multipart upload, best effort: one that is gone already is fine, and a bucket
+/// lifecycle rule (AbortIncompleteMultipartUpload) catches what fails here.
+async fn abort<S: ObjectStore>(store: &S, upload: &PendingUpload) {
+    match store.abort_multipart(&upload.key, &upload.upload_id).await {
+        Ok(()) | Err(StoreError::NotFound) => {
+            tracing::debug!(key = upload.key, "aborted multipart upload")
+        }
+        Err(e) => {
+            tracing::warn!(key = upload.key, error = %e, "could not abort multipart upload")
+        }
+    }
+}
+
 /// Uploads `key` until S3 holds its current content (retrying failures), or until it is no
 /// longer dirty (deleted, or being written again: the next close queues it anew).
-async fn upload_until_done<S: ObjectStore>(
-    store: &S,
-    dirty: &DirtyFiles,
-    locks: &KeyLocks,
-    key: &str,
-    config: UploadConfig,
-) {
+async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLocks, key: &str) {
+    let (store, dirty) = (sender.store, sender.dirty);
     let mut backoff = Duration::from_millis(200);
     loop {
         let guard = locks.lock(key).await;
         let Some(snapshot) = dirty.snapshot(key) else {
             // Nothing (more) to upload; an earlier upload of a removed key is over.
             dirty.settled(key);
+            drop(guard);
+            abort_orphaned_uploads(store, dirty).await;
             return;
         };
         let result = if snapshot.in_s3 {
             Ok(snapshot.base_etag.clone().unwrap_or_default())
         } else {
-            upload_resolving_conflict(store, dirty, &snapshot, config).await
+            upload_resolving_conflict(sender, &snapshot).await
         };
         let outcome = match &result {
             Ok(etag) => {
@@ -253,7 +293,7 @@ async fn upload_until_done<S: ObjectStore>(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            Err(UploadError::Store(e)) => {
+            Err(UploadError::Store(e) | UploadError::Abandoned(e)) => {
                 tracing::warn!(key, error = %e, retry_in = ?backoff, "upload failed; will retry");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -289,31 +329,29 @@ enum Base {
 /// was unlinked or replaced meanwhile (then the key may have changed because of that, and
 /// this version is not to be kept anyway).
 async fn upload_resolving_conflict<S: ObjectStore>(
-    store: &S,
-    dirty: &DirtyFiles,
+    sender: &Sender<'_, S>,
     snapshot: &UploadSnapshot,
-    config: UploadConfig,
 ) -> Result<String, UploadError> {
-    match upload_once(store, snapshot, config).await {
-        Err(UploadError::Conflict) if !dirty.is_current(snapshot) => Err(UploadError::Superseded),
+    match upload_once(sender, snapshot).await {
+        Err(UploadError::Conflict) if !sender.dirty.is_current(snapshot) => {
+            Err(UploadError::Superseded)
+        }
         Err(UploadError::Conflict) => {
             // Our own earlier upload (its completion never reached the journal before a
             // crash) is not someone else's change: replace it.
-            if let Some(etag) = own_upload(store, snapshot).await {
+            if let Some(etag) = own_upload(sender.store, snapshot).await {
                 tracing::info!(
                     key = snapshot.key,
                     "S3 holds an earlier upload of this file; replacing it"
                 );
-                dirty.adopt(snapshot, &etag);
+                sender.dirty.adopt(snapshot, &etag);
                 let adopted = snapshot.with_base(etag);
-                return match upload_once(store, &adopted, config).await {
-                    Err(UploadError::Conflict) => {
-                        upload_conflict_copy(store, snapshot, config).await
-                    }
+                return match upload_once(sender, &adopted).await {
+                    Err(UploadError::Conflict) => upload_conflict_copy(sender, snapshot).await,
                     other => other,
                 };
             }
-            upload_conflict_copy(store, snapshot, config).await
+            upload_conflict_copy(sender, snapshot).await
         }
         other => other,
     }
@@ -352,6 +390,8 @@ enum UploadError {
     Conflict,
     /// The file was unlinked or replaced during the upload.
     Superseded,
+    /// The multipart upload can't be completed; a new one is needed.
+    Abandoned(StoreError),
     Store(StoreError),
 }
 
@@ -388,47 +428,51 @@ async fn check_base<S: ObjectStore>(
 }
 
 async fn upload_once<S: ObjectStore>(
-    store: &S,
+    sender: &Sender<'_, S>,
     snapshot: &UploadSnapshot,
-    config: UploadConfig,
 ) -> Result<String, UploadError> {
-    upload_to(
-        store,
-        snapshot,
-        &snapshot.key,
-        &precondition(snapshot),
-        Base::Usable,
-        config,
-    )
-    .await
+    let condition = precondition(snapshot);
+    upload_to(sender, snapshot, &snapshot.key, &condition, Base::Usable).await
 }
 
 /// Uploads the snapshot's bytes to `key` under `condition`.
 async fn upload_to<S: ObjectStore>(
-    store: &S,
+    sender: &Sender<'_, S>,
     snapshot: &UploadSnapshot,
     key: &str,
     condition: &Precondition,
     base: Base,
-    config: UploadConfig,
 ) -> Result<String, UploadError> {
+    let store = sender.store;
     let size = snapshot.attr.size;
     let meta = metadata(snapshot);
-    let part = part_size_for(size, config.part_size);
+    let part = part_size_for(size, sender.config.part_size);
     let guarded = *condition != Precondition::None;
     if size <= part {
+        // A multipart upload of an earlier, larger version is of no use any more.
+        if let Some(outdated) = sender.dirty.pending_uploads().get(snapshot.id) {
+            abort(store, &outdated).await;
+            sender.dirty.pending_uploads().remove(snapshot.id);
+        }
         let body = read_range(store, snapshot, base, 0, size).await?;
         if guarded {
             check_base(store, snapshot).await?;
         }
         return Ok(store.put_object(key, body, &meta, condition).await?);
     }
-    let upload_id = store.create_multipart(key, &meta).await?;
+    let base_etag = match base {
+        Base::Usable => snapshot.base_etag.as_deref(),
+        Base::Gone => None,
+    };
+    let fingerprint = resume::fingerprint(snapshot.id, size, &meta, base_etag, part, key);
+    let upload = start_multipart(sender, snapshot, key, &meta, fingerprint, part).await?;
+    let upload_id = upload.upload_id.clone();
+    let progress = std::sync::Mutex::new(upload);
     let target = Target {
         key,
         upload_id: &upload_id,
     };
-    let parts = upload_parts(store, snapshot, &target, base, part, config.concurrency).await;
+    let parts = upload_parts(sender, snapshot, &target, base, part, &progress).await;
     let committed = match parts {
         Ok(parts) => {
             let checked = if guarded {
@@ -440,26 +484,92 @@ async fn upload_to<S: ObjectStore>(
                 Ok(()) => store
                     .complete_multipart(key, &upload_id, parts, condition)
                     .await
-                    .map_err(UploadError::from),
+                    .map_err(|e| match e {
+                        // The upload is unusable (gone, or a part refused): start afresh.
+                        StoreError::NotFound | StoreError::Other(_) => UploadError::Abandoned(e),
+                        e => UploadError::from(e),
+                    }),
                 Err(e) => Err(e),
             }
         }
         Err(e) => Err(e),
     };
-    if committed.is_err()
-        && let Err(abort) = store.abort_multipart(key, &upload_id).await
-    {
-        tracing::warn!(key, error = %abort, "could not abort multipart upload");
+    let upload = progress.into_inner().unwrap_or_else(|e| e.into_inner());
+    match &committed {
+        Ok(_) => sender.dirty.pending_uploads().remove(snapshot.id),
+        // Cut off: the parts S3 has stay, the next attempt (or the next start) goes on.
+        Err(UploadError::Store(_)) => {}
+        Err(_) => {
+            abort(store, &upload).await;
+            sender.dirty.pending_uploads().remove(snapshot.id);
+        }
     }
-    committed
+    committed.map_err(|e| match e {
+        UploadError::Abandoned(e) => UploadError::Store(e),
+        e => e,
+    })
+}
+
+/// Bytes sent before a restart or failure that resumed uploads did not send again, since the
+/// process started.
+static RESUMED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many bytes resumed uploads did not need to send again.
+pub fn resumed_bytes() -> u64 {
+    RESUMED_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The multipart upload for this snapshot: the one in progress if it uploads exactly these
+/// bytes (after a failure or a restart), else a new one (aborting an outdated one).
+async fn start_multipart<S: ObjectStore>(
+    sender: &Sender<'_, S>,
+    snapshot: &UploadSnapshot,
+    key: &str,
+    meta: &HashMap<String, String>,
+    fingerprint: String,
+    part: u64,
+) -> Result<PendingUpload, UploadError> {
+    let pending = sender.dirty.pending_uploads();
+    match pending.get(snapshot.id) {
+        Some(upload) if upload.fingerprint == fingerprint => {
+            let size = snapshot.attr.size;
+            let done: u64 = upload
+                .parts
+                .keys()
+                .map(|&n| {
+                    let start = (n.max(1) as u64 - 1) * part;
+                    size.saturating_sub(start).min(part)
+                })
+                .sum();
+            RESUMED_BYTES.fetch_add(done, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                key,
+                parts_done = upload.parts.len(),
+                bytes_not_resent = done,
+                "resuming multipart upload"
+            );
+            return Ok(upload);
+        }
+        Some(outdated) => {
+            // The file changed since: those parts are of no use.
+            abort(sender.store, &outdated).await;
+            pending.remove(snapshot.id);
+        }
+        None => {}
+    }
+    let upload_id = sender.store.create_multipart(key, meta).await?;
+    let upload = resume::PendingUploads::started(key, &upload_id, fingerprint);
+    if let Err(e) = pending.put(snapshot.id, &upload) {
+        tracing::warn!(key, error = %e, "could not record the multipart upload; a restart would send it again");
+    }
+    Ok(upload)
 }
 
 /// Keeps both versions after a conflict: the remote object stays, the local copy goes up beside
 /// it as `KEY.keepfs-conflict-<unix seconds>`.
 async fn upload_conflict_copy<S: ObjectStore>(
-    store: &S,
+    sender: &Sender<'_, S>,
     snapshot: &UploadSnapshot,
-    config: UploadConfig,
 ) -> Result<String, UploadError> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -473,15 +583,7 @@ async fn upload_conflict_copy<S: ObjectStore>(
             "conflict: parts of the original object this file was edited from were never read and are gone from S3; they are zeros in the conflict copy"
         );
     }
-    let etag = upload_to(
-        store,
-        snapshot,
-        &copy,
-        &Precondition::None,
-        Base::Gone,
-        config,
-    )
-    .await?;
+    let etag = upload_to(sender, snapshot, &copy, &Precondition::None, Base::Gone).await?;
     CONFLICTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(
         key = snapshot.key,
@@ -505,55 +607,94 @@ struct Target<'a> {
     upload_id: &'a str,
 }
 
+/// Sends the parts S3 does not have yet (recording each one it acknowledges in `progress`)
+/// and returns them all, in order.
 async fn upload_parts<S: ObjectStore>(
-    store: &S,
+    sender: &Sender<'_, S>,
     snapshot: &UploadSnapshot,
     target: &Target<'_>,
     base: Base,
     part: u64,
-    concurrency: usize,
+    progress: &std::sync::Mutex<PendingUpload>,
 ) -> Result<Vec<(i32, String)>, UploadError> {
-    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    use futures_util::stream::{self, StreamExt};
+    let store = sender.store;
     let size = snapshot.attr.size;
     let count = size.div_ceil(part);
     let coverage = &snapshot.data.coverage;
-    let mut parts: Vec<(i32, String)> = stream::iter(0..count)
+    let lock = || progress.lock().unwrap_or_else(|e| e.into_inner());
+    let done = lock().parts.clone();
+    // After a failure no new part starts, but those in flight finish and are recorded: S3
+    // has them, and a resumed upload need not send them again.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<(i32, String), UploadError>> = stream::iter(0..count)
+        .filter(|i| std::future::ready(!done.contains_key(&(*i as i32 + 1))))
         .map(|i| {
-            let coverage = &coverage;
+            let (coverage, failed) = (&coverage, &failed);
             async move {
-                let range = i * part..(i * part + part).min(size);
-                let number = i as i32 + 1;
-                let (Target { key, upload_id }, source) = (target, &snapshot.key);
-                let etag = match (&snapshot.base_etag, base) {
-                    // Untouched since it left S3: copied there, neither downloaded nor sent.
-                    (Some(etag), Base::Usable) if coverage.unchanged(&range) => store
-                        .upload_part_copy(
-                            key,
-                            upload_id,
-                            number,
-                            source,
-                            etag,
-                            range.start,
-                            range.end,
-                        )
-                        .await
-                        .map_err(|e| match e {
-                            StoreError::NotFound => UploadError::Conflict,
-                            e => UploadError::from(e),
-                        })?,
-                    _ => {
-                        let body =
-                            read_range(store, snapshot, base, range.start, range.end - range.start)
-                                .await?;
-                        store.upload_part(key, upload_id, number, body).await?
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                let result = async {
+                    let range = i * part..(i * part + part).min(size);
+                    let number = i as i32 + 1;
+                    let (Target { key, upload_id }, source) = (target, &snapshot.key);
+                    let etag = match (&snapshot.base_etag, base) {
+                        // Untouched since it left S3: copied there, neither downloaded nor sent.
+                        (Some(etag), Base::Usable) if coverage.unchanged(&range) => store
+                            .upload_part_copy(
+                                key,
+                                upload_id,
+                                number,
+                                source,
+                                etag,
+                                range.start,
+                                range.end,
+                            )
+                            .await
+                            .map_err(|e| match e {
+                                StoreError::NotFound => UploadError::Conflict,
+                                e => UploadError::from(e),
+                            })?,
+                        _ => {
+                            let body = read_range(
+                                store,
+                                snapshot,
+                                base,
+                                range.start,
+                                range.end - range.start,
+                            )
+                            .await?;
+                            store
+                                .upload_part(key, upload_id, number, body)
+                                .await
+                                .map_err(|e| match e {
+                                    // The upload is gone (aborted, expired): start afresh.
+                                    StoreError::NotFound => UploadError::Abandoned(e),
+                                    e => UploadError::from(e),
+                                })?
+                        }
+                    };
+                    let mut progress = lock();
+                    progress.parts.insert(number, etag.clone());
+                    if let Err(e) = sender.dirty.pending_uploads().put(snapshot.id, &progress) {
+                        tracing::warn!(key, error = %e, "could not record an uploaded part");
                     }
-                };
-                Ok::<_, UploadError>((number, etag))
+                    Ok::<_, UploadError>((number, etag))
+                }
+                .await;
+                if result.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                result.map(Some)
             }
         })
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await?;
+        .buffer_unordered(sender.config.concurrency.max(1))
+        .filter_map(|r| std::future::ready(r.transpose()))
+        .collect()
+        .await;
+    let mut parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    parts.extend(done);
     parts.sort_by_key(|(n, _)| *n);
     Ok(parts)
 }

@@ -1,55 +1,98 @@
 //! An S3 server in this process: s3s-fs over a local directory, on 127.0.0.1 with a free port.
 //! Shared by the test harness and `examples/demo.rs`.
+//!
+//! Around s3s-fs it counts each bucket's traffic and can refuse a bucket's uploads, so tests
+//! can check how many bytes keepfs moved and what it does when S3 says no. A server can be
+//! stopped and started again on the same port and directory (an outage).
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub const ACCESS_KEY: &str = "keepfs-test";
 pub const SECRET_KEY: &str = "keepfs-test-secret";
 
-/// Bytes and requests the in-process server saw, for tests that check how much keepfs moved.
-#[derive(Default)]
+/// Bytes and requests the in-process server saw for one bucket.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Traffic {
     /// Body bytes of GET responses.
-    pub downloaded: AtomicU64,
+    pub downloaded: u64,
     /// Body bytes of PUT and POST requests that carry data (PutObject, UploadPart).
-    pub uploaded: AtomicU64,
+    pub uploaded: u64,
     /// Server-side copies (CopyObject, UploadPartCopy).
-    pub copies: AtomicU64,
+    pub copies: u64,
+    /// UploadPart requests (with data) accepted.
+    pub parts: u64,
 }
 
-impl Traffic {
-    /// (downloaded, uploaded, copies) so far.
-    #[allow(dead_code)] // used by tests, not by the demo that shares this file
-    pub fn now(&self) -> (u64, u64, u64) {
-        (
-            self.downloaded.load(Ordering::SeqCst),
-            self.uploaded.load(Ordering::SeqCst),
-            self.copies.load(Ordering::SeqCst),
-        )
-    }
+static TRAFFIC: Mutex<Option<HashMap<String, Traffic>>> = Mutex::new(None);
+
+/// What the in-process server has seen for `bucket` so far.
+#[allow(dead_code)] // used by tests, not by the demo that shares this file
+pub fn traffic(bucket: &str) -> Traffic {
+    let map = TRAFFIC.lock().unwrap_or_else(|e| e.into_inner());
+    map.as_ref()
+        .and_then(|m| m.get(bucket).copied())
+        .unwrap_or_default()
 }
 
-pub static TRAFFIC: Traffic = Traffic {
-    downloaded: AtomicU64::new(0),
-    uploaded: AtomicU64::new(0),
-    copies: AtomicU64::new(0),
-};
+fn count(bucket: &str, add: impl FnOnce(&mut Traffic)) {
+    let mut map = TRAFFIC.lock().unwrap_or_else(|e| e.into_inner());
+    add(map
+        .get_or_insert_with(HashMap::new)
+        .entry(bucket.to_owned())
+        .or_default());
+}
 
 /// Buckets whose uploads the in-process server refuses (403 AccessDenied), as a server with a
 /// policy that denies writes would.
-pub static REFUSING_UPLOADS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+pub static REFUSING_UPLOADS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-fn refuses(method: &hyper::Method, path: &str) -> bool {
+/// Buckets whose UploadPart requests are accepted only this many more times; later ones are
+/// refused (403), as if the upload were cut off midway.
+pub static PART_BUDGET: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+
+/// The bucket a path-style request is for.
+fn bucket_of(path: &str) -> &str {
+    let path = path.trim_start_matches('/');
+    path.split('/').next().unwrap_or(path)
+}
+
+fn is_upload_part(req: &hyper::Request<hyper::body::Incoming>) -> bool {
+    req.method() == hyper::Method::PUT
+        && !req.headers().contains_key("x-amz-copy-source")
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("partNumber=")))
+}
+
+/// Whether the test has this request refused.
+fn refuses(req: &hyper::Request<hyper::body::Incoming>) -> bool {
+    let method = req.method();
     if method != hyper::Method::PUT && method != hyper::Method::POST {
         return false;
     }
+    let path = req.uri().path();
+    // Only requests for a key: bucket creation and deletion go on.
+    let Some((bucket, _key)) = path.trim_start_matches('/').split_once('/') else {
+        return false;
+    };
     let refusing = REFUSING_UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
-    refusing.iter().any(|b| {
-        path.strip_prefix('/')
-            .and_then(|p| p.strip_prefix(b.as_str()))
-            .is_some_and(|rest| rest.starts_with('/'))
-    })
+    if refusing.iter().any(|b| b == bucket) {
+        return true;
+    }
+    if is_upload_part(req) {
+        let mut budgets = PART_BUDGET.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(left) = budgets.as_mut().and_then(|b| b.get_mut(bucket)) {
+            if *left == 0 {
+                return true;
+            }
+            *left -= 1;
+        }
+    }
+    false
 }
 
 fn header_number(headers: &hyper::HeaderMap, name: &str) -> u64 {
@@ -60,72 +103,134 @@ fn header_number(headers: &hyper::HeaderMap, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Serves `root` (one subdirectory per bucket) on `runtime`; returns the endpoint URL.
+fn access_denied() -> hyper::Response<s3s::Body> {
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+        <Error><Code>AccessDenied</Code>\
+        <Message>uploads refused by the test</Message></Error>";
+    let mut denied = hyper::Response::new(s3s::Body::from(body.to_owned()));
+    *denied.status_mut() = hyper::StatusCode::FORBIDDEN;
+    denied
+}
+
+/// A running in-process server that can be stopped and started again.
+pub struct Embedded {
+    pub endpoint: String,
+    root: PathBuf,
+    addr: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Embedded {
+    /// Serves `root` (one subdirectory per bucket) on a free loopback port.
+    pub fn start(root: &Path, runtime: &tokio::runtime::Runtime) -> Self {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        Embedded {
+            endpoint: format!("http://{addr}"),
+            root: root.to_owned(),
+            addr,
+            task: Some(runtime.spawn(serve(root.to_owned(), listener))),
+        }
+    }
+
+    /// Closes the listener and every connection: clients see connection errors.
+    #[allow(dead_code)] // used by tests, not by the demo that shares this file
+    pub fn stop(&mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = runtime.block_on(task);
+        }
+    }
+
+    /// Serves the same directory on the same port again.
+    #[allow(dead_code)]
+    pub fn restart(&mut self, runtime: &tokio::runtime::Runtime) {
+        self.stop(runtime);
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(self.addr))
+            .expect("bind the same port again");
+        self.task = Some(runtime.spawn(serve(self.root.clone(), listener)));
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Serves `root` on `runtime` for the life of the process; returns the endpoint URL.
 pub fn start_s3s_fs(root: &Path, runtime: &tokio::runtime::Runtime) -> String {
+    let server = Embedded::start(root, runtime);
+    let endpoint = server.endpoint.clone();
+    std::mem::forget(server);
+    endpoint
+}
+
+/// Accepts connections until aborted; aborting drops every connection too.
+async fn serve(root: PathBuf, listener: tokio::net::TcpListener) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder as ConnBuilder;
 
-    let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs over the server directory");
+    let fs = s3s_fs::FileSystem::new(&root).expect("s3s-fs over the server directory");
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
     let service = builder.build();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    runtime.spawn(async move {
-        let http = ConnBuilder::new(TokioExecutor::new());
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = service.clone();
-            let counted =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let method = req.method().clone();
-                    let refused = refuses(&method, req.uri().path());
-                    let headers = req.headers();
-                    if method == hyper::Method::PUT || method == hyper::Method::POST {
-                        if headers.contains_key("x-amz-copy-source") {
-                            TRAFFIC.copies.fetch_add(1, Ordering::SeqCst);
-                        } else {
-                            // Streaming-signed bodies carry their real length in a header.
-                            let len = match header_number(headers, "x-amz-decoded-content-length") {
-                                0 => header_number(headers, "content-length"),
-                                n => n,
-                            };
-                            TRAFFIC.uploaded.fetch_add(len, Ordering::SeqCst);
-                        }
+    let http = ConnBuilder::new(TokioExecutor::new());
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        while connections.try_join_next().is_some() {}
+        let service = service.clone();
+        let counted =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let method = req.method().clone();
+                let bucket = bucket_of(req.uri().path()).to_owned();
+                let refused = refuses(&req);
+                let headers = req.headers();
+                if !refused && (method == hyper::Method::PUT || method == hyper::Method::POST) {
+                    if headers.contains_key("x-amz-copy-source") {
+                        count(&bucket, |t| t.copies += 1);
+                    } else {
+                        // Streaming-signed bodies carry their real length in a header.
+                        let len = match header_number(headers, "x-amz-decoded-content-length") {
+                            0 => header_number(headers, "content-length"),
+                            n => n,
+                        };
+                        let part = is_upload_part(&req);
+                        count(&bucket, |t| {
+                            t.uploaded += len;
+                            t.parts += u64::from(part);
+                        });
                     }
-                    let response = hyper::service::Service::call(&service, req);
-                    async move {
-                        if refused {
-                            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
-                                <Error><Code>AccessDenied</Code>\
-                                <Message>uploads refused by the test</Message></Error>";
-                            let mut denied = hyper::Response::new(s3s::Body::from(body.to_owned()));
-                            *denied.status_mut() = hyper::StatusCode::FORBIDDEN;
-                            return Ok(denied);
-                        }
-                        let response = response.await?;
-                        if method == hyper::Method::GET {
-                            let len = header_number(response.headers(), "content-length");
-                            TRAFFIC.downloaded.fetch_add(len, Ordering::SeqCst);
-                        }
-                        Ok::<_, s3s::HttpError>(response)
+                }
+                let response = hyper::service::Service::call(&service, req);
+                async move {
+                    if refused {
+                        return Ok(access_denied());
                     }
-                });
-            let conn = http
-                .serve_connection(TokioIo::new(socket), counted)
-                .into_owned();
-            tokio::spawn(async move {
-                let _ = conn.await;
+                    let response = response.await?;
+                    if method == hyper::Method::GET {
+                        let len = header_number(response.headers(), "content-length");
+                        count(&bucket, |t| t.downloaded += len);
+                    }
+                    Ok::<_, s3s::HttpError>(response)
+                }
             });
-        }
-    });
-    format!("http://{addr}")
+        let conn = http
+            .serve_connection(TokioIo::new(socket), counted)
+            .into_owned();
+        connections.spawn(async move {
+            let _ = conn.await;
+        });
+    }
 }
-
 /// An SDK client for `endpoint` with static credentials (path-style, us-east-1).
 pub fn sdk_client(endpoint: &str, access_key: &str, secret_key: &str) -> aws_sdk_s3::Client {
     use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};

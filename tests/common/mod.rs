@@ -54,10 +54,25 @@ impl TestServer {
     }
 }
 
-/// (downloaded, uploaded, copies) the in-process server has seen so far; `None` when the
-/// tests run against an external server.
-pub fn traffic() -> Option<(u64, u64, u64)> {
-    (server().kind == ServerKind::S3sFs).then(|| embedded::TRAFFIC.now())
+/// What the in-process server has seen for `bucket` so far; `None` when the tests run against
+/// an external server.
+pub fn traffic(bucket: &str) -> Option<embedded::Traffic> {
+    (server().kind == ServerKind::S3sFs).then(|| embedded::traffic(bucket))
+}
+
+/// Has the in-process server accept only `parts` more UploadPart requests for `bucket` (then
+/// 403), or with `None` all of them again. Returns false (nothing done) on external servers.
+pub fn limit_parts(bucket: &str, parts: Option<u64>) -> bool {
+    if server().kind != ServerKind::S3sFs {
+        return false;
+    }
+    let mut budgets = embedded::PART_BUDGET.lock().unwrap();
+    let budgets = budgets.get_or_insert_with(HashMap::new);
+    match parts {
+        Some(n) => budgets.insert(bucket.to_owned(), n),
+        None => budgets.remove(bucket),
+    };
+    true
 }
 
 /// Polls `current` (the sha256 S3 holds for `key`) until it is `sha`; panics at `deadline`.
@@ -128,13 +143,71 @@ pub fn server() -> &'static TestServer {
     })
 }
 
+/// Starts the in-process server over a fresh directory, named with this process's id so that
+/// a later test run can remove it (the server lives as long as the process).
 fn start_s3s_fs() -> String {
+    remove_dead_server_dirs();
     let root = tempfile::Builder::new()
-        .prefix("keepfs-s3s-")
+        .prefix(&format!("{SERVER_DIR_PREFIX}{}-", std::process::id()))
         .tempdir()
         .expect("server root")
         .keep();
     embedded::start_s3s_fs(&root, rt())
+}
+
+const SERVER_DIR_PREFIX: &str = "keepfs-s3s-";
+
+/// Removes server directories of test processes that have ended.
+fn remove_dead_server_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SERVER_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A private in-process server over a temporary directory, for tests that stop and restart
+/// it; removed when dropped.
+pub struct PrivateServer {
+    pub server: embedded::Embedded,
+    pub client: Client,
+    _root: tempfile::TempDir,
+}
+
+impl PrivateServer {
+    pub fn start() -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("keepfs-private-s3-")
+            .tempdir()
+            .expect("server root");
+        let server = embedded::Embedded::start(root.path(), rt());
+        let client = embedded::sdk_client(&server.endpoint, ACCESS_KEY, SECRET_KEY);
+        PrivateServer {
+            server,
+            client,
+            _root: root,
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.server.stop(rt());
+    }
+
+    pub fn restart(&mut self) {
+        self.server.restart(rt());
+    }
 }
 
 impl TestServer {
@@ -469,11 +542,14 @@ pub fn keepfs_command(source: &str, mountpoint: &Path, extra: &[&str]) -> Comman
     cmd.arg("mount")
         .arg(source)
         .arg(mountpoint)
-        .args(["--endpoint-url", &server.endpoint, "--force-path-style"])
+        .arg("--force-path-style")
         .args(extra)
         .env_remove("RUST_LOG")
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_ENDPOINT_URL");
+    if !extra.contains(&"--endpoint-url") {
+        cmd.args(["--endpoint-url", &server.endpoint]);
+    }
     if !extra.contains(&"--cache-dir") {
         cmd.arg("--cache-dir").arg(default_test_cache(mountpoint));
     }

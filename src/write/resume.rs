@@ -1,0 +1,192 @@
+//! Multipart uploads in progress, kept in the cache directory so that a restart continues an
+//! interrupted upload from the parts S3 already has instead of sending the file again.
+//!
+//! One small JSON file per local file being uploaded (`uploads/<data id>.json`, never named by
+//! key): the upload id, the target key, a fingerprint of exactly what is being uploaded, and
+//! the parts finished so far. A part is recorded only after S3 acknowledged it, and the file
+//! is replaced atomically, so after a crash it lists at most fewer parts than S3 has (those
+//! are sent again). An upload whose fingerprint no longer matches the file is aborted.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::CacheDir;
+use crate::cache::journal::write_atomically;
+
+/// Version of the encoding, stored in every file.
+const VERSION: u32 = 1;
+const SUFFIX: &str = ".json";
+
+/// A multipart upload that was started and not yet completed or aborted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingUpload {
+    pub version: u32,
+    /// The key the upload goes to (the file's key, or a conflict copy's).
+    pub key: String,
+    pub upload_id: String,
+    /// What is being uploaded (see [`fingerprint`]): a resumed upload must send the same bytes
+    /// with the same metadata and part size.
+    pub fingerprint: String,
+    /// Finished parts: number → ETag.
+    pub parts: BTreeMap<i32, String>,
+}
+
+/// Describes the exact content of an upload: the local data file, the size, the metadata that
+/// CreateMultipartUpload fixed, the base version untouched parts come from, the part size and
+/// the target key. Bytes of a journalled data file below its recorded size never change (a
+/// change goes to a new data file), so equal fingerprints mean equal parts.
+pub fn fingerprint(
+    data_id: u64,
+    size: u64,
+    metadata: &std::collections::HashMap<String, String>,
+    base_etag: Option<&str>,
+    part_size: u64,
+    key: &str,
+) -> String {
+    let metadata: BTreeMap<_, _> = metadata.iter().collect();
+    serde_json::json!({
+        "data": data_id,
+        "size": size,
+        "metadata": metadata,
+        "base": base_etag,
+        "part_size": part_size,
+        "key": key,
+    })
+    .to_string()
+}
+
+/// The `uploads/` directory of a cache directory.
+pub struct PendingUploads {
+    dir: PathBuf,
+}
+
+impl PendingUploads {
+    pub fn new(cache: &CacheDir) -> Self {
+        PendingUploads {
+            dir: cache.uploads_dir(),
+        }
+    }
+
+    fn path(&self, data_id: u64) -> PathBuf {
+        self.dir.join(format!("{data_id:016x}{SUFFIX}"))
+    }
+
+    /// The upload of data file `data_id` in progress, if one is recorded and readable.
+    pub fn get(&self, data_id: u64) -> Option<PendingUpload> {
+        let bytes = fs::read(self.path(data_id)).ok()?;
+        match serde_json::from_slice::<PendingUpload>(&bytes) {
+            Ok(p) if p.version <= VERSION => Some(p),
+            Ok(p) => {
+                tracing::warn!(
+                    data_id,
+                    version = p.version,
+                    "upload state from a newer keepfs ignored"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(data_id, error = %e, "unreadable upload state ignored");
+                None
+            }
+        }
+    }
+
+    /// Durably records `upload` as the one in progress for data file `data_id`.
+    pub fn put(&self, data_id: u64, upload: &PendingUpload) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(upload).map_err(std::io::Error::other)?;
+        write_atomically(&self.dir, &self.path(data_id), &bytes)
+    }
+
+    /// Forgets the upload of data file `data_id` (absent is fine).
+    pub fn remove(&self, data_id: u64) {
+        match fs::remove_file(self.path(data_id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(data_id, error = %e, "could not remove upload state"),
+        }
+    }
+
+    /// Every recorded upload, by data file id (unreadable files are skipped; temporary files
+    /// a crash left behind are removed).
+    pub fn all(&self) -> Vec<(u64, PendingUpload)> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+            let Some(id) = name
+                .strip_suffix(SUFFIX)
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            else {
+                continue;
+            };
+            if let Some(upload) = self.get(id) {
+                found.push((id, upload));
+            }
+        }
+        found.sort_by_key(|(id, _)| *id);
+        found
+    }
+
+    /// A new record for an upload just created.
+    pub fn started(key: &str, upload_id: &str, fingerprint: String) -> PendingUpload {
+        PendingUpload {
+            version: VERSION,
+            key: key.to_owned(),
+            upload_id: upload_id.to_owned(),
+            fingerprint,
+            parts: BTreeMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_leftovers_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let uploads = PendingUploads::new(&cache);
+        let mut up = PendingUploads::started("a/b", "id-1", "fp".into());
+        uploads.put(7, &up).unwrap();
+        up.parts.insert(2, "\"e2\"".into());
+        uploads.put(7, &up).unwrap();
+        fs::write(cache.uploads_dir().join(".tmp-1-1"), b"{half").unwrap();
+        fs::write(cache.uploads_dir().join("0000000000000009.json"), b"junk").unwrap();
+        assert_eq!(uploads.get(7), Some(up.clone()));
+        assert_eq!(uploads.all(), vec![(7, up)]);
+        assert!(!cache.uploads_dir().join(".tmp-1-1").exists());
+        uploads.remove(7);
+        uploads.remove(7);
+        assert_eq!(uploads.get(7), None);
+    }
+
+    #[test]
+    fn fingerprints_differ_with_any_input() {
+        let meta: std::collections::HashMap<String, String> =
+            [("mode".to_owned(), "33188".to_owned())].into();
+        let base = fingerprint(1, 10, &meta, Some("e"), 8, "k");
+        assert_eq!(base, fingerprint(1, 10, &meta, Some("e"), 8, "k"));
+        for other in [
+            fingerprint(2, 10, &meta, Some("e"), 8, "k"),
+            fingerprint(1, 11, &meta, Some("e"), 8, "k"),
+            fingerprint(1, 10, &Default::default(), Some("e"), 8, "k"),
+            fingerprint(1, 10, &meta, None, 8, "k"),
+            fingerprint(1, 10, &meta, Some("e"), 9, "k"),
+            fingerprint(1, 10, &meta, Some("e"), 8, "k2"),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+}
