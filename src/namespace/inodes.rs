@@ -182,6 +182,17 @@ impl InodeTable {
         }
     }
 
+    /// The nodes directly inside directory `dir` (a scan: only for when S3 can't be listed).
+    pub fn children(&self, dir: &str) -> Vec<&Node> {
+        self.nodes
+            .values()
+            .filter(|n| {
+                let parent = n.path.rsplit_once('/').map_or("", |(p, _)| p);
+                !n.path.is_empty() && parent == dir
+            })
+            .collect()
+    }
+
     /// Drops `n` kernel references; the node goes away when none remain.
     pub fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT_INO {

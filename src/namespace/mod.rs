@@ -309,7 +309,23 @@ impl<S: ObjectStore> Namespace<S> {
                 return Ok(attr);
             }
         }
-        let seen = self.resolve(&path).await?;
+        let seen = match self.resolve(&path).await {
+            Ok(seen) => seen,
+            Err(FsError::Store { source, .. }) if source.is_unavailable() => {
+                outage_warning(&path, &source);
+                let mut table = self.table();
+                if let Some(node) = table.find(&path) {
+                    let attr = node.attr.clone();
+                    table.add_lookup(attr.ino);
+                    return Ok(attr);
+                }
+                // Unknown while S3 can't be asked: absent, so that new files can still be
+                // created. Their upload is conditional on the key being absent, so an object
+                // that exists after all is kept and the new file goes beside it (conflict copy).
+                return Err(FsError::NotFound);
+            }
+            Err(e) => return Err(e),
+        };
         Ok(self.table().remember(&path, seen))
     }
 
@@ -354,11 +370,14 @@ impl<S: ObjectStore> Namespace<S> {
             return Ok(attr);
         }
         let key = self.object_key(&path);
-        let meta = self
-            .store
-            .head(&key)
-            .await
-            .map_err(|e| FsError::store(&key, e))?;
+        let meta = match self.store.head(&key).await {
+            Ok(meta) => meta,
+            Err(e) if e.is_unavailable() => {
+                outage_warning(&path, &e);
+                return Ok(attr);
+            }
+            Err(e) => return Err(FsError::store(&key, e)),
+        };
         Ok(self.update_from_head(ino, &meta).unwrap_or(attr))
     }
 
@@ -450,11 +469,16 @@ impl<S: ObjectStore> Namespace<S> {
             .unwrap_or_default();
         let mut token = None;
         loop {
-            let page = self
-                .store
-                .list_page(&prefix, token, None)
-                .await
-                .map_err(|e| FsError::store(&prefix, e))?;
+            let page = match self.store.list_page(&prefix, token, None).await {
+                Ok(page) => page,
+                Err(e) if e.is_unavailable() => {
+                    // What the mount knows of the directory: entries the kernel holds.
+                    outage_warning(&dir, &e);
+                    entries = self.known_children(&dir);
+                    break;
+                }
+                Err(e) => return Err(FsError::store(&prefix, e)),
+            };
             for sub in &page.prefixes {
                 // A server that answers with keys outside the prefix is ignored, not trusted.
                 let Some(name) = sub.strip_prefix(prefix.as_str()) else {
@@ -532,6 +556,31 @@ impl<S: ObjectStore> Namespace<S> {
         Ok(entries.into_values().collect())
     }
 
+    /// The entries of directory `dir` the inode table holds, for a listing while S3 is down.
+    fn known_children(&self, dir: &str) -> BTreeMap<String, Listed> {
+        let table = self.table();
+        table
+            .children(dir)
+            .into_iter()
+            .map(|node| {
+                let name = node
+                    .path
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(&node.path)
+                    .to_owned();
+                let listed = Listed {
+                    name: name.clone(),
+                    attr: node.attr.clone(),
+                    etag: node.etag.clone(),
+                    from_head: node.from_head,
+                    from_server: false,
+                };
+                (name, listed)
+            })
+            .collect()
+    }
+
     /// A listing entry; a live node of the same version lends it HEAD-only details (kind, mode).
     fn listed(&self, dir: &str, name: &str, mut seen: Seen) -> Listed {
         let path = join(dir, name);
@@ -587,11 +636,29 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::IsDirectory);
         }
         let key = self.object_key(&path);
-        let meta = self
-            .store
-            .head(&key)
-            .await
-            .map_err(|e| FsError::store(&key, e))?;
+        let meta = match self.store.head(&key).await {
+            Ok(meta) => meta,
+            Err(e) if e.is_unavailable() => {
+                // The version seen last is read from the caches (S3 can't serve it anyway).
+                outage_warning(&path, &e);
+                let table = self.table();
+                let node = table.get(ino).ok_or(FsError::StaleInode(ino))?;
+                // Only a version confirmed by HEAD: listings of some servers carry no ETag.
+                let etag = node
+                    .opened_etag
+                    .clone()
+                    .or_else(|| node.etag.clone().filter(|_| node.from_head))
+                    .filter(|etag| !etag.is_empty());
+                let etag = etag.ok_or_else(|| FsError::store(&key, e))?;
+                return Ok(OpenedObject {
+                    key,
+                    etag,
+                    size: node.attr.size,
+                    keep_cache: true,
+                });
+            }
+            Err(e) => return Err(FsError::store(&key, e)),
+        };
         self.update_from_head(ino, &meta);
         let keep_cache = {
             let mut table = self.table();
@@ -621,5 +688,26 @@ impl<S: ObjectStore> Namespace<S> {
     /// The defaults used for objects without metadata.
     pub fn defaults(&self) -> &Defaults {
         &self.defaults
+    }
+}
+
+/// Logs, at most every 10 s, that S3 can't be reached and what the mount knows is used instead.
+fn outage_warning(path: &str, error: &crate::store::StoreError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            path,
+            error = %error,
+            "S3 unavailable: serving what the mount knows (cached attributes, entries and data; unknown names are absent)"
+        );
     }
 }

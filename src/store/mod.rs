@@ -68,6 +68,14 @@ pub enum StoreError {
     Other(String),
 }
 
+impl StoreError {
+    /// Whether the server could not answer (down, unreachable, failing) rather than answered
+    /// that something is missing or forbidden: what the mount already knows stays valid.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unreachable(_) | StoreError::Other(_))
+    }
+}
+
 /// When a write may replace what is stored under a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Precondition {
