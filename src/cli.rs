@@ -32,6 +32,29 @@ pub enum Command {
     /// Show what a cache directory holds: files waiting for upload and whether a mount owns it.
     /// Works while the mount runs or not.
     Status(StatusArgs),
+    /// Upload everything pending in a cache directory and wait (for a Kubernetes preStop hook).
+    /// Asks the running mount, or uploads from the journal itself when none runs.
+    Flush(FlushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FlushArgs {
+    /// The mount point of a running keepfs (its cache directory is asked from the mount).
+    #[arg(
+        value_name = "MOUNTPOINT",
+        required_unless_present = "cache_dir",
+        conflicts_with = "cache_dir"
+    )]
+    pub mountpoint: Option<PathBuf>,
+
+    /// The cache directory (as given to `keepfs mount --cache-dir`); works with or without a
+    /// running mount.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Give up after this long (for example 20s, 5m); what is not uploaded stays in the journal.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]

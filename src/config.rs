@@ -18,7 +18,9 @@ pub enum ConfigError {
     InvalidSize(String),
     #[error("invalid mode {0:?}: expected octal permission bits such as 644")]
     InvalidMode(String),
-    #[error("invalid duration {0:?}: expected seconds such as 1, 0.5, 500ms or 2s")]
+    #[error(
+        "invalid duration {0:?}: expected seconds such as 1, 0.5, 500ms, 2s or minutes such as 5m"
+    )]
     InvalidDuration(String),
 }
 
@@ -102,7 +104,7 @@ pub fn parse_mode(s: &str) -> Result<u16, ConfigError> {
         .ok_or_else(|| ConfigError::InvalidMode(s.to_owned()))
 }
 
-/// Parses `1`, `0.5` (seconds), `500ms`, `2s`.
+/// Parses `1`, `0.5` (seconds), `500ms`, `2s`, `5m`.
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     let err = || ConfigError::InvalidDuration(s.to_owned());
     let t = s.trim();
@@ -110,6 +112,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
         (ms, 1e-3)
     } else if let Some(secs) = t.strip_suffix('s') {
         (secs, 1.0)
+    } else if let Some(mins) = t.strip_suffix('m') {
+        (mins, 60.0)
     } else {
         (t, 1.0)
     };
@@ -218,6 +222,7 @@ mod tests {
         assert!(parse_mode("999").is_err() && parse_mode("17777").is_err());
         assert_eq!(parse_duration("1"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert!(parse_duration("-1").is_err() && parse_duration("soon").is_err());

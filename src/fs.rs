@@ -19,7 +19,7 @@ use fuser::{
 use tokio::runtime::Handle as RuntimeHandle;
 
 use crate::error::FsError;
-use crate::namespace::{Attr, Namespace, NodeKind};
+use crate::namespace::{Attr, Namespace, NodeKind, ROOT_INO};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::ObjectStore;
 use crate::vfs::{BufferPool, Handle, Vfs, Writes, lock};
@@ -31,6 +31,8 @@ pub const MAX_IO_SIZE: u32 = 1024 * 1024;
 pub struct KeepFs<S> {
     inner: Arc<Vfs<S>>,
     runtime: RuntimeHandle,
+    /// Told through the root's `user.keepfs.cache_dir` attribute (`keepfs flush MOUNTPOINT`).
+    cache_dir: Option<std::path::PathBuf>,
 }
 
 fn file_attr(attr: &Attr) -> FileAttr {
@@ -114,7 +116,14 @@ impl<S: ObjectStore> KeepFs<S> {
                 buffers: BufferPool::default(),
             }),
             runtime,
+            cache_dir: None,
         }
+    }
+
+    /// Lets `keepfs flush MOUNTPOINT` find the cache directory.
+    pub fn with_cache_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.cache_dir = Some(dir);
+        self
     }
 
     /// Runs `op` on the runtime; it replies when done.
@@ -403,15 +412,25 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply_unit(reply, result);
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // The one attribute keepfs has: the root names the cache directory (not listed, so
+        // tools that copy attributes don't copy it).
+        let cache_dir = self
+            .cache_dir
+            .as_ref()
+            .filter(|_| ino.0 == ROOT_INO && name == crate::flush::CACHE_DIR_XATTR);
+        let Some(dir) = cache_dir else {
+            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            return;
+        };
+        let value = dir.as_os_str().as_encoded_bytes();
+        if size == 0 {
+            reply.size(value.len() as u32);
+        } else if (size as usize) < value.len() {
+            reply.error(Errno::from_i32(libc::ERANGE));
+        } else {
+            reply.data(value);
+        }
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {

@@ -10,7 +10,9 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
+pub mod flush;
 pub mod fs;
 pub mod logging;
 pub mod mount;

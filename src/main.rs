@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Status(args) => status(&args),
+        Command::Flush(args) => flush(&args),
         Command::Mount(args) => {
             let config = match args.to_config() {
                 Ok(config) => config,
@@ -54,6 +55,37 @@ fn status(args: &keepfs::cli::StatusArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn flush(args: &keepfs::cli::FlushArgs) -> ExitCode {
+    keepfs::logging::init("warn", keepfs::config::LogFormat::Text);
+    let dir = match (&args.cache_dir, &args.mountpoint) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(mountpoint)) => match keepfs::flush::cache_dir_of_mount(mountpoint) {
+            Ok(dir) => dir,
+            Err(e) => return fail(&e.to_string()),
+        },
+        (None, None) => return fail("give a MOUNTPOINT or --cache-dir DIR"),
+    };
+    match keepfs::flush::flush(&dir, args.timeout) {
+        Ok(done) => {
+            eprintln!(
+                "keepfs flush: {} file(s), {} bytes uploaded; nothing pending in {} ({:.1} s)",
+                done.files,
+                done.bytes,
+                dir.display(),
+                done.elapsed.as_secs_f64()
+            );
+            if done.still_open > 0 {
+                eprintln!(
+                    "keepfs flush: {} file(s) still open for writing are uploaded after their last close",
+                    done.still_open
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("flush of {}: {e}", dir.display())),
     }
 }
 

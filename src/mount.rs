@@ -11,6 +11,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::cache::{CacheDir, CacheDirError, MemoryCache};
 use crate::config::MountConfig;
+use crate::control::{self, MountRecord};
 use crate::fs::KeepFs;
 use crate::namespace::{Defaults, Namespace};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
@@ -251,6 +252,25 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         for key in &pending {
             uploader.enqueue(key);
         }
+        let record = MountRecord {
+            source: config.source.to_string(),
+            bucket: config.source.bucket.clone(),
+            endpoint_url: config.endpoint_url.clone(),
+            region: config.region.clone(),
+            force_path_style: config.force_path_style,
+            connect_timeout_ms: config.connect_timeout.as_millis() as u64,
+            part_size: config.part_size,
+            upload_concurrency: config.upload_concurrency,
+        };
+        if let Err(e) = record.save(cache_dir.path()) {
+            tracing::warn!(error = %e, "could not record the mount in the cache directory; keepfs flush without a mount won't work");
+        }
+        {
+            let _runtime = runtime.enter();
+            if let Err(e) = control::serve(cache_dir.path(), dirty.clone(), uploader.stats()) {
+                tracing::warn!(error = %e, "no control socket; keepfs flush and status can't reach this mount");
+            }
+        }
         let namespace = namespace.with_dirty_files(Arc::clone(&dirty));
         let stopping = Arc::new(AtomicBool::new(false));
         draining = Some((Arc::clone(&dirty), Arc::clone(&stopping)));
@@ -283,6 +303,9 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         Arc::clone(&store),
         writes,
         runtime.handle().clone(),
+    )
+    .with_cache_dir(
+        std::path::absolute(cache_dir.path()).unwrap_or_else(|_| cache_dir.path().to_owned()),
     );
 
     let mut session =

@@ -1,5 +1,6 @@
 //! `keepfs status`: what a cache directory holds, read without taking it over, so it works
-//! whether or not a mount is running on it.
+//! whether or not a mount is running on it. A running mount adds what only it knows (uploads
+//! in flight, conflicts, last errors) over its control socket.
 
 use std::fs::{File, TryLockError};
 use std::io::Read;
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::cache::journal::Journal;
+use crate::control::{self, Live};
 
 /// A file whose local copy is newer than S3.
 #[derive(Debug, Serialize)]
@@ -29,6 +31,8 @@ pub struct Status {
     pub bytes_pending: u64,
     /// Journal records that could not be read (left in place for an operator).
     pub unreadable_records: Vec<String>,
+    /// What the running mount reports (absent when no mount runs or it does not answer).
+    pub live: Option<Live>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,9 +73,11 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
             edits_existing: r.base_etag.is_some(),
         })
         .collect();
+    let live = mounted_by.and_then(|_| control::ask_status(dir));
     Ok(Status {
         cache_dir: dir.to_owned(),
         mounted_by,
+        live,
         bytes_pending: pending.iter().map(|f| f.size).sum(),
         pending,
         unreadable_records: loaded
@@ -84,7 +90,7 @@ pub fn read(dir: &Path) -> Result<Status, StatusError> {
 
 /// The pid in the lock file if a process holds the lock. A shared lock is enough to find out
 /// and is dropped at once.
-fn lock_holder(path: &Path) -> std::io::Result<Option<u32>> {
+pub fn lock_holder(path: &Path) -> std::io::Result<Option<u32>> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -119,6 +125,24 @@ pub fn render(status: &Status) -> String {
     }
     for bad in &status.unreadable_records {
         out += &format!("unreadable journal record: {bad}\n");
+    }
+    if let Some(live) = &status.live {
+        out += &format!(
+            "running mount: {} dirty file(s) ({} open for writing), {} uploading, {} conflict copies, {} bytes not re-sent by resumed uploads\n",
+            live.dirty_files,
+            live.open_for_writing,
+            live.uploads_in_flight,
+            live.conflicts,
+            live.resumed_bytes
+        );
+        for e in &live.last_errors {
+            out += &format!(
+                "  upload error at {} (unix time): {}: {}\n",
+                e.at, e.key, e.error
+            );
+        }
+    } else if status.mounted_by.is_some() {
+        out += "the running mount did not answer on its control socket\n";
     }
     out
 }

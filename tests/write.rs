@@ -6,6 +6,7 @@ mod common;
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::time::{Duration, Instant};
 
 use common::{Mount, append, names, pattern, server, sha256, sha256_file};
 
@@ -1019,6 +1020,22 @@ fn status_shows_pending_uploads_with_or_without_the_mount() {
             "{text}"
         );
         assert!(text.contains("waiting.txt"), "{text}");
+        // What only the running mount knows: its upload attempts and their errors.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let json: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+            let live = &json["live"];
+            assert_eq!(live["dirty_files"], 1, "{json}");
+            if live["last_errors"][0]["key"] == "waiting.txt" {
+                assert!(status(false).contains("upload error at"));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no upload error reported: {json}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     m.stop_with(libc::SIGKILL);
     drop(m);
@@ -1036,4 +1053,74 @@ fn status_shows_pending_uploads_with_or_without_the_mount() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a keepfs cache directory"));
+}
+
+/// Runs `keepfs flush ARGS` with the test server's credentials; returns (success, stderr).
+fn keepfs_flush(args: &[&str]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(common::keepfs_bin());
+    cmd.arg("flush").args(args);
+    for (k, v) in server().env() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn flush_uploads_everything_through_the_mount_or_from_the_journal() {
+    let s = server();
+    let bucket = s.bucket("wflush");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    let mut m = Mount::new(&format!("s3://{bucket}"), &["--cache-dir", cache_arg]);
+    let mountpoint = m.path().to_str().unwrap().to_owned();
+    let held = s.refuse_uploads_if_possible(&bucket);
+    let small = pattern(1000, 70);
+    let big = pattern(12 << 20, 71);
+    fs::write(m.path().join("small.txt"), &small).unwrap();
+    fs::write(m.path().join("big.bin"), &big).unwrap();
+    if held {
+        // S3 refuses: the flush gives up at its timeout and says what is left.
+        let (ok, err) = keepfs_flush(&[&mountpoint, "--timeout", "2s"]);
+        assert!(!ok, "{err}");
+        assert!(
+            err.contains("timed out") && err.contains("2 file(s)"),
+            "{err}"
+        );
+        s.allow_uploads(&bucket);
+    }
+    // Asked through the mount point: when it returns, S3 has everything (no waiting here).
+    let (ok, err) = keepfs_flush(&[&mountpoint, "--timeout", "60s"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("nothing pending"), "{err}");
+    assert_eq!(
+        s.get(&bucket, "small.txt").map(|b| sha256(&b)),
+        Some(sha256(&small))
+    );
+    assert_eq!(
+        s.get(&bucket, "big.bin").map(|b| sha256(&b)),
+        Some(sha256(&big))
+    );
+
+    // Without a mount: the flush takes the cache directory and uploads from the journal.
+    s.refuse_uploads_if_possible(&bucket);
+    let later = pattern(3000, 72);
+    fs::write(m.path().join("later.txt"), &later).unwrap();
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    s.allow_uploads(&bucket);
+    let (ok, err) = keepfs_flush(&["--cache-dir", cache_arg, "--timeout", "60s"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        s.get(&bucket, "later.txt").map(|b| sha256(&b)),
+        Some(sha256(&later))
+    );
+    let (ok, err) = keepfs_flush(&["--cache-dir", cache_arg]);
+    assert!(ok && err.contains("0 file(s)"), "{err}");
+    // Not a keepfs mount: a clear error.
+    let (ok, err) = keepfs_flush(&["/tmp"]);
+    assert!(!ok && err.contains("not a keepfs mount"), "{err}");
 }

@@ -212,6 +212,11 @@ impl DirtyFiles {
             .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size))
     }
 
+    /// Files open for writing now (their upload waits for the last close).
+    pub fn open_for_writing(&self) -> usize {
+        self.files().values().filter(|f| f.writers > 0).count()
+    }
+
     /// Multipart uploads in progress (see [`PendingUploads`]).
     pub fn pending_uploads(&self) -> &PendingUploads {
         &self.pending_uploads

@@ -7,4 +7,4 @@ pub mod upload;
 
 pub use dirty::{DirtyAttr, DirtyFiles};
 pub use local::{Coverage, LocalData};
-pub use upload::{UploadConfig, Uploader};
+pub use upload::{UploadConfig, UploadFailure, UploadStats, Uploader};

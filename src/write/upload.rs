@@ -48,6 +48,70 @@ pub struct Uploader<S> {
     dirty: Arc<DirtyFiles>,
     config: UploadConfig,
     locks: KeyLocks,
+    stats: Arc<UploadStats>,
+}
+
+/// Upload failures remembered for `keepfs status`.
+const FAILURES_KEPT: usize = 10;
+
+/// What the uploader is doing, for `keepfs status` and `keepfs flush`.
+#[derive(Default)]
+pub struct UploadStats {
+    /// Files whose upload task runs (sending, or waiting to retry).
+    uploading: std::sync::atomic::AtomicUsize,
+    failures: std::sync::Mutex<std::collections::VecDeque<UploadFailure>>,
+    /// Wakes uploads waiting to retry (`keepfs flush`).
+    retry_now: tokio::sync::Notify,
+}
+
+/// One failed upload attempt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadFailure {
+    /// Seconds since the epoch.
+    pub at: u64,
+    pub key: String,
+    pub error: String,
+}
+
+impl UploadStats {
+    /// Files being uploaded (or waiting to retry) now.
+    pub fn uploading(&self) -> usize {
+        self.uploading.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The last failed attempts, oldest first.
+    pub fn failures(&self) -> Vec<UploadFailure> {
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.iter().cloned().collect()
+    }
+
+    fn failed(&self, key: &str, error: &dyn std::fmt::Display) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() == FAILURES_KEPT {
+            failures.pop_front();
+        }
+        failures.push_back(UploadFailure {
+            at,
+            key: key.to_owned(),
+            error: error.to_string(),
+        });
+    }
+
+    /// Uploads waiting to retry after a failure try again now.
+    pub fn retry_now(&self) {
+        self.retry_now.notify_waiters();
+    }
+
+    /// Waits `backoff`, or less if a retry is asked for; returns the next backoff.
+    async fn back_off(&self, backoff: Duration) -> Duration {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => (backoff * 2).min(MAX_BACKOFF),
+            _ = self.retry_now.notified() => Duration::from_millis(200),
+        }
+    }
 }
 
 /// Keys being uploaded, and whether another pass was asked for meanwhile. One task per key at
@@ -100,7 +164,9 @@ impl<S: ObjectStore> Uploader<S> {
         let files = Arc::new(Semaphore::new(FILES_IN_FLIGHT));
         let active: Active = Arc::default();
         let locks = KeyLocks::default();
+        let stats = Arc::new(UploadStats::default());
         let (task_store, task_dirty, task_locks) = (store.clone(), dirty.clone(), locks.clone());
+        let task_stats = stats.clone();
         tokio::spawn(async move {
             abort_orphaned_uploads(&*task_store, &task_dirty).await;
             while let Some(key) = rx.recv().await {
@@ -117,10 +183,13 @@ impl<S: ObjectStore> Uploader<S> {
                 };
                 let (store, dirty, active) =
                     (task_store.clone(), task_dirty.clone(), active.clone());
-                let locks = task_locks.clone();
+                let (locks, stats) = (task_locks.clone(), task_stats.clone());
                 tokio::spawn(async move {
+                    stats
+                        .uploading
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     loop {
-                        let sender = Sender::new(&*store, &dirty, config);
+                        let sender = Sender::new(&*store, &dirty, config, &stats);
                         upload_until_done(&sender, &locks, &key).await;
                         let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
                         if active.get(&key) == Some(&true) {
@@ -130,6 +199,9 @@ impl<S: ObjectStore> Uploader<S> {
                         active.remove(&key);
                         break;
                     }
+                    stats
+                        .uploading
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     drop(permit);
                 });
             }
@@ -140,7 +212,18 @@ impl<S: ObjectStore> Uploader<S> {
             dirty,
             config,
             locks,
+            stats,
         }
+    }
+
+    /// What the uploader is doing.
+    pub fn stats(&self) -> Arc<UploadStats> {
+        self.stats.clone()
+    }
+
+    /// Uploads waiting to retry after a failure try again now.
+    pub fn retry_now(&self) {
+        self.stats.retry_now();
     }
 
     /// Waits until no upload of `key` is running and keeps others from starting until the
@@ -167,7 +250,7 @@ impl<S: ObjectStore> Uploader<S> {
         if snapshot.in_s3 {
             return Ok(());
         }
-        let sender = Sender::new(&*self.store, &self.dirty, self.config);
+        let sender = Sender::new(&*self.store, &self.dirty, self.config, &self.stats);
         let etag = match upload_resolving_conflict(&sender, &snapshot).await {
             Ok(etag) => etag,
             // Unlinked or replaced meanwhile: nothing of this version is to be kept.
@@ -204,14 +287,21 @@ struct Sender<'a, S> {
     store: &'a S,
     dirty: &'a DirtyFiles,
     config: UploadConfig,
+    stats: &'a UploadStats,
 }
 
 impl<'a, S: ObjectStore> Sender<'a, S> {
-    fn new(store: &'a S, dirty: &'a DirtyFiles, config: UploadConfig) -> Self {
+    fn new(
+        store: &'a S,
+        dirty: &'a DirtyFiles,
+        config: UploadConfig,
+        stats: &'a UploadStats,
+    ) -> Self {
         Sender {
             store,
             dirty,
             config,
+            stats,
         }
     }
 }
@@ -290,13 +380,13 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
             Err(UploadError::Superseded) => backoff = Duration::from_millis(200),
             Err(UploadError::Conflict) => {
                 tracing::warn!(key, retry_in = ?backoff, "conflict copy refused; will retry");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                sender.stats.failed(key, &"conflict copy refused");
+                backoff = sender.stats.back_off(backoff).await;
             }
             Err(UploadError::Store(e) | UploadError::Abandoned(e)) => {
                 tracing::warn!(key, error = %e, retry_in = ?backoff, "upload failed; will retry");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                sender.stats.failed(key, &e);
+                backoff = sender.stats.back_off(backoff).await;
             }
         }
     }

@@ -1,0 +1,171 @@
+//! The control socket: how `keepfs status` and `keepfs flush` reach the mount that owns a
+//! cache directory. A Unix socket `DIR/control.sock` (the directory is 0700: only its owner
+//! can connect); a client sends one request line, the mount answers with JSON lines:
+//!
+//! - `status`: one [`Live`] line.
+//! - `flush`: uploads waiting to retry try again at once; a [`Live`] line every half second
+//!   until everything closed is in S3 (the last line has `flushed: true`) or the client goes.
+//!
+//! The mount also records how it reaches S3 (`DIR/mount.json`, no secrets) so that
+//! `keepfs flush` can upload from the journal itself when no mount is running.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::cache::journal::write_atomically;
+use crate::write::{DirtyFiles, UploadFailure, UploadStats};
+
+pub const SOCKET: &str = "control.sock";
+pub const MOUNT_RECORD: &str = "mount.json";
+
+/// What the running mount knows beyond the journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Live {
+    pub pid: u32,
+    /// Files whose local copy is newer than S3 (open ones included).
+    pub dirty_files: usize,
+    pub bytes_pending: u64,
+    /// Dirty files still open for writing: uploaded after their last close.
+    pub open_for_writing: usize,
+    /// Files being uploaded now (or waiting to retry after a failure).
+    pub uploads_in_flight: usize,
+    /// Conflict copies uploaded since the mount started.
+    pub conflicts: u64,
+    /// Bytes resumed multipart uploads did not send again.
+    pub resumed_bytes: u64,
+    /// The last failed upload attempts, oldest first.
+    pub last_errors: Vec<UploadFailure>,
+    /// Every closed file is in S3 and no upload task runs (only files open for writing
+    /// remain dirty).
+    pub flushed: bool,
+}
+
+impl Live {
+    /// The numbers now.
+    pub fn now(dirty: &DirtyFiles, stats: &UploadStats) -> Self {
+        let (dirty_files, bytes_pending) = dirty.pending();
+        let open_for_writing = dirty.open_for_writing();
+        let uploads_in_flight = stats.uploading();
+        Live {
+            pid: std::process::id(),
+            dirty_files,
+            bytes_pending,
+            open_for_writing,
+            uploads_in_flight,
+            conflicts: crate::write::upload::conflicts(),
+            resumed_bytes: crate::write::upload::resumed_bytes(),
+            last_errors: stats.failures(),
+            flushed: dirty_files <= open_for_writing && uploads_in_flight == 0,
+        }
+    }
+}
+
+/// How the mount reached S3, for `keepfs flush` without a running mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub source: String,
+    pub bucket: String,
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub connect_timeout_ms: u64,
+    pub part_size: u64,
+    pub upload_concurrency: usize,
+}
+
+impl MountRecord {
+    /// Records it in cache directory `dir` (atomically).
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        write_atomically(dir, &dir.join(MOUNT_RECORD), &bytes)
+    }
+
+    pub fn load(dir: &Path) -> std::io::Result<Self> {
+        let bytes = std::fs::read(dir.join(MOUNT_RECORD))?;
+        serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+    }
+}
+
+/// Listens on `DIR/control.sock` (replacing a socket a dead process left behind: the caller
+/// holds the directory's lock) and answers requests on the current runtime.
+pub fn serve(dir: &Path, dirty: Arc<DirtyFiles>, stats: Arc<UploadStats>) -> std::io::Result<()> {
+    let path = dir.join(SOCKET);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (dirty, stats) = (dirty.clone(), stats.clone());
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, &dirty, &stats).await {
+                    tracing::debug!(error = %e, "control connection ended");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(
+    stream: tokio::net::UnixStream,
+    dirty: &DirtyFiles,
+    stats: &UploadStats,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut request = String::new();
+    let mut read = BufReader::new(read).take(256);
+    tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut request))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let send = |live: &Live| {
+        let mut line = serde_json::to_vec(live).unwrap_or_default();
+        line.push(b'\n');
+        line
+    };
+    match request.trim() {
+        "status" => write.write_all(&send(&Live::now(dirty, stats))).await,
+        "flush" => {
+            tracing::info!("flush asked for: retrying uploads now");
+            loop {
+                stats.retry_now();
+                let live = Live::now(dirty, stats);
+                write.write_all(&send(&live)).await?;
+                if live.flushed {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        other => {
+            let reply = serde_json::json!({ "error": format!("unknown request {other:?}") });
+            write.write_all(format!("{reply}\n").as_bytes()).await
+        }
+    }
+}
+
+/// The control socket of cache directory `dir`.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(SOCKET)
+}
+
+/// Asks the mount owning `dir` for its [`Live`] numbers (`None` if it can't be reached).
+pub fn ask_status(dir: &Path) -> Option<Live> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket_path(dir)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"status\n").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
