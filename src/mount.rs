@@ -76,9 +76,23 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(MountError::MountpointMissing(path.to_owned()));
         }
-        // A dead FUSE mount answers ENOTCONN: it is a mount point.
+        // A dead FUSE mount answers ENOTCONN. One of keepfs's own, left by a keepfs that was
+        // killed (a pod restart: the container's namespace went, the propagated mount stayed),
+        // is detached so the new keepfs can take its place; any other is in use.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(MountError::MountpointInUse(path.to_owned()));
+            let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+            if !is_keepfs_mount(&absolute) {
+                return Err(MountError::MountpointInUse(path.to_owned()));
+            }
+            tracing::warn!(
+                mountpoint = %absolute.display(),
+                "detaching the dead mount of a keepfs that was killed, to mount in its place"
+            );
+            lazy_unmount(&absolute);
+            match std::fs::metadata(path) {
+                Ok(meta) => meta,
+                Err(_) => return Err(MountError::MountpointInUse(path.to_owned())),
+            }
         }
         Err(source) => {
             return Err(MountError::MountpointAccess {
@@ -467,6 +481,25 @@ fn tune_read_ahead(mountpoint: &Path) {
 
 /// The `major:minor` of the filesystem mounted at `path` (canonical), from the mount table.
 fn mount_device(path: &Path) -> Option<String> {
+    mountinfo_line(path)?.split(' ').nth(2).map(str::to_owned)
+}
+
+/// Whether the topmost mount at `path` is a keepfs mount: type `fuse` or `fuse.keepfs`, with
+/// the source `keepfs:s3://...` keepfs gives its mounts.
+fn is_keepfs_mount(path: &Path) -> bool {
+    let Some(line) = mountinfo_line(path) else {
+        return false;
+    };
+    let Some((_, after)) = line.split_once(" - ") else {
+        return false;
+    };
+    let mut fields = after.split(' ');
+    let (fs_type, source) = (fields.next(), fields.next().unwrap_or_default());
+    matches!(fs_type, Some("fuse" | "fuse.keepfs")) && source.starts_with("keepfs:")
+}
+
+/// The line of `/proc/self/mountinfo` for the topmost mount at `path`.
+fn mountinfo_line(path: &Path) -> Option<String> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     table
         .lines()
@@ -477,7 +510,6 @@ fn mount_device(path: &Path) -> Option<String> {
                 .nth(4)
                 .is_some_and(|mp| Path::new(&unescape_mount_path(mp)) == path)
         })
-        .and_then(|line| line.split(' ').nth(2))
         .map(str::to_owned)
 }
 

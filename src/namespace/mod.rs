@@ -96,6 +96,12 @@ impl<S: ObjectStore> Namespace<S> {
         self.dirty.as_ref().and_then(|d| d.attr(key))
     }
 
+    /// Whether files written here (not yet in S3) lie below directory `path`.
+    fn has_dirty_under(&self, path: &str) -> bool {
+        let prefix = dir_key(&self.prefix, path);
+        self.dirty.as_ref().is_some_and(|d| d.any_under(&prefix))
+    }
+
     /// Removed here while its upload may still put it in S3 for a moment.
     fn is_gone(&self, key: &str) -> bool {
         self.dirty.as_ref().is_some_and(|d| d.is_gone(key))
@@ -311,6 +317,13 @@ impl<S: ObjectStore> Namespace<S> {
         }
         let seen = match self.resolve(&path).await {
             Ok(seen) => seen,
+            // Files written here, not yet in S3, make their directory exist (as in listings).
+            Err(FsError::NotFound) if self.has_dirty_under(&path) => self.seen_directory(),
+            Err(FsError::Store { source, .. })
+                if source.is_unavailable() && self.has_dirty_under(&path) =>
+            {
+                self.seen_directory()
+            }
             Err(FsError::Store { source, .. }) if source.is_unavailable() => {
                 outage_warning(&path, &source);
                 let mut table = self.table();

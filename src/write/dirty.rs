@@ -362,6 +362,11 @@ impl DirtyFiles {
     }
 
     /// Dirty keys that start with `prefix`, with their attributes.
+    /// Whether any dirty file's key starts with `prefix`.
+    pub fn any_under(&self, prefix: &str) -> bool {
+        self.files().keys().any(|k| k.starts_with(prefix))
+    }
+
     pub fn under(&self, prefix: &str) -> BTreeMap<String, DirtyAttr> {
         self.files()
             .iter()
