@@ -68,6 +68,10 @@ pub struct Writes<S> {
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Space kept free on the cache disk for journal records, so that acknowledging what was
+/// written never fails for lack of room.
+const DISK_RESERVE: u64 = 1 << 20;
+
 /// How long a write waits for uploads to free cache space before failing with ENOSPC.
 const CACHE_FULL_WAIT: Duration = Duration::from_secs(30);
 
@@ -83,10 +87,19 @@ impl<S> Writes<S> {
         Ok(self.dirty.write(key, data, offset, bytes)?)
     }
 
-    /// Whether `len` more bytes fit under `--max-cache-size`.
+    /// Whether `len` more bytes fit under `--max-cache-size` and on the cache disk, keeping
+    /// [`DISK_RESERVE`] free there for the journal records that acknowledge them.
     pub(crate) fn has_room(&self, len: u64) -> bool {
-        self.max_cache_size
-            .is_none_or(|limit| self.dirty.cache_bytes() + len <= limit)
+        let under_limit = self
+            .max_cache_size
+            .is_none_or(|limit| self.dirty.cache_bytes() + len <= limit);
+        // If the disk can't be asked, the write itself will tell.
+        let on_disk = self
+            .dirty
+            .disk_space()
+            .is_ok_and(|(_, available)| available >= len + DISK_RESERVE)
+            || self.dirty.disk_space().is_err();
+        under_limit && on_disk
     }
 
     /// Waits (bounded) until `len` more bytes fit; `ENOSPC` if they don't.
@@ -94,10 +107,12 @@ impl<S> Writes<S> {
         let deadline = tokio::time::Instant::now() + CACHE_FULL_WAIT;
         while !self.has_room(len) {
             if tokio::time::Instant::now() >= deadline {
+                let available = self.dirty.disk_space().map_or(0, |(_, a)| a);
                 return Err(FsError::Local(
                     format!(
-                        "cache directory holds {} bytes of written data, the --max-cache-size limit; uploads did not free space in time",
-                        self.dirty.cache_bytes()
+                        "no room in the cache: {} bytes of written data held, {available} bytes free on the cache disk (limit --max-cache-size {:?}); uploads did not free space in time",
+                        self.dirty.cache_bytes(),
+                        self.max_cache_size
                     ),
                     Some(libc::ENOSPC),
                 ));

@@ -1124,3 +1124,94 @@ fn flush_uploads_everything_through_the_mount_or_from_the_journal() {
     let (ok, err) = keepfs_flush(&["/tmp"]);
     assert!(!ok && err.contains("not a keepfs mount"), "{err}");
 }
+
+/// A small tmpfs for a cache directory, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::Builder::new()
+            .prefix("keepfs-smalldisk-")
+            .tempdir()
+            .unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "keepfs-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs: {status}");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_cache_disk_gives_enospc_and_keeps_everything_acknowledged() {
+    let s = server();
+    let bucket = s.bucket("wfulldisk");
+    let disk = SmallDisk::new("20m");
+    let cache = disk.dir.path().join("cache");
+    let args = ["--cache-dir", cache.to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    // Uploads are held back where the server allows it, so nothing drains; elsewhere the
+    // disk fills only if writes outrun uploads, and the checks below hold either way.
+    let held = s.refuse_uploads_if_possible(&bucket);
+    let a = pattern(8 << 20, 110);
+    fs::write(m.path().join("a.bin"), &a).unwrap();
+    let mut f = fs::File::create(m.path().join("b.bin")).unwrap();
+    let chunk = pattern(1 << 20, 111);
+    let mut b = Vec::new();
+    let err = loop {
+        match f.write_all(&chunk) {
+            Ok(()) => b.extend_from_slice(&chunk),
+            Err(e) => break Some(e),
+        }
+        if b.len() >= 24 << 20 {
+            break None; // uploads drained the disk faster than it filled
+        }
+    };
+    if held {
+        let err = err.expect("writes beyond the disk's size succeeded");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    }
+    // What was written before the error is acknowledged at close (room was kept for it).
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(sha256_file(&m.path().join("a.bin")), sha256(&a));
+    assert_eq!(sha256_file(&m.path().join("b.bin")), sha256(&b));
+
+    // A crash with the disk full: the next mount starts on it and shows both files.
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(sha256_file(&m.path().join("a.bin")), sha256(&a));
+    assert_eq!(sha256_file(&m.path().join("b.bin")), sha256(&b));
+    s.allow_uploads(&bucket);
+    s.wait_for_object(&bucket, "a.bin", &sha256(&a));
+    s.wait_for_object(&bucket, "b.bin", &sha256(&b));
+    // Uploaded copies leave the disk: there is room again.
+    let c = pattern(8 << 20, 112);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = fs::write(m.path().join("c.bin"), &c) {
+        assert!(Instant::now() < deadline, "no room after the uploads: {e}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.wait_for_object(&bucket, "c.bin", &sha256(&c));
+    drop(m);
+}
