@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
-use crate::cache::{CacheDir, CacheDirError, MemoryCache};
+use crate::cache::{CacheDir, CacheDirError, DiskCache, MemoryCache};
 use crate::config::MountConfig;
 use crate::control::{self, MountRecord};
 use crate::fs::KeepFs;
@@ -237,10 +237,21 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         defaults,
         config.metadata_ttl,
     );
-    let fetcher = Arc::new(BlockFetcher::new(
+    let disk_cache = match DiskCache::open(&cache_dir.blocks_dir(), config.max_cache_size) {
+        Ok(disk) => Some(Arc::new(disk)),
+        Err(e) => {
+            tracing::warn!(error = %e, "disk block cache unavailable; reads are cached in memory only");
+            None
+        }
+    };
+    let mut fetcher = BlockFetcher::new(
         Arc::clone(&store),
         MemoryCache::new(config.max_memory_cache),
-    ));
+    );
+    if let Some(disk) = &disk_cache {
+        fetcher = fetcher.with_disk_cache(Arc::clone(disk));
+    }
+    let fetcher = Arc::new(fetcher);
     let prefetch = PrefetchConfig {
         max_window: config.max_prefetch,
         ..PrefetchConfig::default()
@@ -255,6 +266,10 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
                 source,
             })?;
         let dirty = Arc::new(dirty);
+        if let Some(disk) = &disk_cache {
+            let dirty = Arc::clone(&dirty);
+            disk.share_with_written_data(Box::new(move || dirty.cache_bytes()));
+        }
         let upload = UploadConfig {
             part_size: config.part_size,
             concurrency: config.upload_concurrency,
@@ -294,6 +309,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             durability: config.durability,
             max_cache_size: config.max_cache_size,
             stopping,
+            disk_cache,
         };
         (namespace, Some(writes))
     } else {

@@ -66,6 +66,8 @@ pub struct Writes<S> {
     pub max_cache_size: Option<u64>,
     /// Set when a stop signal arrived: no new writes, uploads drain before unmounting.
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Clean blocks on the cache disk, which give way to written data.
+    pub disk_cache: Option<Arc<crate::cache::DiskCache>>,
 }
 
 /// Space kept free on the cache disk for journal records, so that acknowledging what was
@@ -90,9 +92,28 @@ impl<S> Writes<S> {
     /// Whether `len` more bytes fit under `--max-cache-size` and on the cache disk, keeping
     /// [`DISK_RESERVE`] free there for the journal records that acknowledge them.
     pub(crate) fn has_room(&self, len: u64) -> bool {
+        if let Some(disk) = &self.disk_cache {
+            let clean = disk.usage().0;
+            if clean > 0 && !self.room_for(len, clean) {
+                // Clean cached blocks go first (least recently used), then writers wait.
+                let over_limit = self.max_cache_size.map_or(0, |limit| {
+                    (self.dirty.cache_bytes() + clean + len).saturating_sub(limit)
+                });
+                let short_on_disk = self.dirty.disk_space().map_or(0, |(_, available)| {
+                    (len + DISK_RESERVE).saturating_sub(available)
+                });
+                disk.evict(over_limit.max(short_on_disk).max(len));
+            }
+            return self.room_for(len, disk.usage().0);
+        }
+        self.room_for(len, 0)
+    }
+
+    /// Whether `len` more bytes fit beside `clean` bytes of cached blocks.
+    fn room_for(&self, len: u64, clean: u64) -> bool {
         let under_limit = self
             .max_cache_size
-            .is_none_or(|limit| self.dirty.cache_bytes() + len <= limit);
+            .is_none_or(|limit| self.dirty.cache_bytes() + clean + len <= limit);
         // If the disk can't be asked, the write itself will tell.
         let on_disk = self
             .dirty

@@ -218,3 +218,95 @@ fn an_interrupted_upload_of_an_object_changed_meanwhile_is_aborted_for_a_conflic
     }
     drop(m);
 }
+
+/// Block files in the disk cache of cache directory `cache`.
+fn cached_blocks(cache: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for sub in std::fs::read_dir(cache.join("blocks"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for f in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !f.file_name().to_string_lossy().starts_with('.') {
+                files.push(f.path());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_restarted_mount_reads_its_working_set_from_the_disk_cache() {
+    let s = server();
+    let bucket = s.bucket("warm");
+    let data = pattern((6 * MIB) as usize, 185);
+    s.put(&bucket, "warm.bin", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--read-only", "--cache-dir", cache.path().to_str().unwrap()];
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(sha256_file(&m.path().join("warm.bin")), sha256(&data));
+    // Blocks reach the disk in the background.
+    let blocks = (6 * MIB / (256 << 10)) as usize;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cached_blocks(cache.path()).len() < blocks {
+        assert!(
+            Instant::now() < deadline,
+            "{} blocks on disk",
+            cached_blocks(cache.path()).len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(m);
+
+    // A new process (empty memory cache) reads everything from the disk cache.
+    let before = traffic(&bucket);
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(sha256_file(&m.path().join("warm.bin")), sha256(&data));
+    let after = traffic(&bucket);
+    drop(m);
+
+    // A corrupted block is never served: dropped and fetched again.
+    let victim = &cached_blocks(cache.path())[blocks / 2];
+    let mut raw = std::fs::read(victim).unwrap();
+    let middle = raw.len() / 2;
+    raw[middle] ^= 0x5a;
+    std::fs::write(victim, raw).unwrap();
+    let before_corrupt = traffic(&bucket);
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(sha256_file(&m.path().join("warm.bin")), sha256(&data));
+    let after_corrupt = traffic(&bucket);
+    assert!(m.log().contains("corrupt block"), "{}", m.log());
+
+    // A changed object is read anew (its new ETag names other blocks).
+    let changed = pattern((6 * MIB) as usize, 186);
+    s.put(&bucket, "warm.bin", &changed);
+    assert_eq!(sha256_file(&m.path().join("warm.bin")), sha256(&changed));
+    drop(m);
+
+    let (Some(before), Some(after), Some(before_corrupt), Some(after_corrupt)) =
+        (before, after, before_corrupt, after_corrupt)
+    else {
+        common::skipped("warm cache byte counts need the in-process server's counters");
+        return;
+    };
+    let warm = after.downloaded - before.downloaded;
+    let refetched = after_corrupt.downloaded - before_corrupt.downloaded;
+    eprintln!(
+        "6 MiB read after a restart: {warm} B downloaded; with one corrupt block: {refetched} B"
+    );
+    assert_eq!(
+        warm, 0,
+        "the restarted mount downloaded what its disk cache held"
+    );
+    assert_eq!(
+        refetched,
+        256 << 10,
+        "only the corrupt block is fetched again"
+    );
+}

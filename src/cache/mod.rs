@@ -2,8 +2,10 @@
 //! write-back journal.
 
 mod dir;
+mod disk;
 pub mod journal;
 mod memory;
 
 pub use dir::{CacheDir, CacheDirError, FORMAT_VERSION, default_cache_dir};
+pub use disk::{DiskCache, disk_space};
 pub use memory::{BLOCK_SIZE, Block, BlockId, MemoryCache};

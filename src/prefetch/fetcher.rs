@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cache::{BLOCK_SIZE, Block, BlockId, MemoryCache};
+use crate::cache::{BLOCK_SIZE, Block, BlockId, DiskCache, MemoryCache};
 use crate::store::{ObjectStore, StoreError};
 
 /// One object version being read.
@@ -58,6 +58,8 @@ pub struct FetchStats {
 pub struct BlockFetcher<S> {
     store: Arc<S>,
     cache: MemoryCache,
+    /// Clean blocks on the cache disk, kept across restarts.
+    disk: Option<Arc<DiskCache>>,
     inflight: Mutex<HashMap<BlockId, BlockSlot>>,
     pub stats: FetchStats,
 }
@@ -67,9 +69,16 @@ impl<S: ObjectStore> BlockFetcher<S> {
         Self {
             store,
             cache,
+            disk: None,
             inflight: Mutex::new(HashMap::new()),
             stats: FetchStats::default(),
         }
+    }
+
+    /// Keeps fetched blocks on the cache disk too, and reads them from there.
+    pub fn with_disk_cache(mut self, disk: Arc<DiskCache>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// Blocks being fetched right now, and the memory cache's (bytes, blocks).
@@ -94,6 +103,7 @@ impl<S: ObjectStore> BlockFetcher<S> {
         let mut slots = Vec::with_capacity(blocks.clone().count());
         let mut tasks = Vec::new();
         let mut run: Vec<(BlockId, BlockSender)> = Vec::new();
+        let mut on_disk: Vec<(BlockId, BlockSender)> = Vec::new();
         let mut inflight = self.inflight();
         for index in blocks {
             let id = obj.block_id(index);
@@ -105,6 +115,10 @@ impl<S: ObjectStore> BlockFetcher<S> {
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(id.clone(), rx.clone());
                 slots.push(rx);
+                if self.disk.as_ref().is_some_and(|d| d.contains(&id)) {
+                    on_disk.push((id, tx));
+                    continue;
+                }
                 // Only contiguous missing blocks share a GET.
                 if run.last().is_some_and(|(last, _)| last.index + 1 != index)
                     || run.len() as u64 >= max_request_blocks
@@ -117,6 +131,13 @@ impl<S: ObjectStore> BlockFetcher<S> {
         drop(inflight);
         if !run.is_empty() {
             tasks.push(self.spawn_run(obj, run));
+        }
+        if !on_disk.is_empty() {
+            let guard = RunGuard {
+                fetcher: Arc::clone(self),
+                pending: on_disk.into_iter().collect(),
+            };
+            tasks.push(tokio::spawn(load_from_disk(obj.clone(), guard)));
         }
         (slots, tasks)
     }
@@ -133,6 +154,43 @@ impl<S: ObjectStore> BlockFetcher<S> {
             pending: run.into_iter().collect(),
         };
         tokio::spawn(fetch_run(obj.clone(), guard))
+    }
+}
+
+/// Reads blocks from the cache disk; those missing or corrupt there are fetched from S3.
+async fn load_from_disk<S: ObjectStore>(obj: ObjectVersion, mut guard: RunGuard<S>) {
+    let Some(disk) = guard.fetcher.disk.clone() else {
+        return;
+    };
+    let ids: Vec<BlockId> = guard.pending.iter().map(|(id, _)| id.clone()).collect();
+    let loaded =
+        tokio::task::spawn_blocking(move || ids.iter().map(|id| disk.get(id)).collect::<Vec<_>>())
+            .await
+            .unwrap_or_default();
+    let mut missing: Vec<(BlockId, BlockSender)> = Vec::new();
+    for block in loaded {
+        let Some((id, tx)) = guard.pending.pop_front() else {
+            break;
+        };
+        match block {
+            Some(block) => guard.fetcher.deliver(id, tx, Ok(Arc::new(block)), false),
+            None => missing.push((id, tx)),
+        }
+    }
+    // Anything not read (the blocking task failed) is fetched too.
+    missing.extend(guard.pending.drain(..));
+    let mut run: Vec<(BlockId, BlockSender)> = Vec::new();
+    for (id, tx) in missing {
+        if run
+            .last()
+            .is_some_and(|(last, _)| last.index + 1 != id.index)
+        {
+            guard.fetcher.spawn_run(&obj, std::mem::take(&mut run));
+        }
+        run.push((id, tx));
+    }
+    if !run.is_empty() {
+        guard.fetcher.spawn_run(&obj, run);
     }
 }
 
@@ -192,15 +250,7 @@ impl<S> RunGuard<S> {
         let Some((id, tx)) = self.pending.pop_front() else {
             return;
         };
-        if let Ok(data) = &result {
-            self.fetcher.cache.insert(id.clone(), data.clone());
-        }
-        tx.send_replace(Some(result));
-        self.fetcher
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.fetcher.deliver(id, tx, result, true);
     }
 }
 
@@ -214,6 +264,31 @@ impl<S> Drop for RunGuard<S> {
         for (id, _) in self.pending.drain(..) {
             inflight.remove(&id);
         }
+    }
+}
+
+impl<S> BlockFetcher<S> {
+    /// Hands a block to its waiters and the memory cache (and, fresh from S3, to the disk
+    /// cache, written off the async threads).
+    fn deliver(
+        &self,
+        id: BlockId,
+        tx: BlockSender,
+        result: Result<Arc<Block>, StoreError>,
+        from_s3: bool,
+    ) {
+        if let Ok(data) = &result {
+            self.cache.insert(id.clone(), data.clone());
+            if let Some(disk) = self.disk.as_ref().filter(|_| from_s3) {
+                let (disk, id, data) = (disk.clone(), id.clone(), data.clone());
+                tokio::task::spawn_blocking(move || disk.insert(&id, &data));
+            }
+        }
+        tx.send_replace(Some(result));
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 }
 

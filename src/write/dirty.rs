@@ -235,20 +235,7 @@ impl DirtyFiles {
     /// (total, available) bytes of the filesystem holding the cache directory: what can still
     /// be written before the cache disk is full.
     pub fn disk_space(&self) -> io::Result<(u64, u64)> {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(self.data_dir.as_os_str().as_bytes())
-            .map_err(io::Error::other)?;
-        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-        // SAFETY: `path` is a NUL-terminated string and `stat` points to writable memory of
-        // the right type; statvfs fills it completely when it returns 0.
-        let stat = unsafe {
-            if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            stat.assume_init()
-        };
-        let unit = stat.f_frsize;
-        Ok((stat.f_blocks * unit, stat.f_bavail * unit))
+        crate::cache::disk_space(&self.data_dir)
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, DirtyFile>> {
