@@ -310,3 +310,30 @@ fn a_restarted_mount_reads_its_working_set_from_the_disk_cache() {
         "only the corrupt block is fetched again"
     );
 }
+
+#[test]
+fn a_cut_off_upload_of_a_file_rewritten_since_is_aborted_and_the_new_content_sent() {
+    let s = server();
+    let bucket = s.bucket("resumechanged");
+    if !limit_parts(&bucket, Some(2)) {
+        common::skipped("resumed uploads: needs the in-process server to cut an upload off");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    let first = pattern((32 * MIB) as usize, 187);
+    std::fs::write(m.path().join("f.bin"), &first).unwrap();
+    wait_for_recorded_parts(cache.path(), 2);
+    // While the rest of its parts are refused, the file is rewritten.
+    let second = pattern((32 * MIB) as usize, 188);
+    std::fs::write(m.path().join("f.bin"), &second).unwrap();
+    limit_parts(&bucket, None);
+    s.wait_for_object(&bucket, "f.bin", &sha256(&second));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while uploads_left(cache.path()) > 0 {
+        assert!(Instant::now() < deadline, "an upload is still recorded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(m.log().contains("aborted multipart upload"), "{}", m.log());
+}

@@ -25,6 +25,9 @@ use sha2::{Digest, Sha256};
 use super::memory::{Block, BlockId};
 
 const MAGIC: &[u8; 8] = b"KFSBLK01";
+/// Most bytes of blocks waiting to be written to disk: when the disk is slower than the
+/// network, further blocks are simply not cached instead of piling up in memory.
+const MAX_PENDING_WRITES: u64 = 64 << 20;
 const HEADER: usize = 16;
 /// Share of the cache disk always left free by clean blocks.
 pub const DISK_RESERVE_PERCENT: u64 = 5;
@@ -64,6 +67,8 @@ pub struct DiskCache {
     limit: Option<u64>,
     /// Bytes of written data in the cache directory (set once writes are enabled).
     dirty_bytes: OnceLock<OtherUsage>,
+    /// Bytes of blocks handed to [`DiskCache::insert`] and not yet written.
+    pending_writes: AtomicU64,
     pub stats: DiskCacheStats,
 }
 
@@ -113,6 +118,7 @@ impl DiskCache {
             index: Mutex::new((lru, bytes)),
             limit,
             dirty_bytes: OnceLock::new(),
+            pending_writes: AtomicU64::new(0),
             stats: DiskCacheStats::default(),
         })
     }
@@ -162,6 +168,21 @@ impl DiskCache {
                 None
             }
         }
+    }
+
+    /// Reserves room for a block about to be written in the background; false (don't write
+    /// it) when too much is waiting already. [`DiskCache::write_done`] releases it.
+    pub fn begin_write(&self, len: u64) -> bool {
+        let pending = self.pending_writes.fetch_add(len, Ordering::Relaxed);
+        if pending + len > MAX_PENDING_WRITES {
+            self.pending_writes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn write_done(&self, len: u64) {
+        self.pending_writes.fetch_sub(len, Ordering::Relaxed);
     }
 
     /// Stores a block, evicting older ones to stay within the budget. Blocking I/O; failures

@@ -279,9 +279,13 @@ impl<S> BlockFetcher<S> {
     ) {
         if let Ok(data) = &result {
             self.cache.insert(id.clone(), data.clone());
-            if let Some(disk) = self.disk.as_ref().filter(|_| from_s3) {
+            let len = data.len() as u64;
+            if let Some(disk) = self.disk.as_ref().filter(|d| from_s3 && d.begin_write(len)) {
                 let (disk, id, data) = (disk.clone(), id.clone(), data.clone());
-                tokio::task::spawn_blocking(move || disk.insert(&id, &data));
+                tokio::task::spawn_blocking(move || {
+                    disk.insert(&id, &data);
+                    disk.write_done(len);
+                });
             }
         }
         tx.send_replace(Some(result));

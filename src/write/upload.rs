@@ -370,6 +370,8 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
             Ok(_) => match outcome {
                 Some(UploadOutcome::Clean) => {
                     tracing::debug!(key, size = snapshot.attr.size, "uploaded");
+                    // Uploads of versions replaced meanwhile (rewritten, unlinked) can go.
+                    abort_orphaned_uploads(store, dirty).await;
                     return;
                 }
                 Some(UploadOutcome::Removed) => return,
