@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         dir_mode: 0o755,
         metadata_ttl: Duration::from_secs(1),
         max_memory_cache: 256 << 20,
+        disk_cache: true,
         max_prefetch: 64 << 20,
         fuse_threads: 4,
         connect_timeout: Duration::from_secs(5),

@@ -160,6 +160,11 @@ pub struct MountArgs {
     #[arg(long, default_value = "512MiB", value_name = "SIZE")]
     pub max_memory_cache: String,
 
+    /// Keep blocks read from S3 in memory only, not also on the cache disk (where they survive
+    /// restarts). Saves the disk writes on CPU-bound nodes doing one-pass reads.
+    #[arg(long)]
+    pub no_disk_cache: bool,
+
     /// Largest read-ahead window of one sequential reader.
     #[arg(long, default_value = "64MiB", value_name = "SIZE")]
     pub max_prefetch: String,
@@ -211,6 +216,7 @@ impl MountArgs {
             dir_mode: parse_mode(&self.dir_mode)?,
             metadata_ttl: parse_duration(&self.metadata_ttl)?,
             max_memory_cache: parse_size(&self.max_memory_cache)?,
+            disk_cache: !self.no_disk_cache,
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),

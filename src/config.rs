@@ -153,6 +153,8 @@ pub struct MountConfig {
     pub dir_mode: u16,
     pub metadata_ttl: Duration,
     pub max_memory_cache: u64,
+    /// Whether read blocks are also kept on the cache disk (across restarts).
+    pub disk_cache: bool,
     pub max_prefetch: u64,
     pub fuse_threads: usize,
     /// Bound on the pre-mount bucket check (connect, list, retries).

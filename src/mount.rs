@@ -237,9 +237,13 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         defaults,
         config.metadata_ttl,
     );
-    let disk_cache = match DiskCache::open(&cache_dir.blocks_dir(), config.max_cache_size) {
-        Ok(disk) => Some(Arc::new(disk)),
-        Err(e) => {
+    let disk_cache = match config
+        .disk_cache
+        .then(|| DiskCache::open(&cache_dir.blocks_dir(), config.max_cache_size))
+    {
+        None => None,
+        Some(Ok(disk)) => Some(Arc::new(disk)),
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "disk block cache unavailable; reads are cached in memory only");
             None
         }

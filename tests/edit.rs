@@ -289,6 +289,20 @@ fn a_restarted_mount_reads_its_working_set_from_the_disk_cache() {
     assert_eq!(sha256_file(&m.path().join("warm.bin")), sha256(&changed));
     drop(m);
 
+    // --no-disk-cache keeps read blocks in memory only.
+    let bare = tempfile::tempdir().unwrap();
+    let bare_args = [
+        "--read-only",
+        "--no-disk-cache",
+        "--cache-dir",
+        bare.path().to_str().unwrap(),
+    ];
+    let m = Mount::new(&format!("s3://{bucket}"), &bare_args);
+    assert_eq!(sha256_file(&m.path().join("warm.bin")), sha256(&changed));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(cached_blocks(bare.path()).is_empty());
+    drop(m);
+
     let (Some(before), Some(after), Some(before_corrupt), Some(after_corrupt)) =
         (before, after, before_corrupt, after_corrupt)
     else {

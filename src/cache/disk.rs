@@ -5,8 +5,8 @@
 //! key itself): a changed object's new ETag names new blocks, and an open validates the ETag
 //! with HEAD first, so stale blocks are never served; they age out. Each file carries the block
 //! length and a CRC32 of its bytes; a block that fails the check is deleted and fetched again,
-//! never served. Files are written to a temporary name and renamed, without fsync: a block lost
-//! or torn by a crash is only a miss.
+//! never served. Files are written in place without fsync and indexed once complete: a block
+//! lost or torn by a crash is only a miss.
 //!
 //! Clean blocks give way to written data: they are evicted (least recently used first) to keep
 //! within `--max-cache-size` (written data and blocks together) or, without it, within a
@@ -25,9 +25,6 @@ use sha2::{Digest, Sha256};
 use super::memory::{Block, BlockId};
 
 const MAGIC: &[u8; 8] = b"KFSBLK01";
-/// Most bytes of blocks waiting to be written to disk: when the disk is slower than the
-/// network, further blocks are simply not cached instead of piling up in memory.
-const MAX_PENDING_WRITES: u64 = 64 << 20;
 const HEADER: usize = 16;
 /// Share of the cache disk always left free by clean blocks.
 pub const DISK_RESERVE_PERCENT: u64 = 5;
@@ -67,8 +64,6 @@ pub struct DiskCache {
     limit: Option<u64>,
     /// Bytes of written data in the cache directory (set once writes are enabled).
     dirty_bytes: OnceLock<OtherUsage>,
-    /// Bytes of blocks handed to [`DiskCache::insert`] and not yet written.
-    pending_writes: AtomicU64,
     pub stats: DiskCacheStats,
 }
 
@@ -77,6 +72,9 @@ impl DiskCache {
     /// run left, oldest first; removes temporary files a crash left.
     pub fn open(dir: &Path, limit: Option<u64>) -> std::io::Result<Self> {
         make_dir(dir)?;
+        for sub in 0..=255u8 {
+            make_dir(&dir.join(format!("{sub:02x}")))?;
+        }
         let mut found = Vec::new();
         for sub in fs::read_dir(dir)? {
             let sub = sub?;
@@ -118,7 +116,6 @@ impl DiskCache {
             index: Mutex::new((lru, bytes)),
             limit,
             dirty_bytes: OnceLock::new(),
-            pending_writes: AtomicU64::new(0),
             stats: DiskCacheStats::default(),
         })
     }
@@ -168,21 +165,6 @@ impl DiskCache {
                 None
             }
         }
-    }
-
-    /// Reserves room for a block about to be written in the background; false (don't write
-    /// it) when too much is waiting already. [`DiskCache::write_done`] releases it.
-    pub fn begin_write(&self, len: u64) -> bool {
-        let pending = self.pending_writes.fetch_add(len, Ordering::Relaxed);
-        if pending + len > MAX_PENDING_WRITES {
-            self.pending_writes.fetch_sub(len, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    pub fn write_done(&self, len: u64) {
-        self.pending_writes.fetch_sub(len, Ordering::Relaxed);
     }
 
     /// Stores a block, evicting older ones to stay within the budget. Blocking I/O; failures
@@ -308,32 +290,38 @@ fn read_block(path: &Path) -> Result<Bytes, String> {
     Ok(data.split_off(HEADER))
 }
 
+/// Writes a block file in place: the index learns of it only once it is complete, and a file
+/// torn by a crash fails its length or CRC check on the next start. Header and chunks go out
+/// in one vectored write, without assembling a copy.
 fn write_block(path: &Path, block: &Block) -> std::io::Result<()> {
-    let dir = path.parent().expect("blocks live in a subdirectory");
-    if !dir.exists() {
-        make_dir(dir)?;
+    let chunks = block.chunks();
+    let mut crc = crc32fast::Hasher::new();
+    for chunk in chunks {
+        crc.update(chunk);
     }
-    let mut data = Vec::with_capacity(HEADER + block.len());
-    data.extend_from_slice(MAGIC);
-    data.extend_from_slice(&(block.len() as u32).to_le_bytes());
-    data.extend_from_slice(&[0; 4]);
-    block.copy_range(0, block.len(), &mut data);
-    let crc = crc32fast::hash(&data[HEADER..]);
-    data[12..16].copy_from_slice(&crc.to_le_bytes());
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = File::create(&tmp).and_then(|mut f| f.write_all(&data));
-    match written.and_then(|()| fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
+    let mut header = [0u8; HEADER];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&(block.len() as u32).to_le_bytes());
+    header[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+    let mut file = File::create(path)?;
+    let mut parts: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(chunks.len() + 1);
+    parts.push(std::io::IoSlice::new(&header));
+    parts.extend(chunks.iter().map(|c| std::io::IoSlice::new(c)));
+    let mut slices = &mut parts[..];
+    let result = (|| {
+        while !slices.is_empty() {
+            let n = file.write_vectored(slices)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut slices, n);
         }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(path);
     }
+    result
 }
 
 /// (total, available) bytes of the filesystem holding `path`.

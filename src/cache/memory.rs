@@ -43,6 +43,11 @@ impl Block {
         self.len == 0
     }
 
+    /// The bytes, as the chunks they arrived in.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
     /// The same bytes in one allocation of exactly their size. Network chunks are slices of
     /// larger receive buffers that they keep alive; a cached block must own only its bytes, or
     /// the cache's byte bound would not bound memory.

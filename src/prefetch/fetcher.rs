@@ -43,6 +43,9 @@ impl ObjectVersion {
     }
 }
 
+/// Blocks (256 KiB) waiting for the disk cache's writer: 64 MiB.
+const DISK_QUEUE: usize = 256;
+
 /// A block's eventual content: `None` until its GET delivers or fails.
 pub type BlockSlot = watch::Receiver<Option<Result<Arc<Block>, StoreError>>>;
 /// The delivering side of a [`BlockSlot`], held by the GET that fetches the block.
@@ -60,6 +63,8 @@ pub struct BlockFetcher<S> {
     cache: MemoryCache,
     /// Clean blocks on the cache disk, kept across restarts.
     disk: Option<Arc<DiskCache>>,
+    /// Blocks fresh from S3 on their way to the disk cache's writer thread.
+    to_disk: Option<std::sync::mpsc::SyncSender<(BlockId, Arc<Block>)>>,
     inflight: Mutex<HashMap<BlockId, BlockSlot>>,
     pub stats: FetchStats,
 }
@@ -70,14 +75,34 @@ impl<S: ObjectStore> BlockFetcher<S> {
             store,
             cache,
             disk: None,
+            to_disk: None,
             inflight: Mutex::new(HashMap::new()),
             stats: FetchStats::default(),
         }
     }
 
-    /// Keeps fetched blocks on the cache disk too, and reads them from there.
+    /// Keeps fetched blocks on the cache disk too, and reads them from there. One thread
+    /// writes them; when it falls behind (a disk slower than the network), further blocks are
+    /// not cached rather than piling up in memory.
     pub fn with_disk_cache(mut self, disk: Arc<DiskCache>) -> Self {
-        self.disk = Some(disk);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(BlockId, Arc<Block>)>(DISK_QUEUE);
+        let writer = Arc::clone(&disk);
+        let spawned = std::thread::Builder::new()
+            .name("keepfs-blocks".into())
+            .spawn(move || {
+                for (id, block) in rx {
+                    writer.insert(&id, &block);
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                self.disk = Some(disk);
+                self.to_disk = Some(tx);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no disk cache writer; blocks cached in memory only")
+            }
+        }
         self
     }
 
@@ -279,13 +304,8 @@ impl<S> BlockFetcher<S> {
     ) {
         if let Ok(data) = &result {
             self.cache.insert(id.clone(), data.clone());
-            let len = data.len() as u64;
-            if let Some(disk) = self.disk.as_ref().filter(|d| from_s3 && d.begin_write(len)) {
-                let (disk, id, data) = (disk.clone(), id.clone(), data.clone());
-                tokio::task::spawn_blocking(move || {
-                    disk.insert(&id, &data);
-                    disk.write_done(len);
-                });
+            if let Some(to_disk) = self.to_disk.as_ref().filter(|_| from_s3) {
+                let _ = to_disk.try_send((id.clone(), data.clone()));
             }
         }
         tx.send_replace(Some(result));
