@@ -17,6 +17,7 @@ use crate::namespace::{Defaults, Namespace};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::{ObjectStore, S3Store, S3StoreConfig, StoreError};
 use crate::vfs::Writes;
+use crate::write::renames::DirRenames;
 use crate::write::{DirtyFiles, UploadConfig, Uploader};
 
 /// Environment variable through which a `--daemon` parent tells its child to report readiness
@@ -270,6 +271,9 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
                 source,
             })?;
         let dirty = Arc::new(dirty);
+        // A directory rename a crash interrupted is finished before anything is shown.
+        let renames = DirRenames::new(&cache_dir);
+        runtime.block_on(renames.finish_interrupted(&*store));
         if let Some(disk) = &disk_cache {
             let dirty = Arc::clone(&dirty);
             disk.share_with_written_data(Box::new(move || dirty.cache_bytes()));
@@ -314,6 +318,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             max_cache_size: config.max_cache_size,
             stopping,
             disk_cache,
+            renames,
         };
         (namespace, Some(writes))
     } else {

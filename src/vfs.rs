@@ -68,6 +68,8 @@ pub struct Writes<S> {
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
     /// Clean blocks on the cache disk, which give way to written data.
     pub disk_cache: Option<Arc<crate::cache::DiskCache>>,
+    /// Directory renames in progress, finished by the next start after a crash.
+    pub renames: crate::write::renames::DirRenames,
 }
 
 /// Space kept free on the cache disk for journal records, so that acknowledging what was
@@ -661,7 +663,6 @@ impl<S: ObjectStore> Vfs<S> {
         new_name: &OsStr,
         no_replace: bool,
     ) -> Result<(), FsError> {
-        use futures_util::stream::{self, StreamExt, TryStreamExt};
         let writes = self.writes()?;
         let old_prefix = self.namespace.marker_of(ino)?;
         let (new_path, new_prefix) = self.namespace.new_dir_marker(new_parent, new_name)?;
@@ -705,12 +706,33 @@ impl<S: ObjectStore> Vfs<S> {
             local.insert(key);
         }
         let keys = self.keys_under(&old_prefix).await?;
-        const IN_FLIGHT: usize = 16;
         let copies: Vec<(String, String)> = keys
             .iter()
             .filter(|k| !local.contains(*k))
             .map(|k| (k.clone(), renamed(k)))
             .collect();
+        // A crash from here on is finished by the next start (copies, then deletes).
+        let plan = writes.renames.begin(copies.clone(), keys.clone())?;
+        let moved = self.copy_then_delete(copies, keys).await;
+        // Done, or failed with an error the caller sees: nothing to finish later either way.
+        writes.renames.done(plan);
+        moved?;
+        // After the deletes, so that uploads in flight end with their keys deleted.
+        for key in &local {
+            writes.uploader.enqueue(key);
+        }
+        self.namespace.renamed_dir(ino, &new_path)?;
+        Ok(())
+    }
+
+    /// Copies each (old, new) pair in S3, then deletes `deletes`, 16 requests in flight.
+    async fn copy_then_delete(
+        &self,
+        copies: Vec<(String, String)>,
+        deletes: Vec<String>,
+    ) -> Result<(), FsError> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        const IN_FLIGHT: usize = 16;
         stream::iter(copies)
             .map(|(from, to)| {
                 let store = Arc::clone(&self.store);
@@ -724,7 +746,7 @@ impl<S: ObjectStore> Vfs<S> {
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<_>>()
             .await?;
-        stream::iter(keys)
+        stream::iter(deletes)
             .map(|key| {
                 let store = Arc::clone(&self.store);
                 async move {
@@ -737,11 +759,6 @@ impl<S: ObjectStore> Vfs<S> {
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<_>>()
             .await?;
-        // After the deletes, so that uploads in flight end with their keys deleted.
-        for key in &local {
-            writes.uploader.enqueue(key);
-        }
-        self.namespace.renamed_dir(ino, &new_path)?;
         Ok(())
     }
 

@@ -1285,3 +1285,57 @@ fn crash_after_an_upload_before_its_record_is_removed_makes_no_conflict_copy() {
     );
     drop(m);
 }
+
+#[test]
+fn a_directory_rename_cut_off_by_kill_9_is_finished_by_the_next_start() {
+    let s = server();
+    let bucket = s.bucket("wrenamecrash");
+    let keys: Vec<String> = (0..400).map(|i| format!("src/f{i:03}.txt")).collect();
+    s.put_many(&bucket, &keys, b"moved intact");
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(names(&m.path().join("src")).len(), 400);
+    let (from, to) = (m.path().join("src"), m.path().join("dst"));
+    let renaming = std::thread::spawn(move || fs::rename(from, to));
+    // keepfs dies once the rename's plan is recorded (copies under way, or already done).
+    let renames = cache.path().join("renames");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut cut_off = false;
+    while !renaming.is_finished() {
+        if fs::read_dir(&renames)
+            .unwrap()
+            .flatten()
+            .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        {
+            m.stop_with(libc::SIGKILL);
+            cut_off = true;
+            break;
+        }
+        assert!(Instant::now() < deadline, "rename never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = renaming.join().unwrap(); // fails with ENOTCONN when cut off
+    drop(m);
+
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    if cut_off {
+        assert!(
+            m.log().contains("finishing a directory rename"),
+            "{}",
+            m.log()
+        );
+    } else {
+        eprintln!("the rename finished before keepfs could be killed; checking its result only");
+    }
+    let (mut listed, _) = s.list(&bucket, "", false);
+    listed.sort();
+    let expected: Vec<String> = keys.iter().map(|k| k.replacen("src/", "dst/", 1)).collect();
+    assert_eq!(listed, expected, "every object under its new name only");
+    assert_eq!(names(&m.path().join("dst")).len(), 400);
+    assert!(!m.path().join("src").exists());
+    assert_eq!(
+        fs::read(m.path().join("dst/f123.txt")).unwrap(),
+        b"moved intact"
+    );
+}

@@ -9,6 +9,7 @@
 //!   journal/      one record per file the journal describes (see `journal`)
 //!   data/         file contents, named by record id, never by object key
 //!   uploads/      multipart uploads in progress, named by data file id (see `write::resume`)
+//!   renames/      directory renames in progress (see `write::renames`)
 //!   blocks/       clean blocks of objects read, named by a hash of key + ETag + index
 //!   tmp/          scratch for atomic replacement (write, fsync, rename)
 //! ```
@@ -26,7 +27,7 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_PREFIX: &str = "keepfs-cache-format ";
 const LOCK_FILE: &str = "lock";
-const SUBDIRS: [&str; 5] = ["journal", "data", "uploads", "blocks", "tmp"];
+const SUBDIRS: [&str; 6] = ["journal", "data", "uploads", "renames", "blocks", "tmp"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheDirError {
@@ -88,6 +89,10 @@ impl CacheDir {
 
     pub fn data_dir(&self) -> PathBuf {
         self.path.join("data")
+    }
+
+    pub fn renames_dir(&self) -> PathBuf {
+        self.path.join("renames")
     }
 
     pub fn blocks_dir(&self) -> PathBuf {

@@ -2,6 +2,7 @@
 
 pub mod dirty;
 pub mod local;
+pub mod renames;
 pub mod resume;
 pub mod upload;
 
