@@ -103,8 +103,14 @@ pub fn serve(dir: &Path, dirty: Arc<DirtyFiles>, stats: Arc<UploadStats>) -> std
     let listener = tokio::net::UnixListener::bind(&path)?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: don't spin.
+                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let (dirty, stats) = (dirty.clone(), stats.clone());
             tokio::spawn(async move {
@@ -137,8 +143,13 @@ async fn answer(
         "status" => write.write_all(&send(&Live::now(dirty, stats))).await,
         "flush" => {
             tracing::info!("flush asked for: retrying uploads now");
+            let mut rounds = 0u32;
             loop {
-                stats.retry_now();
+                // Waiting uploads retry now, and again every 10 s (not at every report).
+                if rounds.is_multiple_of(20) {
+                    stats.retry_now();
+                }
+                rounds += 1;
                 let live = Live::now(dirty, stats);
                 write.write_all(&send(&live)).await?;
                 if live.flushed {

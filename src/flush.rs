@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::cache::CacheDir;
 use crate::control::{self, Live, MountRecord};
 use crate::store::{S3Store, S3StoreConfig};
+use crate::write::renames::DirRenames;
 use crate::write::{DirtyFiles, UploadConfig, Uploader};
 
 /// The extended attribute of a mount's root that names its cache directory.
@@ -126,8 +127,24 @@ fn ask_mount(
         dir: dir.to_owned(),
         source,
     };
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(control::socket_path(dir)).map_err(unreachable)?;
+    // A mount that is still starting opens its socket in a moment.
+    let connect_until = Instant::now() + timeout.min(Duration::from_secs(10));
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(control::socket_path(dir)) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < connect_until => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => {
+                return Err(unreachable(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e} (a read-only mount uploads nothing; a starting one did not open its control socket in time)"
+                    ),
+                )));
+            }
+        }
+    };
     stream.write_all(b"flush\n").map_err(unreachable)?;
     let deadline = Instant::now() + timeout;
     let mut lines = std::io::BufReader::new(stream.try_clone().map_err(unreachable)?);
@@ -177,7 +194,8 @@ fn upload_here(
 ) -> Result<Flushed, FlushError> {
     let cache = CacheDir::open(dir)?;
     let (dirty, keys) = DirtyFiles::open(&cache).map_err(io("reading the journal"))?;
-    if keys.is_empty() {
+    let renames = DirRenames::new(&cache);
+    if keys.is_empty() && !renames.has_pending() {
         return Ok(progress.done(&Live::default()));
     }
     let record = MountRecord::load(dir).map_err(|_| FlushError::NoMountRecord {
@@ -194,6 +212,13 @@ fn upload_here(
         force_path_style: record.force_path_style,
         connect_timeout: Duration::from_millis(record.connect_timeout_ms),
     }));
+    runtime.block_on(renames.finish_interrupted(&store));
+    if renames.has_pending() {
+        return Err(FlushError::Io {
+            what: "finishing an interrupted directory rename".into(),
+            source: std::io::Error::other("S3 refused it; see the log above"),
+        });
+    }
     let dirty = Arc::new(dirty);
     let uploader = {
         let _runtime = runtime.enter();

@@ -534,7 +534,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs| async move {
-            match fs.namespace.list(ino.0).await {
+            match fs.namespace.list_for_readdir(ino.0).await {
                 Ok(entries) => {
                     let fh = fs.new_handle();
                     lock(&fs.dirs).insert(fh, Arc::new(entries));

@@ -68,6 +68,44 @@ pub enum MountError {
     },
     #[error("could not start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(
+        "cache directory {dir} holds files not yet uploaded to {theirs}; mount {theirs} with it to upload them, or use another --cache-dir for {ours}"
+    )]
+    CacheOfOtherSource {
+        dir: PathBuf,
+        theirs: String,
+        ours: String,
+    },
+}
+
+/// Refuses a cache directory whose unuploaded files (or unfinished renames) belong to another
+/// bucket, prefix or endpoint: they must never go to the wrong place.
+fn check_cache_source(cache_dir: &CacheDir, config: &MountConfig) -> Result<(), MountError> {
+    let Ok(record) = MountRecord::load(cache_dir.path()) else {
+        return Ok(()); // a new directory, or one from before mount.json existed
+    };
+    let describe = |source: &str, endpoint: &Option<String>| match endpoint {
+        Some(e) => format!("{source} at {e}"),
+        None => source.to_owned(),
+    };
+    let theirs = describe(&record.source, &record.endpoint_url);
+    let ours = describe(&config.source.to_string(), &config.endpoint_url);
+    let busy = |dir: PathBuf| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    };
+    let pending = busy(cache_dir.journal_dir()) || busy(cache_dir.renames_dir());
+    if theirs != ours && pending {
+        return Err(MountError::CacheOfOtherSource {
+            dir: cache_dir.path().to_owned(),
+            theirs,
+            ours,
+        });
+    }
+    Ok(())
 }
 
 /// Checks that `path` can be mounted on: an existing directory that is not a mount point yet.
@@ -81,7 +119,14 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
         // killed (a pod restart: the container's namespace went, the propagated mount stayed),
         // is detached so the new keepfs can take its place; any other is in use.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+            // The parent resolved (symlinks too), as the mount table names mount points.
+            let absolute = match (path.parent(), path.file_name()) {
+                (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => parent
+                    .canonicalize()
+                    .map(|p| p.join(name))
+                    .unwrap_or_else(|_| path.to_owned()),
+                _ => std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
+            };
             if !is_keepfs_mount(&absolute) {
                 return Err(MountError::MountpointInUse(path.to_owned()));
             }
@@ -265,15 +310,13 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     // What a stop signal drains before unmounting (read-write mounts).
     let mut draining = None;
     let (namespace, writes) = if config.read_write {
+        check_cache_source(&cache_dir, &config)?;
         let (dirty, pending) =
             DirtyFiles::open(&cache_dir).map_err(|source| MountError::Journal {
                 path: cache_dir.path().to_owned(),
                 source,
             })?;
         let dirty = Arc::new(dirty);
-        // A directory rename a crash interrupted is finished before anything is shown.
-        let renames = DirRenames::new(&cache_dir);
-        runtime.block_on(renames.finish_interrupted(&*store));
         if let Some(disk) = &disk_cache {
             let dirty = Arc::clone(&dirty);
             disk.share_with_written_data(Box::new(move || dirty.cache_bytes()));
@@ -308,6 +351,9 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
                 tracing::warn!(error = %e, "no control socket; keepfs flush and status can't reach this mount");
             }
         }
+        // A directory rename a crash interrupted is finished before anything is shown.
+        let renames = DirRenames::new(&cache_dir);
+        runtime.block_on(renames.finish_interrupted(&*store));
         let namespace = namespace.with_dirty_files(Arc::clone(&dirty));
         let stopping = Arc::new(AtomicBool::new(false));
         draining = Some((Arc::clone(&dirty), Arc::clone(&stopping)));

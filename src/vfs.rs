@@ -694,29 +694,53 @@ impl<S: ObjectStore> Vfs<S> {
             Err(e) => return Err(e),
         }
         let renamed = |key: &str| format!("{new_prefix}{}", &key[old_prefix.len()..]);
-        let mut local = std::collections::HashSet::new();
-        for key in writes.dirty.under(&old_prefix).into_keys() {
-            self.complete_local(&key).await?;
-            let new_key = renamed(&key);
-            if writes.dirty.rename(&key, &new_key, None)?
-                && writes.dirty.snapshot(&new_key).is_some()
-            {
-                writes.uploader.enqueue(&new_key);
-            }
-            local.insert(key);
-        }
+        // Files with local copies move in the journal; the objects in S3 are copied, then all
+        // old keys deleted. The plan is recorded first, so a crash anywhere after it is
+        // finished by the next start.
+        let local: std::collections::HashSet<String> =
+            writes.dirty.under(&old_prefix).into_keys().collect();
         let keys = self.keys_under(&old_prefix).await?;
         let copies: Vec<(String, String)> = keys
             .iter()
             .filter(|k| !local.contains(*k))
             .map(|k| (k.clone(), renamed(k)))
             .collect();
-        // A crash from here on is finished by the next start (copies, then deletes).
         let plan = writes.renames.begin(copies.clone(), keys.clone())?;
-        let moved = self.copy_then_delete(copies, keys).await;
-        // Done, or failed with an error the caller sees: nothing to finish later either way.
+        let copied = async {
+            for key in &local {
+                self.complete_local(key).await?;
+                let new_key = renamed(key);
+                if writes.dirty.rename(key, &new_key, None)?
+                    && writes.dirty.snapshot(&new_key).is_some()
+                {
+                    writes.uploader.enqueue(&new_key);
+                }
+            }
+            self.in_parallel(copies, |store, (from, to)| async move {
+                store
+                    .copy_object(&from, &to)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| FsError::store(&from, e))
+            })
+            .await
+        }
+        .await;
+        if let Err(e) = copied {
+            // Reported to the caller: nothing to finish later (what was copied stays).
+            writes.renames.done(plan);
+            return Err(e);
+        }
+        // Every object has its new key: from here the rename is carried through, if not now
+        // then by the next start (the plan stays when a delete fails).
+        self.in_parallel(keys, |store, key| async move {
+            store
+                .delete(&key)
+                .await
+                .map_err(|e| FsError::store(&key, e))
+        })
+        .await?;
         writes.renames.done(plan);
-        moved?;
         // After the deletes, so that uploads in flight end with their keys deleted.
         for key in &local {
             writes.uploader.enqueue(key);
@@ -725,41 +749,19 @@ impl<S: ObjectStore> Vfs<S> {
         Ok(())
     }
 
-    /// Copies each (old, new) pair in S3, then deletes `deletes`, 16 requests in flight.
-    async fn copy_then_delete(
-        &self,
-        copies: Vec<(String, String)>,
-        deletes: Vec<String>,
-    ) -> Result<(), FsError> {
+    /// Runs `op` on every item, 16 S3 requests in flight; the first error stops it.
+    async fn in_parallel<T, F, Fut>(&self, items: Vec<T>, op: F) -> Result<(), FsError>
+    where
+        F: Fn(Arc<S>, T) -> Fut,
+        Fut: std::future::Future<Output = Result<(), FsError>>,
+    {
         use futures_util::stream::{self, StreamExt, TryStreamExt};
-        const IN_FLIGHT: usize = 16;
-        stream::iter(copies)
-            .map(|(from, to)| {
-                let store = Arc::clone(&self.store);
-                async move {
-                    store
-                        .copy_object(&from, &to)
-                        .await
-                        .map_err(|e| FsError::store(&from, e))
-                }
-            })
-            .buffer_unordered(IN_FLIGHT)
+        stream::iter(items)
+            .map(|item| op(Arc::clone(&self.store), item))
+            .buffer_unordered(16)
             .try_collect::<Vec<_>>()
-            .await?;
-        stream::iter(deletes)
-            .map(|key| {
-                let store = Arc::clone(&self.store);
-                async move {
-                    store
-                        .delete(&key)
-                        .await
-                        .map_err(|e| FsError::store(&key, e))
-                }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok(())
+            .await
+            .map(|_| ())
     }
 
     /// Every key at or below `prefix` (a directory's marker key), markers included.

@@ -1339,3 +1339,36 @@ fn a_directory_rename_cut_off_by_kill_9_is_finished_by_the_next_start() {
         b"moved intact"
     );
 }
+
+#[test]
+fn a_cache_directory_with_unuploaded_files_is_refused_for_another_bucket() {
+    let s = server();
+    let (a, b) = (s.bucket("wcachea"), s.bucket("wcacheb"));
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{a}"), &args);
+    if !s.refuse_uploads_if_possible(&a) {
+        common::skipped("cache of another bucket: needs the in-process server to hold uploads");
+        return;
+    }
+    fs::write(m.path().join("only-for-a.txt"), b"belongs to bucket a").unwrap();
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    let mountpoint = tempfile::tempdir().unwrap();
+    let out = common::mount_expecting_failure(&format!("s3://{b}"), mountpoint.path(), &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("holds files not yet uploaded to s3://"),
+        "{err}"
+    );
+    assert!(
+        s.list(&b, "", false).0.is_empty(),
+        "nothing went to the other bucket"
+    );
+    // The right bucket still gets them.
+    s.allow_uploads(&a);
+    let m = Mount::new(&format!("s3://{a}"), &args);
+    s.wait_for_object(&a, "only-for-a.txt", &sha256(b"belongs to bucket a"));
+    drop(m);
+}

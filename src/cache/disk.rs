@@ -34,6 +34,8 @@ type BlockName = [u8; 32];
 
 fn block_name(id: &BlockId) -> BlockName {
     let mut h = Sha256::new();
+    // The block size is part of the name: another size makes other blocks, never wrong ones.
+    h.update(super::BLOCK_SIZE.to_le_bytes());
     h.update(id.key.as_bytes());
     h.update([0]);
     h.update(id.etag.as_bytes());

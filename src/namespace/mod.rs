@@ -350,7 +350,12 @@ impl<S: ObjectStore> Namespace<S> {
             self.store.head(&key),
             self.store.list_page(&as_dir, None, Some(1))
         );
-        let list = list.map_err(|e| FsError::store(&as_dir, e))?;
+        let list = match (list, &head) {
+            (Ok(list), _) => list,
+            // The key exists as an object; only whether it is also a directory is unknown.
+            (Err(e), Ok(meta)) if e.is_unavailable() => return Ok(self.seen_object(meta, true)),
+            (Err(e), _) => return Err(FsError::store(&as_dir, e)),
+        };
         if list.objects.first().is_some_and(|(k, _)| *k == as_dir) {
             // A marker: its metadata holds the directory's attributes.
             return match self.store.head(&as_dir).await {
@@ -457,9 +462,23 @@ impl<S: ObjectStore> Namespace<S> {
         self.table().forget(ino, n);
     }
 
-    /// A fresh, complete listing of directory `ino`, sorted by name. Nothing is registered:
-    /// call [`Namespace::remember`] for each entry handed to the kernel with attributes.
+    /// A fresh, complete listing of directory `ino`, sorted by name, or an error. Nothing is
+    /// registered. For decisions (is it empty?): never a partial answer.
     pub async fn list(&self, ino: u64) -> Result<Vec<Listed>, FsError> {
+        self.list_entries(ino, false).await
+    }
+
+    /// [`Namespace::list`] for showing a directory: while S3 can't be reached, the entries the
+    /// mount knows. Call [`Namespace::remember`] for each entry handed to the kernel.
+    pub async fn list_for_readdir(&self, ino: u64) -> Result<Vec<Listed>, FsError> {
+        self.list_entries(ino, true).await
+    }
+
+    async fn list_entries(
+        &self,
+        ino: u64,
+        known_if_unavailable: bool,
+    ) -> Result<Vec<Listed>, FsError> {
         let (dir, kind) = self.path_of(ino)?;
         if kind != NodeKind::Directory {
             return Err(FsError::NotDirectory);
@@ -484,7 +503,7 @@ impl<S: ObjectStore> Namespace<S> {
         loop {
             let page = match self.store.list_page(&prefix, token, None).await {
                 Ok(page) => page,
-                Err(e) if e.is_unavailable() => {
+                Err(e) if known_if_unavailable && e.is_unavailable() => {
                     // What the mount knows of the directory: entries the kernel holds.
                     outage_warning(&dir, &e);
                     entries = self.known_children(&dir);

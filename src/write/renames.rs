@@ -75,6 +75,11 @@ impl DirRenames {
         }
     }
 
+    /// Whether a previous run left a rename unfinished.
+    pub fn has_pending(&self) -> bool {
+        !self.pending().is_empty()
+    }
+
     /// Renames a previous run left unfinished.
     fn pending(&self) -> Vec<(u64, RenamePlan)> {
         let Ok(entries) = fs::read_dir(&self.dir) else {

@@ -1,9 +1,10 @@
 //! Multipart uploads in progress, kept in the cache directory so that a restart continues an
 //! interrupted upload from the parts S3 already has instead of sending the file again.
 //!
-//! One small JSON file per local file being uploaded (`uploads/<data id>.json`, never named by
-//! key): the upload id, the target key, a fingerprint of exactly what is being uploaded, and
-//! the parts finished so far. A part is recorded only after S3 acknowledged it, and the file
+//! One small JSON file per local file and target key being uploaded
+//! (`uploads/<data id>-<key hash>.json`, never named by the key itself): the upload id, the
+//! target key, a fingerprint of exactly what is being uploaded, and the parts finished so far.
+//! (A renamed file keeps its data id while an upload under its old name may still run.) A part is recorded only after S3 acknowledged it, and the file
 //! is replaced atomically, so after a crash it lists at most fewer parts than S3 has (those
 //! are sent again). An upload whose fingerprint no longer matches the file is aborted.
 
@@ -70,13 +71,21 @@ impl PendingUploads {
         }
     }
 
-    fn path(&self, data_id: u64) -> PathBuf {
-        self.dir.join(format!("{data_id:016x}{SUFFIX}"))
+    fn path(&self, data_id: u64, key: &str) -> PathBuf {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(key.as_bytes());
+        let short = u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"));
+        self.dir
+            .join(format!("{data_id:016x}-{short:016x}{SUFFIX}"))
     }
 
-    /// The upload of data file `data_id` in progress, if one is recorded and readable.
-    pub fn get(&self, data_id: u64) -> Option<PendingUpload> {
-        let bytes = fs::read(self.path(data_id)).ok()?;
+    /// The upload of data file `data_id` to `key` in progress, if one is recorded and readable.
+    pub fn get(&self, data_id: u64, key: &str) -> Option<PendingUpload> {
+        self.read(&self.path(data_id, key), data_id)
+    }
+
+    fn read(&self, path: &std::path::Path, data_id: u64) -> Option<PendingUpload> {
+        let bytes = fs::read(path).ok()?;
         match serde_json::from_slice::<PendingUpload>(&bytes) {
             Ok(p) if p.version <= VERSION => Some(p),
             Ok(p) => {
@@ -94,23 +103,31 @@ impl PendingUploads {
         }
     }
 
-    /// Durably records `upload` as the one in progress for data file `data_id`.
+    /// Durably records `upload` as the one in progress for data file `data_id` (to its key).
     pub fn put(&self, data_id: u64, upload: &PendingUpload) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(upload).map_err(std::io::Error::other)?;
-        write_atomically(&self.dir, &self.path(data_id), &bytes)
+        write_atomically(&self.dir, &self.path(data_id, &upload.key), &bytes)
     }
 
-    /// Forgets the upload of data file `data_id` (absent is fine).
-    pub fn remove(&self, data_id: u64) {
-        match fs::remove_file(self.path(data_id)) {
+    /// Forgets the upload of data file `data_id` to `key` (absent is fine).
+    pub fn remove(&self, data_id: u64, key: &str) {
+        match fs::remove_file(self.path(data_id, key)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(data_id, error = %e, "could not remove upload state"),
         }
     }
 
-    /// Every recorded upload, by data file id (unreadable files are skipped; temporary files
-    /// a crash left behind are removed).
+    /// Removes temporary files a crash left behind (at start, before any upload runs).
+    pub fn remove_leftovers(&self) {
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Every recorded upload, by data file id (unreadable files are skipped).
     pub fn all(&self) -> Vec<(u64, PendingUpload)> {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -119,17 +136,14 @@ impl PendingUploads {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') {
-                let _ = fs::remove_file(entry.path());
-                continue;
-            }
             let Some(id) = name
                 .strip_suffix(SUFFIX)
+                .and_then(|stem| stem.split('-').next())
                 .and_then(|hex| u64::from_str_radix(hex, 16).ok())
             else {
                 continue;
             };
-            if let Some(upload) = self.get(id) {
+            if let Some(upload) = self.read(&entry.path(), id) {
                 found.push((id, upload));
             }
         }
@@ -162,14 +176,28 @@ mod tests {
         uploads.put(7, &up).unwrap();
         up.parts.insert(2, "\"e2\"".into());
         uploads.put(7, &up).unwrap();
+        let other = PendingUploads::started("a/c", "id-2", "fp".into());
+        uploads.put(7, &other).unwrap();
         fs::write(cache.uploads_dir().join(".tmp-1-1"), b"{half").unwrap();
-        fs::write(cache.uploads_dir().join("0000000000000009.json"), b"junk").unwrap();
-        assert_eq!(uploads.get(7), Some(up.clone()));
-        assert_eq!(uploads.all(), vec![(7, up)]);
+        fs::write(
+            cache.uploads_dir().join("0000000000000009-00.json"),
+            b"junk",
+        )
+        .unwrap();
+        assert_eq!(uploads.get(7, "a/b"), Some(up.clone()));
+        assert_eq!(
+            uploads.get(7, "a/c"),
+            Some(other.clone()),
+            "one record per target key"
+        );
+        let mut all = uploads.all();
+        all.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+        assert_eq!(all, vec![(7, up), (7, other)]);
+        uploads.remove_leftovers();
         assert!(!cache.uploads_dir().join(".tmp-1-1").exists());
-        uploads.remove(7);
-        uploads.remove(7);
-        assert_eq!(uploads.get(7), None);
+        uploads.remove(7, "a/b");
+        uploads.remove(7, "a/b");
+        assert_eq!(uploads.get(7, "a/b"), None);
     }
 
     #[test]

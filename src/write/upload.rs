@@ -105,11 +105,12 @@ impl UploadStats {
         self.retry_now.notify_waiters();
     }
 
-    /// Waits `backoff`, or less if a retry is asked for; returns the next backoff.
+    /// Waits `backoff`, or less if a retry is asked for; returns the next backoff (which a
+    /// retry asked for does not reset: a server still failing is not hammered).
     async fn back_off(&self, backoff: Duration) -> Duration {
         tokio::select! {
             _ = tokio::time::sleep(backoff) => (backoff * 2).min(MAX_BACKOFF),
-            _ = self.retry_now.notified() => Duration::from_millis(200),
+            _ = self.retry_now.notified() => backoff,
         }
     }
 }
@@ -168,6 +169,7 @@ impl<S: ObjectStore> Uploader<S> {
         let (task_store, task_dirty, task_locks) = (store.clone(), dirty.clone(), locks.clone());
         let task_stats = stats.clone();
         tokio::spawn(async move {
+            task_dirty.pending_uploads().remove_leftovers();
             abort_orphaned_uploads(&*task_store, &task_dirty).await;
             while let Some(key) = rx.recv().await {
                 {
@@ -315,7 +317,7 @@ async fn abort_orphaned_uploads<S: ObjectStore>(store: &S, dirty: &DirtyFiles) {
             continue; // resumed or replaced by the file's own next upload
         }
         abort(store, &upload).await;
-        pending.remove(id);
+        pending.remove(id, &upload.key);
     }
 }
 
@@ -542,9 +544,9 @@ async fn upload_to<S: ObjectStore>(
     let guarded = *condition != Precondition::None;
     if size <= part {
         // A multipart upload of an earlier, larger version is of no use any more.
-        if let Some(outdated) = sender.dirty.pending_uploads().get(snapshot.id) {
+        if let Some(outdated) = sender.dirty.pending_uploads().get(snapshot.id, key) {
             abort(store, &outdated).await;
-            sender.dirty.pending_uploads().remove(snapshot.id);
+            sender.dirty.pending_uploads().remove(snapshot.id, key);
         }
         let body = read_range(store, snapshot, base, 0, size).await?;
         if guarded {
@@ -578,7 +580,11 @@ async fn upload_to<S: ObjectStore>(
                     .await
                     .map_err(|e| match e {
                         // The upload is unusable (gone, or a part refused): start afresh.
-                        StoreError::NotFound | StoreError::Other(_) => UploadError::Abandoned(e),
+                        // Anything else (a 5xx) is retried with the same parts.
+                        StoreError::NotFound => UploadError::Abandoned(e),
+                        StoreError::Other(ref text) if text.contains("InvalidPart") => {
+                            UploadError::Abandoned(e)
+                        }
                         e => UploadError::from(e),
                     }),
                 Err(e) => Err(e),
@@ -588,12 +594,12 @@ async fn upload_to<S: ObjectStore>(
     };
     let upload = progress.into_inner().unwrap_or_else(|e| e.into_inner());
     match &committed {
-        Ok(_) => sender.dirty.pending_uploads().remove(snapshot.id),
+        Ok(_) => sender.dirty.pending_uploads().remove(snapshot.id, key),
         // Cut off: the parts S3 has stay, the next attempt (or the next start) goes on.
         Err(UploadError::Store(_)) => {}
         Err(_) => {
             abort(store, &upload).await;
-            sender.dirty.pending_uploads().remove(snapshot.id);
+            sender.dirty.pending_uploads().remove(snapshot.id, key);
         }
     }
     committed.map_err(|e| match e {
@@ -622,7 +628,7 @@ async fn start_multipart<S: ObjectStore>(
     part: u64,
 ) -> Result<PendingUpload, UploadError> {
     let pending = sender.dirty.pending_uploads();
-    match pending.get(snapshot.id) {
+    match pending.get(snapshot.id, key) {
         Some(upload) if upload.fingerprint == fingerprint => {
             let size = snapshot.attr.size;
             let done: u64 = upload
@@ -645,7 +651,7 @@ async fn start_multipart<S: ObjectStore>(
         Some(outdated) => {
             // The file changed since: those parts are of no use.
             abort(sender.store, &outdated).await;
-            pending.remove(snapshot.id);
+            pending.remove(snapshot.id, key);
         }
         None => {}
     }
@@ -733,21 +739,31 @@ async fn upload_parts<S: ObjectStore>(
                     let (Target { key, upload_id }, source) = (target, &snapshot.key);
                     let etag = match (&snapshot.base_etag, base) {
                         // Untouched since it left S3: copied there, neither downloaded nor sent.
-                        (Some(etag), Base::Usable) if coverage.unchanged(&range) => store
-                            .upload_part_copy(
-                                key,
-                                upload_id,
-                                number,
-                                source,
-                                etag,
-                                range.start,
-                                range.end,
-                            )
-                            .await
-                            .map_err(|e| match e {
-                                StoreError::NotFound => UploadError::Conflict,
-                                e => UploadError::from(e),
-                            })?,
+                        (Some(etag), Base::Usable) if coverage.unchanged(&range) => {
+                            let copied = store
+                                .upload_part_copy(
+                                    key,
+                                    upload_id,
+                                    number,
+                                    source,
+                                    etag,
+                                    range.start,
+                                    range.end,
+                                )
+                                .await;
+                            match copied {
+                                Ok(etag) => etag,
+                                // Either the source changed (a conflict) or the upload is gone
+                                // (aborted, expired): HEAD tells which.
+                                Err(StoreError::NotFound) => {
+                                    return Err(match check_base(store, snapshot).await {
+                                        Ok(()) => UploadError::Abandoned(StoreError::NotFound),
+                                        Err(e) => e,
+                                    });
+                                }
+                                Err(e) => return Err(UploadError::from(e)),
+                            }
+                        }
                         _ => {
                             let body = read_range(
                                 store,
