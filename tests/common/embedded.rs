@@ -103,6 +103,18 @@ fn header_number(headers: &hyper::HeaderMap, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Reads a request body to its end, discarding it.
+async fn drain(mut body: hyper::body::Incoming) {
+    use hyper::body::Body;
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        if frame.is_err() {
+            break;
+        }
+    }
+}
+
 fn access_denied() -> hyper::Response<s3s::Body> {
     let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
         <Error><Code>AccessDenied</Code>\
@@ -210,11 +222,20 @@ async fn serve(root: PathBuf, listener: tokio::net::TcpListener) {
                         });
                     }
                 }
-                let response = hyper::service::Service::call(&service, req);
+                // A refused request's body is read to its end first, as a real server does:
+                // a client still sending it would otherwise stall instead of seeing the refusal.
+                let (response, refused_body) = if refused {
+                    (None, Some(req.into_body()))
+                } else {
+                    (Some(hyper::service::Service::call(&service, req)), None)
+                };
                 async move {
-                    if refused {
+                    let Some(response) = response else {
+                        if let Some(body) = refused_body {
+                            drain(body).await;
+                        }
                         return Ok(access_denied());
-                    }
+                    };
                     let response = response.await?;
                     if method == hyper::Method::GET {
                         let len = header_number(response.headers(), "content-length");
