@@ -45,6 +45,11 @@ pub struct Live {
 }
 
 impl Live {
+    /// Dirty files that are closed, so waiting for (or in) upload.
+    pub fn closed_pending(&self) -> usize {
+        self.dirty_files.saturating_sub(self.open_for_writing)
+    }
+
     /// The numbers now.
     pub fn now(dirty: &DirtyFiles, stats: &UploadStats) -> Self {
         let (dirty_files, bytes_pending) = dirty.pending();

@@ -273,7 +273,7 @@ impl Progress {
     }
 
     fn show(&mut self, live: &Live) {
-        let closed = live.dirty_files - live.open_for_writing.min(live.dirty_files);
+        let closed = live.closed_pending();
         let (files0, bytes0) = *self.first.get_or_insert((closed, live.bytes_pending));
         let error = live
             .last_errors
@@ -332,7 +332,7 @@ impl Progress {
     fn timed_out(&self, live: &Live) -> FlushError {
         FlushError::TimedOut {
             waited: self.started.elapsed(),
-            files: live.dirty_files - live.open_for_writing.min(live.dirty_files),
+            files: live.closed_pending(),
             bytes: live.bytes_pending,
         }
     }

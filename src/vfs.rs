@@ -117,11 +117,10 @@ impl<S> Writes<S> {
             .max_cache_size
             .is_none_or(|limit| self.dirty.cache_bytes() + clean + len <= limit);
         // If the disk can't be asked, the write itself will tell.
-        let on_disk = self
-            .dirty
-            .disk_space()
-            .is_ok_and(|(_, available)| available >= len + DISK_RESERVE)
-            || self.dirty.disk_space().is_err();
+        let on_disk = match self.dirty.disk_space() {
+            Ok((_, available)) => available >= len + DISK_RESERVE,
+            Err(_) => true,
+        };
         under_limit && on_disk
     }
 
@@ -569,6 +568,12 @@ impl<S: ObjectStore> Vfs<S> {
         self.new_writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
         self.namespace.forget(attr.ino, 1);
+        self.remove_empty_dir(&attr).await
+    }
+
+    /// Removes directory `attr` (its marker), which must be empty: `rmdir`, and the target
+    /// a directory rename replaces.
+    async fn remove_empty_dir(&self, attr: &Attr) -> Result<(), FsError> {
         if attr.kind != NodeKind::Directory {
             return Err(FsError::NotDirectory);
         }
@@ -678,17 +683,7 @@ impl<S: ObjectStore> Vfs<S> {
                 if no_replace {
                     return Err(FsError::Exists);
                 }
-                if target.kind != NodeKind::Directory {
-                    return Err(FsError::NotDirectory);
-                }
-                if !self.namespace.list(target.ino).await?.is_empty() {
-                    return Err(FsError::NotEmpty);
-                }
-                let marker = self.namespace.removed_dir(target.ino)?;
-                self.store
-                    .delete(&marker)
-                    .await
-                    .map_err(|e| FsError::store(&marker, e))?;
+                self.remove_empty_dir(&target).await?;
             }
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
