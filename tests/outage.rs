@@ -9,51 +9,9 @@ mod common;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aws_sdk_s3::primitives::ByteStream;
-use common::{Mount, PrivateServer, names, pattern, rt, sha256, sha256_file};
-
-fn put(s: &PrivateServer, bucket: &str, key: &str, data: &[u8]) {
-    rt().block_on(
-        s.client
-            .put_object()
-            .bucket(bucket)
-            .key(key)
-            .body(ByteStream::from(data.to_vec()))
-            .send(),
-    )
-    .expect("put");
-}
-
-fn sha_in_s3(s: &PrivateServer, bucket: &str, key: &str) -> Option<String> {
-    rt().block_on(async {
-        let out = s
-            .client
-            .get_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            .ok()?;
-        Some(sha256(&out.body.collect().await.ok()?.into_bytes()))
-    })
-}
-
-fn wait_in_s3(s: &PrivateServer, bucket: &str, key: &str, sha: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = sha_in_s3(s, bucket, key);
-        if got.as_deref() == Some(sha) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{key}: S3 holds {got:?}, want {sha}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use common::{Mount, PrivateServer, names, pattern, sha256, sha256_file};
 
 #[test]
 fn an_outage_is_not_a_deletion_and_everything_drains_afterwards() {
@@ -61,14 +19,13 @@ fn an_outage_is_not_a_deletion_and_everything_drains_afterwards() {
         common::skipped("outage: runs on its own in-process server, in the default test run");
         return;
     }
-    let mut s = PrivateServer::start();
-    let bucket = "outage";
-    rt().block_on(s.client.create_bucket().bucket(bucket).send())
-        .expect("create bucket");
+    let mut private = PrivateServer::start();
+    let s = &private.s3;
+    let bucket = &s.bucket("outage");
     let seeded = pattern(300_000, 190);
-    put(&s, bucket, "seeded.bin", &seeded);
-    put(&s, bucket, "dir/inner.txt", b"inner");
-    let endpoint = s.server.endpoint.clone();
+    s.put(bucket, "seeded.bin", &seeded);
+    s.put(bucket, "dir/inner.txt", b"inner");
+    let endpoint = s.endpoint.clone();
     // Attributes are re-validated on every access, so the outage is felt at once.
     let args = ["--endpoint-url", &endpoint, "--metadata-ttl", "0"];
     let m = Mount::new(&format!("s3://{bucket}"), &args);
@@ -76,16 +33,11 @@ fn an_outage_is_not_a_deletion_and_everything_drains_afterwards() {
     assert_eq!(sha256_file(&root.join("seeded.bin")), sha256(&seeded));
     let before = pattern(1 << 20, 191);
     fs::write(root.join("before.bin"), &before).unwrap();
-    wait_in_s3(
-        &s,
-        bucket,
-        "before.bin",
-        &sha256(&before),
-        Duration::from_secs(30),
-    );
+    let uploaded = Duration::from_secs(30);
+    s.wait_for_object_streaming(bucket, "before.bin", 1 << 20, &sha256(&before), uploaded);
     assert_eq!(names(root), ["before.bin", "dir", "seeded.bin"]);
 
-    s.stop();
+    private.stop();
     // Reads of what the mount has seen keep working; nothing known disappears.
     assert_eq!(sha256_file(&root.join("seeded.bin")), sha256(&seeded));
     assert_eq!(
@@ -126,23 +78,21 @@ fn an_outage_is_not_a_deletion_and_everything_drains_afterwards() {
         m.log()
     );
 
-    s.restart();
+    private.restart();
+    let s = &private.s3;
     let drain = Duration::from_secs(90);
-    wait_in_s3(&s, bucket, "during.bin", &sha256(&during), drain);
-    wait_in_s3(
-        &s,
-        bucket,
-        "dir/new.txt",
-        &sha256(b"written while S3 was down"),
-        drain,
-    );
-    wait_in_s3(&s, bucket, "seeded.bin", &sha256(&appended), drain);
+    let new_txt: &[u8] = b"written while S3 was down";
+    for (key, data) in [
+        ("during.bin", &during[..]),
+        ("dir/new.txt", new_txt),
+        ("seeded.bin", &appended[..]),
+    ] {
+        s.wait_for_object_streaming(bucket, key, data.len() as u64, &sha256(data), drain);
+    }
     // Nothing was deleted, in S3 or in the mount; no conflict copies.
-    assert_eq!(sha_in_s3(&s, bucket, "before.bin"), Some(sha256(&before)));
-    assert_eq!(
-        sha_in_s3(&s, bucket, "dir/inner.txt"),
-        Some(sha256(b"inner"))
-    );
+    let in_s3 = |key| s.get(bucket, key).map(|b| sha256(&b));
+    assert_eq!(in_s3("before.bin"), Some(sha256(&before)));
+    assert_eq!(in_s3("dir/inner.txt"), Some(sha256(b"inner")));
     assert_eq!(names(&root.join("dir")), ["inner.txt", "new.txt"]);
     assert_eq!(sha256_file(&root.join("seeded.bin")), sha256(&appended));
     assert_eq!(sha256_file(&root.join("before.bin")), sha256(&before));

@@ -182,7 +182,8 @@ fn remove_dead_server_dirs() {
 /// it; removed when dropped.
 pub struct PrivateServer {
     pub server: embedded::Embedded,
-    pub client: Client,
+    /// The harness's helpers (put, get, wait_for_object...) against this server.
+    pub s3: TestServer,
     _root: tempfile::TempDir,
 }
 
@@ -193,10 +194,15 @@ impl PrivateServer {
             .tempdir()
             .expect("server root");
         let server = embedded::Embedded::start(root.path(), rt());
-        let client = embedded::sdk_client(&server.endpoint, ACCESS_KEY, SECRET_KEY);
+        let s3 = TestServer::new(
+            server.endpoint.clone(),
+            ServerKind::S3sFs,
+            ACCESS_KEY.into(),
+            SECRET_KEY.into(),
+        );
         PrivateServer {
             server,
-            client,
+            s3,
             _root: root,
         }
     }
