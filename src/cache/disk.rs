@@ -71,7 +71,7 @@ pub struct DiskCache {
 
 impl DiskCache {
     /// Opens the block store in `dir` (created 0700 if needed), indexing the blocks a previous
-    /// run left, oldest first; removes temporary files a crash left.
+    /// run left, oldest first.
     pub fn open(dir: &Path, limit: Option<u64>) -> std::io::Result<Self> {
         make_dir(dir)?;
         for sub in 0..=255u8 {
@@ -85,13 +85,7 @@ impl DiskCache {
             }
             for entry in fs::read_dir(sub.path())? {
                 let entry = entry?;
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with('.') {
-                    let _ = fs::remove_file(entry.path());
-                    continue;
-                }
-                let Some(block) = parse_hex(&name) else {
+                let Some(block) = parse_hex(&entry.file_name().to_string_lossy()) else {
                     continue;
                 };
                 let meta = entry.metadata()?;
@@ -229,19 +223,14 @@ impl DiskCache {
     }
 
     fn evict_one(&self) -> bool {
-        let popped = {
-            let mut index = self.index();
-            let popped = index.0.pop_lru();
-            if let Some((_, len)) = popped {
-                index.1 -= len;
+        let oldest = self.index().0.peek_lru().map(|(name, _)| *name);
+        match oldest {
+            Some(name) => {
+                self.forget(&name);
+                true
             }
-            popped
-        };
-        let Some((name, _)) = popped else {
-            return false;
-        };
-        let _ = fs::remove_file(self.path(&name));
-        true
+            None => false,
+        }
     }
 
     fn forget(&self, name: &BlockName) {
