@@ -692,8 +692,22 @@ impl<S: ObjectStore> Vfs<S> {
         // Files with local copies move in the journal; the objects in S3 are copied, then all
         // old keys deleted. The plan is recorded first, so a crash anywhere after it is
         // finished by the next start.
-        let local: std::collections::HashSet<String> =
-            writes.dirty.under(&old_prefix).into_keys().collect();
+        //
+        // The local files' uploads are held off (their key locks) for the whole rename: one
+        // finishing in between would leave its file neither local (to move) nor copied.
+        let mut candidates: Vec<String> = writes.dirty.under(&old_prefix).into_keys().collect();
+        candidates.sort(); // one lock order for every rename
+        let mut upload_locks = Vec::with_capacity(candidates.len());
+        for key in &candidates {
+            upload_locks.push(writes.uploader.lock_key(key).await);
+        }
+        // Uploads that finished before their lock was taken left objects in S3: copied below.
+        let local: std::collections::HashSet<String> = writes
+            .dirty
+            .under(&old_prefix)
+            .into_keys()
+            .filter(|k| candidates.binary_search(k).is_ok())
+            .collect();
         let keys = self.keys_under(&old_prefix).await?;
         let copies: Vec<(String, String)> = keys
             .iter()
@@ -736,6 +750,7 @@ impl<S: ObjectStore> Vfs<S> {
         })
         .await?;
         writes.renames.done(plan);
+        drop(upload_locks);
         // After the deletes, so that uploads in flight end with their keys deleted.
         for key in &local {
             writes.uploader.enqueue(key);

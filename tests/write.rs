@@ -1372,3 +1372,26 @@ fn a_cache_directory_with_unuploaded_files_is_refused_for_another_bucket() {
     s.wait_for_object(&a, "only-for-a.txt", &sha256(b"belongs to bucket a"));
     drop(m);
 }
+
+#[test]
+fn directories_renamed_while_their_files_upload_keep_every_file() {
+    // The upload of a just-closed file may finish at any moment of the directory's rename.
+    let s = server();
+    let bucket = s.bucket("wrenamerace");
+    let m = rw_mount(&bucket, &[]);
+    let p = |name: &str| m.path().join(name);
+    for round in 0..20 {
+        let (from, to) = (format!("d{round}"), format!("moved{round}"));
+        fs::create_dir(p(&from)).unwrap();
+        let data = pattern(1000 + round * 100, 130 + round as u64);
+        fs::write(p(&format!("{from}/inner")), &data).unwrap();
+        std::thread::sleep(Duration::from_millis(round as u64 % 5));
+        fs::rename(p(&from), p(&to)).unwrap();
+        assert_eq!(
+            fs::read(p(&format!("{to}/inner"))).map(|b| sha256(&b)).ok(),
+            Some(sha256(&data)),
+            "round {round}"
+        );
+        s.wait_for_object(&bucket, &format!("{to}/inner"), &sha256(&data));
+    }
+}
