@@ -342,6 +342,17 @@ fn a_cut_off_upload_of_a_file_rewritten_since_is_aborted_and_the_new_content_sen
     // While the rest of its parts are refused, the file is rewritten.
     let second = pattern((32 * MIB) as usize, 188);
     std::fs::write(m.path().join("f.bin"), &second).unwrap();
+    // The parts stay refused until the rewritten file's upload has started: the first
+    // content's upload can't complete meanwhile, so it must be aborted, not left open.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !m.log().contains("aborted multipart upload") {
+        assert!(
+            Instant::now() < deadline,
+            "the first content's upload was not aborted:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     limit_parts(&bucket, None);
     s.wait_for_object(&bucket, "f.bin", &sha256(&second));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -349,5 +360,4 @@ fn a_cut_off_upload_of_a_file_rewritten_since_is_aborted_and_the_new_content_sen
         assert!(Instant::now() < deadline, "an upload is still recorded");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(m.log().contains("aborted multipart upload"), "{}", m.log());
 }

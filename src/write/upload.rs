@@ -321,6 +321,19 @@ async fn abort_orphaned_uploads<S: ObjectStore>(store: &S, dirty: &DirtyFiles) {
     }
 }
 
+/// Aborts the recorded uploads to `key` of data files other than `data_id`. Uploads of one key
+/// never run at once (key locks), so such a record belongs to an older version of the file
+/// whose upload was cut off or overtaken.
+async fn abort_replaced<S: ObjectStore>(sender: &Sender<'_, S>, data_id: u64, key: &str) {
+    let pending = sender.dirty.pending_uploads();
+    for (id, upload) in pending.all() {
+        if id != data_id && upload.key == key {
+            abort(sender.store, &upload).await;
+            pending.remove(id, key);
+        }
+    }
+}
+
 /// Aborts a multipart upload, best effort: one that is gone already is fine, and a bucket
 /// lifecycle rule (AbortIncompleteMultipartUpload) catches what fails here.
 async fn abort<S: ObjectStore>(store: &S, upload: &PendingUpload) {
@@ -542,6 +555,10 @@ async fn upload_to<S: ObjectStore>(
     let meta = metadata(snapshot);
     let part = part_size_for(size, sender.config.part_size);
     let guarded = *condition != Precondition::None;
+    // Uploads to this key of data this snapshot replaces (an earlier version of the file, cut
+    // off or overtaken by a rewrite) are of no use any more: aborted before this one starts,
+    // so an incomplete upload never outlives the version it was for.
+    abort_replaced(sender, snapshot.id, key).await;
     if size <= part {
         // A multipart upload of an earlier, larger version is of no use any more.
         if let Some(outdated) = sender.dirty.pending_uploads().get(snapshot.id, key) {
