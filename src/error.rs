@@ -14,6 +14,10 @@ pub enum FsError {
     NameTooLong,
     #[error("inode {0} is not known (stale)")]
     StaleInode(u64),
+    /// The inode's name now holds another file or version (replaced, unlinked): the kernel
+    /// looks the name up again (`ESTALE` makes it retry the path walk with `LOOKUP_REVAL`).
+    #[error("replaced since it was looked up (stale)")]
+    Stale,
     #[error("file handle {0} is not open")]
     BadHandle(u64),
     #[error("invalid argument")]
@@ -70,7 +74,7 @@ impl FsError {
             FsError::NotDirectory => libc::ENOTDIR,
             FsError::IsDirectory => libc::EISDIR,
             FsError::NameTooLong => libc::ENAMETOOLONG,
-            FsError::StaleInode(_) => libc::ESTALE,
+            FsError::StaleInode(_) | FsError::Stale => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
             FsError::InvalidArgument => libc::EINVAL,
             FsError::ReadOnly => libc::EROFS,

@@ -111,6 +111,8 @@ impl<S: ObjectStore> KeepFs<S> {
                 store,
                 writes,
                 files: Mutex::new(HashMap::new()),
+                pinned: Mutex::new(HashMap::new()),
+                removals: AtomicU64::new(0),
                 dirs: Mutex::new(HashMap::new()),
                 next_handle: AtomicU64::new(1),
                 buffers: BufferPool::default(),
@@ -165,12 +167,13 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inner.namespace.forget(ino.0, nlookup);
+        self.inner.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         self.spawn(move |fs| async move {
-            let result = fs.namespace.getattr(ino.0).await;
+            let result = fs.getattr(ino.0, fh.map(|fh| fh.0)).await;
+            tracing::trace!(ino = ino.0, ?fh, ?result, "getattr");
             reply_attr(reply, fs.ttl(), result);
         });
     }
@@ -216,13 +219,12 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             mtime: std::time::SystemTime::now(),
         };
         let created = fs.namespace.create_file(parent.0, name, |key| {
-            let attr = writes.dirty.create(key, attr, None, &[])?;
-            writes.dirty.add_writer(key)?;
-            Ok(attr)
+            writes.dirty.create(key, attr, None, &[])
         });
         match created {
             Ok((key, attr)) => {
-                let fh = match fs.local_handle(key, true) {
+                let opened = writes.dirty.id_of(&key).ok_or(FsError::NotFound);
+                let fh = match opened.and_then(|fid| fs.local_handle(attr.ino, fid, true)) {
                     Ok(fh) => fh,
                     Err(e) => return reply.error(errno(&e)),
                 };
@@ -250,23 +252,20 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        tracing::trace!(fh = fh.0, offset, len = data.len(), "write");
         let fs = &self.inner;
-        let handle = match lock(&fs.files).get(&fh.0) {
-            Some(Handle::Local {
-                key,
-                writer: true,
-                data: file,
-            }) => Some((key.clone(), file.clone())),
+        let handle = match fs.handle_file(fh.0) {
+            Some((fid, true)) => Some(fid),
             _ => None,
         };
         let result = match (handle, fs.writes()) {
-            (Some((key, file)), Ok(w)) if !w.has_room(data.len() as u64) => {
+            (Some(fid), Ok(w)) if !w.has_room(data.len() as u64) => {
                 // Over --max-cache-size: wait for uploads off the FUSE thread.
                 let data = data.to_vec();
                 return self.spawn(move |fs| async move {
                     let result = match fs.writes() {
                         Ok(w) => match w.wait_for_room(data.len() as u64).await {
-                            Ok(()) => w.write(&key, &file, offset, &data),
+                            Ok(()) => w.write(fid, offset, &data),
                             Err(e) => Err(e),
                         },
                         Err(e) => Err(e),
@@ -277,7 +276,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     }
                 });
             }
-            (Some((key, file)), Ok(w)) => w.write(&key, &file, offset, data),
+            (Some(fid), Ok(w)) => w.write(fid, offset, data),
             (None, Ok(_)) => Err(FsError::BadHandle(fh.0)),
             (_, Err(e)) => Err(e),
         };
@@ -296,10 +295,10 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyEmpty,
     ) {
         tracing::trace!(fh = fh.0, "fsync");
-        let Some((key, _)) = self.inner.handle_key(fh.0) else {
+        let Some((fid, _)) = self.inner.handle_file(fh.0) else {
             return reply.ok(); // nothing local to sync
         };
-        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(key).await) });
+        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(fid).await) });
     }
 
     fn setattr(
@@ -313,7 +312,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
         _bkuptime: Option<std::time::SystemTime>,
@@ -325,7 +324,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             TimeOrNow::Now => std::time::SystemTime::now(),
         });
         self.spawn(move |fs| async move {
-            let result = fs.setattr(ino.0, mode, uid, gid, size, mtime).await;
+            let fh = fh.map(|fh| fh.0);
+            let result = fs.setattr(ino.0, fh, mode, uid, gid, size, mtime).await;
             reply_attr(reply, fs.ttl(), result);
         });
     }
@@ -405,8 +405,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let result = match self.inner.handle_key(fh.0) {
-            Some((key, true)) => self.inner.fallocate(&key, ino.0, offset, length, mode),
+        let result = match self.inner.handle_file(fh.0) {
+            Some((fid, true)) => self.inner.fallocate(fid, ino.0, offset, length, mode),
             Some((_, false)) | None => Err(FsError::BadHandle(fh.0)),
         };
         reply_unit(reply, result);
@@ -479,8 +479,16 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     ) {
         tracing::trace!(fh = fh.0, offset, size, "read");
         let reader = match lock(&self.inner.files).get(&fh.0) {
-            Some(Handle::Remote(reader)) => reader.clone(),
-            Some(Handle::Local { key, data, .. }) => {
+            Some(Handle::Remote(file)) => {
+                if let Some(local) = file.detached.get() {
+                    return match local.read(offset, u64::from(size)) {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(errno(&FsError::from(e))),
+                    };
+                }
+                file.clone()
+            }
+            Some(Handle::Local { fid, data, .. }) => {
                 let end = offset + u64::from(size);
                 if data.missing(offset..end).is_empty() {
                     return match data.read(offset, u64::from(size)) {
@@ -488,9 +496,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                         Err(e) => reply.error(errno(&FsError::from(e))),
                     };
                 }
-                let (key, data) = (key.clone(), data.clone());
+                let (fid, data) = (*fid, data.clone());
                 return self.spawn(move |fs| async move {
-                    match fs.read_local(&key, &data, offset, size).await {
+                    match fs.read_local(fid, &data, offset, size).await {
                         Ok(bytes) => reply.data(&bytes),
                         Err(e) => reply.error(errno(&e)),
                     }
@@ -500,7 +508,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         };
         self.spawn(move |fs| async move {
             let mut buf = fs.buffers.take();
-            match reader.read_into(offset, size, &mut buf).await {
+            match reader.reader.read_into(offset, size, &mut buf).await {
                 Ok(()) => reply.data(&buf),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -519,13 +527,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyEmpty,
     ) {
         let handle = lock(&self.inner.files).remove(&fh.0);
-        if let (
-            Some(Handle::Local {
-                key, writer: true, ..
-            }),
-            Some(writes),
-        ) = (handle, self.inner.writes.as_ref())
-            && writes.dirty.remove_writer(&key)
+        if let (Some(Handle::Local { fid, writer, .. }), Some(writes)) =
+            (handle, self.inner.writes.as_ref())
+            && let Some(key) = writes.dirty.released(fid, writer)
         {
             writes.uploader.enqueue(&key);
         }
@@ -630,7 +634,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 Generation(0),
             ) {
                 // Not sent: the kernel holds no reference for it.
-                fs.namespace.forget(attr.ino, 1);
+                fs.forget(attr.ino, 1);
                 break;
             }
         }
@@ -647,10 +651,10 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     ) {
         tracing::trace!(fh = fh.0, "flush");
         // close(): a written file becomes durable on the cache disk before close returns.
-        let Some((key, true)) = self.inner.handle_key(fh.0) else {
+        let Some((fid, true)) = self.inner.handle_file(fh.0) else {
             return reply.ok();
         };
-        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(key).await) });
+        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(fid).await) });
     }
 
     fn releasedir(

@@ -16,7 +16,7 @@ use crate::namespace::{Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, st
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::{ObjectStore, Precondition};
 use crate::write::local::fetch_missing;
-use crate::write::{DirtyAttr, DirtyFiles, LocalData, Uploader};
+use crate::write::{DirtyAttr, DirtyFiles, FileId, LocalData, Uploader};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Handle tables are plain maps: a panic elsewhere cannot leave them half-updated.
@@ -49,13 +49,23 @@ impl BufferPool {
 /// What a file handle reads from.
 pub(crate) enum Handle<S> {
     /// A clean object in S3, pinned to the version seen at open.
-    Remote(Arc<FileReader<S>>),
-    /// The local copy of a dirty file (its data file held open); `writer` handles may change it.
+    Remote(Arc<RemoteFile<S>>),
+    /// Dirty file `fid` (its data file held open, wherever its name goes); `writer` handles
+    /// may change it.
     Local {
-        key: String,
+        ino: u64,
+        fid: FileId,
         writer: bool,
         data: Arc<LocalData>,
     },
+}
+
+/// An object open for reading. When this mount deletes or replaces it while it is open, its
+/// bytes are copied to the cache disk first and the handle reads them from there: a
+/// descriptor keeps reading the file it opened, as on a local disk.
+pub(crate) struct RemoteFile<S> {
+    pub(crate) reader: FileReader<S>,
+    pub(crate) detached: std::sync::OnceLock<Arc<LocalData>>,
 }
 
 /// The write side of a read-write mount.
@@ -72,6 +82,12 @@ pub struct Writes<S> {
     pub renames: crate::write::renames::DirRenames,
 }
 
+/// Largest object copied to the cache disk so that an inode the kernel still holds stays
+/// openable after this mount renamed another file over it or unlinked it (see
+/// [`Vfs::pin_replaced`]): small files (configuration replaced by rename) are the case that
+/// matters; beyond this an open racing with the change gets ESTALE.
+const PIN_COPY_LIMIT: u64 = 16 << 20;
+
 /// Space kept free on the cache disk for journal records, so that acknowledging what was
 /// written never fails for lack of room.
 const DISK_RESERVE: u64 = 1 << 20;
@@ -80,15 +96,9 @@ const DISK_RESERVE: u64 = 1 << 20;
 const CACHE_FULL_WAIT: Duration = Duration::from_secs(30);
 
 impl<S> Writes<S> {
-    /// Writes through an open handle's data file `data` of `key`.
-    pub(crate) fn write(
-        &self,
-        key: &str,
-        data: &Arc<LocalData>,
-        offset: u64,
-        bytes: &[u8],
-    ) -> Result<(), FsError> {
-        Ok(self.dirty.write(key, data, offset, bytes)?)
+    /// Writes through an open handle of file `fid`.
+    pub(crate) fn write(&self, fid: FileId, offset: u64, bytes: &[u8]) -> Result<(), FsError> {
+        Ok(self.dirty.write(fid, offset, bytes)?)
     }
 
     /// Whether `len` more bytes fit under `--max-cache-size` and on the cache disk, keeping
@@ -165,6 +175,13 @@ pub(crate) struct Vfs<S> {
     /// `None` on read-only mounts.
     pub(crate) writes: Option<Writes<S>>,
     pub(crate) files: Mutex<HashMap<u64, Handle<S>>>,
+    /// Dirty files unlinked or renamed over while the kernel still held their inode: kept
+    /// (as an open handle would keep them) until the kernel forgets the inode, so an `open`
+    /// that resolved the name just before the change still opens the file it found.
+    pub(crate) pinned: Mutex<HashMap<u64, FileId>>,
+    /// Bumped each time readers are detached (see [`Vfs::detach_readers`]): an open that
+    /// raced with a removal detaches its own handle.
+    pub(crate) removals: AtomicU64,
     pub(crate) dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
     pub(crate) next_handle: AtomicU64,
     pub(crate) buffers: BufferPool,
@@ -215,16 +232,190 @@ impl<S: ObjectStore> Vfs<S> {
         Ok(writes)
     }
 
-    pub(crate) fn handle_key(&self, fh: u64) -> Option<(String, bool)> {
+    /// The dirty file behind handle `fh` and whether the handle may write.
+    pub(crate) fn handle_file(&self, fh: u64) -> Option<(FileId, bool)> {
         match lock(&self.files).get(&fh)? {
-            Handle::Local { key, writer, .. } => Some((key.clone(), *writer)),
+            Handle::Local { fid, writer, .. } => Some((*fid, *writer)),
             Handle::Remote(_) => None,
         }
     }
 
-    pub(crate) fn local_handle(&self, key: String, writer: bool) -> Result<u64, FsError> {
-        let data = self.writes()?.dirty.data(&key)?;
-        Ok(self.insert_handle(Handle::Local { key, writer, data }))
+    pub(crate) fn local_handle(&self, ino: u64, fid: FileId, writer: bool) -> Result<u64, FsError> {
+        let data = self.writes()?.dirty.opened(fid, writer)?;
+        Ok(self.insert_handle(Handle::Local {
+            ino,
+            fid,
+            writer,
+            data,
+        }))
+    }
+
+    /// Drops `n` kernel references to `ino`; a file kept for the inode goes with the last.
+    pub(crate) fn forget(&self, ino: u64, n: u64) {
+        let mut pinned = lock(&self.pinned);
+        if self.namespace.forget(ino, n)
+            && let Some(fid) = pinned.remove(&ino)
+            && let Some(writes) = &self.writes
+        {
+            writes.dirty.released(fid, false);
+        }
+    }
+
+    /// Keeps the file at `key`, about to be unlinked or renamed over, for inode `ino` while the
+    /// kernel holds it: a dirty file with a complete local copy, or (`copy_clean`: renames
+    /// over it, the atomic-replace pattern whose readers race with it) an object of up to
+    /// [`PIN_COPY_LIMIT`] bytes copied to the cache disk. Others (an edited file with bytes
+    /// still in S3, a large or unlinked object) are not kept: an open of the inode gets ESTALE
+    /// and the kernel looks the name up again.
+    async fn pin_replaced(&self, ino: u64, key: &str, copy_clean: bool) {
+        let Ok(writes) = self.writes() else { return };
+        let Some(fid) = writes.dirty.id_of(key) else {
+            if copy_clean {
+                self.pin_copy(ino, key).await;
+            }
+            return;
+        };
+        let complete = writes
+            .dirty
+            .data(key)
+            .is_ok_and(|d| d.coverage().complete());
+        let mut pinned = lock(&self.pinned);
+        if !complete || !self.namespace.is_known(ino) || writes.dirty.opened(fid, false).is_err() {
+            return;
+        }
+        if let Some(old) = pinned.insert(ino, fid) {
+            writes.dirty.released(old, false);
+        }
+    }
+
+    /// [`Vfs::pin_replaced`] for a clean object.
+    async fn pin_copy(&self, ino: u64, key: &str) {
+        let Ok(writes) = self.writes() else { return };
+        let Some((etag, attr)) = self.namespace.version_of(ino) else {
+            return;
+        };
+        if attr.size > PIN_COPY_LIMIT || lock(&self.pinned).contains_key(&ino) {
+            return;
+        }
+        let reader = self.reader(ObjectVersion {
+            key: key.into(),
+            etag: etag.into(),
+            size: attr.size,
+        });
+        let data = match self.copy_out(&writes.dirty, &reader).await {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "could not keep a replaced object for its inode");
+                return;
+            }
+        };
+        let dirty_attr = DirtyAttr {
+            size: attr.size,
+            mode: libc::S_IFREG | u32::from(attr.perm),
+            uid: attr.uid,
+            gid: attr.gid,
+            mtime: attr.mtime,
+        };
+        let fid = writes.dirty.unlinked_copy(data, dirty_attr);
+        let mut pinned = lock(&self.pinned);
+        if self.namespace.is_known(ino) && !pinned.contains_key(&ino) {
+            pinned.insert(ino, fid);
+        } else {
+            writes.dirty.released(fid, false);
+        }
+    }
+
+    /// The dirty file of inode `ino`: the one linked at its name, or, for an inode whose name
+    /// went (unlinked, renamed over), the one kept for it or its open handles hold.
+    fn dirty_file(&self, ino: u64) -> Option<FileId> {
+        if let Some(key) = self.namespace.dirty_key(ino) {
+            return self.writes.as_ref()?.dirty.id_of(&key);
+        }
+        if self.namespace.is_linked(ino) {
+            return None;
+        }
+        if let Some(fid) = lock(&self.pinned).get(&ino) {
+            return Some(*fid);
+        }
+        lock(&self.files).values().find_map(|h| match h {
+            Handle::Local { ino: i, fid, .. } if *i == ino => Some(*fid),
+            _ => None,
+        })
+    }
+
+    /// Attributes of `ino`, of its dirty file when it has one (also after its name went).
+    pub(crate) async fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr, FsError> {
+        let fid = fh
+            .and_then(|fh| self.handle_file(fh))
+            .map(|(fid, _)| fid)
+            .or_else(|| self.dirty_file(ino));
+        if let Some(fid) = fid
+            && let Some(attr) = self.writes()?.dirty.attr_of(fid)
+        {
+            return Ok(self.namespace.refresh_dirty(ino, &attr));
+        }
+        self.namespace.getattr(ino).await
+    }
+
+    /// Makes the readers of objects this mount is about to delete or replace (keys for which
+    /// `doomed` holds) read from a local copy instead: each such version is copied to the
+    /// cache disk once (through the block caches). Best effort: a reader whose copy fails keeps
+    /// reading S3 and gets EIO once its version is gone.
+    pub(crate) async fn detach_readers(&self, doomed: impl Fn(&str) -> bool) {
+        let Ok(writes) = self.writes() else { return };
+        self.removals.fetch_add(1, Ordering::SeqCst);
+        let mut groups: HashMap<(String, String), Vec<Arc<RemoteFile<S>>>> = HashMap::new();
+        for handle in lock(&self.files).values() {
+            if let Handle::Remote(file) = handle
+                && file.detached.get().is_none()
+                && doomed(&file.reader.object().key)
+            {
+                let object = file.reader.object();
+                groups
+                    .entry((object.key.to_string(), object.etag.to_string()))
+                    .or_default()
+                    .push(file.clone());
+            }
+        }
+        for ((key, _), files) in groups {
+            match self.copy_out(&writes.dirty, &files[0].reader).await {
+                Ok(data) => {
+                    for file in files {
+                        let _ = file.detached.set(data.clone());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "could not keep an open file's bytes before removing it; its readers will get EIO")
+                }
+            }
+        }
+    }
+
+    /// Copies every byte of `reader`'s version to a scratch file.
+    async fn copy_out(
+        &self,
+        dirty: &DirtyFiles,
+        reader: &FileReader<S>,
+    ) -> Result<Arc<LocalData>, FsError> {
+        use std::os::unix::fs::FileExt;
+        let file = dirty.scratch_file()?;
+        let size = reader.object().size;
+        let mut buf = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let len = (size - offset).min(u64::from(crate::fs::MAX_IO_SIZE)) as u32;
+            buf.clear();
+            reader.read_into(offset, len, &mut buf).await?;
+            if buf.is_empty() {
+                return Err(FsError::Local(
+                    format!("{}: short read", reader.object().key),
+                    None,
+                ));
+            }
+            file.write_all_at(&buf, offset)?;
+            offset += buf.len() as u64;
+        }
+        Ok(dirty.detached_data(file))
     }
 
     pub(crate) fn insert_handle(&self, handle: Handle<S>) -> u64 {
@@ -245,13 +436,23 @@ impl<S: ObjectStore> Vfs<S> {
         if !write && !truncate {
             // The local copy may be dropped between these two steps (its upload finished);
             // then S3 has the content.
-            if let Some(key) = self.namespace.dirty_key(ino)
-                && let Ok(fh) = self.local_handle(key, false)
+            if let Some(fid) = self.dirty_file(ino)
+                && let Ok(fh) = self.local_handle(ino, fid, false)
             {
                 return Ok((fh, FopenFlags::empty()));
             }
+            let removals = self.removals.load(Ordering::SeqCst);
             let (reader, keep_cache) = self.open_reader(ino).await?;
-            let fh = self.insert_handle(Handle::Remote(Arc::new(reader)));
+            let key = reader.object().key.to_string();
+            let file = RemoteFile {
+                reader,
+                detached: std::sync::OnceLock::new(),
+            };
+            let fh = self.insert_handle(Handle::Remote(Arc::new(file)));
+            if self.removals.load(Ordering::SeqCst) != removals && !self.namespace.is_linked(ino) {
+                // Unlinked or replaced while this open was under way: keep what it opened.
+                self.detach_readers(|k| k == key).await;
+            }
             let flags = if keep_cache {
                 FopenFlags::FOPEN_KEEP_CACHE
             } else {
@@ -260,29 +461,23 @@ impl<S: ObjectStore> Vfs<S> {
             return Ok((fh, flags));
         }
         let dirty = &self.new_writes()?.dirty;
-        let key = match self.namespace.dirty_key(ino) {
-            Some(key) => {
+        let fid = match self.dirty_file(ino) {
+            Some(fid) => {
                 if truncate {
-                    let attr = dirty.set_attr(&key, Some(0), None, None, None, None)?;
+                    let attr = dirty.set_attr(fid, Some(0), None, None, None, None)?;
                     self.namespace.refresh_dirty(ino, &attr);
                 }
-                key
+                fid
             }
             None => self.make_dirty(ino, truncate).await?,
         };
-        let data = dirty.data(&key)?;
-        dirty.add_writer(&key)?;
-        let fh = self.insert_handle(Handle::Local {
-            key,
-            writer: true,
-            data,
-        });
+        let fh = self.local_handle(ino, fid, true)?;
         Ok((fh, FopenFlags::empty()))
     }
 
     /// Turns clean object `ino` into a dirty file with its attributes, based on the version S3
     /// holds now. Nothing is downloaded: the content (unless `empty`) is fetched on first touch.
-    pub(crate) async fn make_dirty(&self, ino: u64, empty: bool) -> Result<String, FsError> {
+    pub(crate) async fn make_dirty(&self, ino: u64, empty: bool) -> Result<FileId, FsError> {
         let attr = self.namespace.getattr(ino).await?;
         let opened = self.namespace.open(ino).await?;
         let dirty = &self.writes()?.dirty;
@@ -304,14 +499,14 @@ impl<S: ObjectStore> Vfs<S> {
             dirty.edit(&key, dirty_attr, opened.etag, opened.size)?
         };
         self.namespace.refresh_dirty(ino, &created);
-        Ok(key)
+        dirty.id_of(&key).ok_or(FsError::NotFound)
     }
 
-    /// Reads a dirty file through handle data `data` of `key`, fetching bytes that are still
-    /// the base object's first.
+    /// Reads dirty file `fid` through handle data `data`, fetching bytes that are still the
+    /// base object's first.
     pub(crate) async fn read_local(
         &self,
-        key: &str,
+        fid: FileId,
         data: &Arc<LocalData>,
         offset: u64,
         size: u32,
@@ -321,12 +516,19 @@ impl<S: ObjectStore> Vfs<S> {
             // Whole MiBs, so a sequential reader of an edited file makes few requests.
             const ROUND: u64 = 1 << 20;
             let wide = offset / ROUND * ROUND..end.div_ceil(ROUND) * ROUND;
+            // Renames and unlinks of open files fetch the base first, so a file with bytes
+            // still in S3 is linked at its base object's key.
+            let key = self
+                .writes()?
+                .dirty
+                .key_of(fid)
+                .ok_or_else(|| FsError::Local(format!("file {fid}: base object gone"), None))?;
             let etag = data
                 .base_etag()
                 .ok_or_else(|| FsError::Local(format!("{key}: base object unknown"), None))?;
-            fetch_missing(&*self.store, key, &etag, data, wide)
+            fetch_missing(&*self.store, &key, &etag, data, wide)
                 .await
-                .map_err(|e| FsError::store(key, e))?;
+                .map_err(|e| FsError::store(&key, e))?;
         }
         Ok(data.read(offset, u64::from(size))?)
     }
@@ -346,20 +548,23 @@ impl<S: ObjectStore> Vfs<S> {
         Ok(())
     }
 
-    /// Makes `key` durable (close, fsync): on the cache disk, off the async workers, and with
-    /// `--durability remote` in S3 too.
-    pub(crate) async fn persist(self: Arc<Self>, key: String) -> Result<(), FsError> {
+    /// Makes file `fid` durable (close, fsync): on the cache disk, off the async workers, and
+    /// with `--durability remote` in S3 too. An unlinked file has nothing to keep.
+    pub(crate) async fn persist(self: Arc<Self>, fid: FileId) -> Result<(), FsError> {
         let local = {
-            let (vfs, key) = (Arc::clone(&self), key.clone());
+            let vfs = Arc::clone(&self);
             tokio::task::spawn_blocking(move || {
                 let writes = vfs.writes()?;
-                writes.dirty.persist(&key).map_err(FsError::from)
+                writes.dirty.persist_id(fid).map_err(FsError::from)
             })
         };
         local
             .await
             .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))?;
         let writes = self.writes()?;
+        let Some(key) = writes.dirty.key_of(fid) else {
+            return Ok(());
+        };
         if writes.durability == Durability::Remote {
             writes
                 .uploader
@@ -387,6 +592,7 @@ impl<S: ObjectStore> Vfs<S> {
     pub(crate) async fn setattr(
         &self,
         ino: u64,
+        fh: Option<u64>,
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
@@ -396,17 +602,22 @@ impl<S: ObjectStore> Vfs<S> {
         let nothing_to_change =
             mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && mtime.is_none();
         if nothing_to_change {
-            return self.namespace.getattr(ino).await;
+            return self.getattr(ino, fh).await;
         }
         let dirty = self.writes()?.dirty.clone();
-        let key = match self.namespace.dirty_key(ino) {
-            Some(key) => key,
+        // Through the handle when there is one (ftruncate, fchmod): it reaches the file even
+        // after its name went.
+        let by_handle = fh.and_then(|fh| self.handle_file(fh)).map(|(fid, _)| fid);
+        let fid = match by_handle.or_else(|| self.dirty_file(ino)) {
+            Some(fid) => fid,
             None if size.is_some() => self.make_dirty(ino, size == Some(0)).await?,
             None => return self.replace_metadata(ino, mode, uid, gid, mtime).await,
         };
-        let attr = dirty.set_attr(&key, size, mode, uid, gid, mtime)?;
+        let attr = dirty.set_attr(fid, size, mode, uid, gid, mtime)?;
         let attr = self.namespace.refresh_dirty(ino, &attr);
-        self.persist_and_queue(&key)?;
+        if let Some(key) = dirty.key_of(fid) {
+            self.persist_and_queue(&key)?;
+        }
         Ok(attr)
     }
 
@@ -465,7 +676,7 @@ impl<S: ObjectStore> Vfs<S> {
     async fn check_absent(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
         match self.namespace.lookup(parent, name).await {
             Ok(existing) => {
-                self.namespace.forget(existing.ino, 1);
+                self.forget(existing.ino, 1);
                 Err(FsError::Exists)
             }
             Err(FsError::NotFound) => Ok(()),
@@ -543,7 +754,7 @@ impl<S: ObjectStore> Vfs<S> {
     /// cache file); hole punching and the other modes are not supported.
     pub(crate) fn fallocate(
         &self,
-        key: &str,
+        fid: FileId,
         ino: u64,
         offset: u64,
         length: u64,
@@ -556,9 +767,9 @@ impl<S: ObjectStore> Vfs<S> {
         }
         let dirty = &self.writes()?.dirty;
         let end = offset.checked_add(length).ok_or(FsError::InvalidArgument)?;
-        let size = dirty.attr(key).ok_or(FsError::NotFound)?.size;
+        let size = dirty.attr_of(fid).ok_or(FsError::NotFound)?.size;
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
-            let attr = dirty.set_attr(key, Some(end), None, None, None, None)?;
+            let attr = dirty.set_attr(fid, Some(end), None, None, None, None)?;
             self.namespace.refresh_dirty(ino, &attr);
         }
         Ok(())
@@ -567,7 +778,7 @@ impl<S: ObjectStore> Vfs<S> {
     pub(crate) async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
         self.new_writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
-        self.namespace.forget(attr.ino, 1);
+        self.forget(attr.ino, 1);
         self.remove_empty_dir(&attr).await
     }
 
@@ -600,7 +811,7 @@ impl<S: ObjectStore> Vfs<S> {
     ) -> Result<(), FsError> {
         let writes = self.new_writes()?;
         let source = self.namespace.lookup(parent, name).await?;
-        self.namespace.forget(source.ino, 1);
+        self.forget(source.ino, 1);
         if source.kind == NodeKind::Directory {
             return self
                 .rename_dir(source.ino, new_parent, new_name, no_replace)
@@ -615,18 +826,30 @@ impl<S: ObjectStore> Vfs<S> {
         self.complete_local(&old_key).await?;
         match self.namespace.lookup(new_parent, new_name).await {
             Ok(target) => {
-                self.namespace.forget(target.ino, 1);
+                self.forget(target.ino, 1);
                 if no_replace {
                     return Err(FsError::Exists);
                 }
                 if target.kind == NodeKind::Directory {
                     return Err(FsError::IsDirectory);
                 }
+                // A replaced file open elsewhere lives on for its descriptors: whatever of it
+                // is still only in S3 is fetched before S3 loses it.
+                if writes.dirty.has_handles(&new_key) {
+                    self.complete_local(&new_key).await?;
+                }
+                self.pin_replaced(target.ino, &new_key, true).await;
                 self.namespace.unlinked(target.ino);
             }
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
+        self.detach_readers(|k| k == old_key || k == new_key).await;
+        // No upload of the target key may finish between reading its version and moving the
+        // file there: the moved file's upload is conditional on that version, and an upload
+        // landing in between would make this mount's own previous version look like another
+        // client's (a false conflict that kept the older content).
+        let upload = writes.uploader.lock_key(&new_key).await;
         // What the upload under the new name may replace: the object there now, if any.
         let target_etag = match self.store.head(&new_key).await {
             Ok(meta) => Some(meta.etag),
@@ -635,16 +858,17 @@ impl<S: ObjectStore> Vfs<S> {
         };
         let moved_local = writes.dirty.rename(&old_key, &new_key, target_etag)?;
         if moved_local {
+            drop(upload);
             if writes.dirty.snapshot(&new_key).is_some() {
                 writes.uploader.enqueue(&new_key);
             }
         } else {
-            // A local copy at the target goes; an upload of it still running finishes first,
-            // so it can't land on top of the copy.
-            let _upload = writes.uploader.lock_key(&new_key).await;
+            // A local copy at the target goes; no upload of it runs (the lock), so none can
+            // land on top of the copy.
             writes.dirty.remove(&new_key);
             let copied = self.store.copy_object(&old_key, &new_key).await;
             writes.dirty.settled(&new_key);
+            drop(upload);
             copied.map_err(|e| FsError::store(&old_key, e))?;
         }
         // The old key may exist in S3 (uploaded before); an upload of it still running deletes
@@ -679,7 +903,7 @@ impl<S: ObjectStore> Vfs<S> {
         }
         match self.namespace.lookup(new_parent, new_name).await {
             Ok(target) => {
-                self.namespace.forget(target.ino, 1);
+                self.forget(target.ino, 1);
                 if no_replace {
                     return Err(FsError::Exists);
                 }
@@ -709,6 +933,7 @@ impl<S: ObjectStore> Vfs<S> {
             .filter(|k| candidates.binary_search(k).is_ok())
             .collect();
         let keys = self.keys_under(&old_prefix).await?;
+        self.detach_readers(|k| k.starts_with(&old_prefix)).await;
         let copies: Vec<(String, String)> = keys
             .iter()
             .filter(|k| !local.contains(*k))
@@ -808,11 +1033,17 @@ impl<S: ObjectStore> Vfs<S> {
     pub(crate) async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
         let writes = self.new_writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
-        self.namespace.forget(attr.ino, 1);
+        self.forget(attr.ino, 1);
         if attr.kind == NodeKind::Directory {
             return Err(FsError::IsDirectory);
         }
         let key = self.namespace.key_of(attr.ino)?;
+        // Open descriptors keep the file: its bytes still only in S3 are fetched first.
+        if writes.dirty.has_handles(&key) {
+            self.complete_local(&key).await?;
+        }
+        self.detach_readers(|k| k == key).await;
+        self.pin_replaced(attr.ino, &key, false).await;
         let had_local_copy = writes.dirty.remove(&key);
         let deleted = self.store.delete(&key).await;
         if had_local_copy {

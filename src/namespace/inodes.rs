@@ -1,9 +1,16 @@
-//! The inode table: stable numbers for paths, and the kernel's lookup counts.
+//! The inode table: numbers for files and directories, the names linked to them, and the
+//! kernel's lookup counts.
 //!
-//! An inode number is a hash of the path and its kind, so the same path gets the same number for
-//! as long as the mount lives, even after the kernel forgot it and looked it up again. Entries
-//! exist only while the kernel holds a reference (lookup count > 0), which bounds memory by what
-//! the kernel caches rather than by the bucket's size.
+//! An inode is one version of one file, not a path. A name is a link to the inode that holds it
+//! now (`by_path`); `rename` moves the link, `unlink` removes it, and the inode lives on while
+//! the kernel holds references (open descriptors keep the kernel's reference). A remote object
+//! seen with a new ETag is a new inode, so the kernel never mixes the page cache of two
+//! versions, and a replaced or unlinked inode is never handed out again for its old name.
+//!
+//! Numbers are a hash of the path, the kind and the version (ETag), probing past every live
+//! inode: the same object gets the same number again after the kernel forgot it, and a number
+//! is never shared by two live inodes. Entries exist only while the kernel holds a reference
+//! (lookup count > 0), which bounds memory by what the kernel caches, not by the bucket's size.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -47,11 +54,33 @@ pub struct InodeTable {
     by_path: HashMap<String, u64>,
 }
 
-fn hashed_ino(path: &str, kind: NodeKind) -> u64 {
+fn hashed_ino(path: &str, kind: NodeKind, etag: Option<&str>) -> u64 {
     let mut h = DefaultHasher::new();
     path.hash(&mut h);
     kind.hash(&mut h);
+    etag.hash(&mut h);
     h.finish()
+}
+
+/// The version an ETag names, for identity: empty ETags (some servers' listings) say nothing.
+fn version(etag: &Option<String>) -> Option<&str> {
+    etag.as_deref().filter(|e| !e.is_empty())
+}
+
+/// Whether `seen` describes the same inode as live node `node` linked at the same path: same
+/// kind, and no other version of the object. A node written on this mount (no ETag: a local
+/// copy) takes the first version the server shows as its own (its upload).
+fn same_inode(node: &Node, seen: &Seen) -> bool {
+    if node.attr.kind != seen.attr.kind {
+        return false;
+    }
+    if node.attr.kind == NodeKind::Directory || !seen.from_server {
+        return true;
+    }
+    match (version(&node.etag), version(&seen.etag)) {
+        (Some(known), Some(now)) => known == now,
+        _ => true,
+    }
 }
 
 impl InodeTable {
@@ -83,40 +112,67 @@ impl InodeTable {
         self.nodes.get_mut(&ino)
     }
 
-    /// The live node for `path`, if the kernel holds one.
+    /// The live node linked at `path`, if the kernel holds one.
     pub fn find(&self, path: &str) -> Option<&Node> {
         self.by_path.get(path).and_then(|ino| self.nodes.get(ino))
     }
 
-    /// The number `path` has or would get (without registering it).
-    pub fn ino_for(&self, path: &str, kind: NodeKind) -> u64 {
-        let mut ino = hashed_ino(path, kind);
-        loop {
-            match self.nodes.get(&ino) {
-                _ if ino <= ROOT_INO => {}
-                None => return ino,
-                Some(n) if n.path == path && n.attr.kind == kind => return ino,
-                Some(_) => {} // collision with another live path: probe on
-            }
+    /// Whether `ino` is still linked at its path (not unlinked, replaced or renamed over).
+    pub fn is_linked(&self, ino: u64) -> bool {
+        self.nodes
+            .get(&ino)
+            .is_some_and(|n| self.by_path.get(&n.path) == Some(&ino))
+    }
+
+    /// A number no live inode has, derived from the path, kind and version.
+    fn free_ino(&self, path: &str, kind: NodeKind, etag: Option<&str>) -> u64 {
+        let mut ino = hashed_ino(path, kind, etag);
+        while ino <= ROOT_INO || self.nodes.contains_key(&ino) {
             ino = ino.wrapping_add(1);
+        }
+        ino
+    }
+
+    /// The number `seen` at `path` has or would get (without registering it).
+    pub fn ino_for(&self, path: &str, seen: &Seen) -> u64 {
+        match self.by_path.get(path).and_then(|ino| self.nodes.get(ino)) {
+            Some(node) if same_inode(node, seen) => node.attr.ino,
+            _ => self.free_ino(path, seen.attr.kind, version(&seen.etag)),
         }
     }
 
     /// Records `seen` for `path`, adds one kernel reference, and returns the attributes with the
-    /// inode number filled in. Listing data never overwrites HEAD metadata of the same version.
+    /// inode number filled in. A different version or kind than the inode linked there now is a
+    /// new inode; the old one is unlinked and lives on for the kernel's references. Listing data
+    /// never overwrites HEAD metadata of the same version.
     pub fn remember(&mut self, path: &str, seen: Seen) -> Attr {
-        let ino = self.ino_for(path, seen.attr.kind);
+        let linked = self.by_path.get(path).copied();
+        let reuse = linked.filter(|ino| self.nodes.get(ino).is_some_and(|n| same_inode(n, &seen)));
+        let ino = match reuse {
+            Some(ino) => ino,
+            None => {
+                let ino = self.free_ino(path, seen.attr.kind, version(&seen.etag));
+                self.nodes.insert(
+                    ino,
+                    Node {
+                        path: path.to_owned(),
+                        attr: seen.attr.clone(),
+                        etag: None,
+                        from_head: false,
+                        validated: None,
+                        opened_etag: None,
+                        lookups: 0,
+                    },
+                );
+                self.by_path.insert(path.to_owned(), ino);
+                ino
+            }
+        };
         let now = Instant::now();
-        let node = self.nodes.entry(ino).or_insert_with(|| Node {
-            path: path.to_owned(),
-            attr: seen.attr.clone(),
-            etag: None,
-            from_head: false,
-            validated: None,
-            opened_etag: None,
-            lookups: 0,
-        });
-        let keep_head_metadata = node.from_head && !seen.from_head && node.etag == seen.etag;
+        let node = self.nodes.get_mut(&ino).expect("node present");
+        let keep_head_metadata = node.from_head
+            && !seen.from_head
+            && (node.etag == seen.etag || version(&seen.etag).is_none());
         if keep_head_metadata {
             node.attr.size = seen.attr.size;
         } else {
@@ -124,12 +180,16 @@ impl InodeTable {
             node.from_head = seen.from_head;
         }
         node.attr.ino = ino;
-        node.etag = seen.etag;
+        if seen.from_server {
+            if version(&seen.etag).is_some() {
+                node.etag = seen.etag;
+            }
+        } else {
+            node.etag = None; // a local copy: its next upload is this inode's version
+        }
         node.validated = seen.from_server.then_some(now);
         node.lookups += 1;
-        let attr = node.attr.clone();
-        self.by_path.insert(path.to_owned(), ino);
-        attr
+        node.attr.clone()
     }
 
     /// Adds one kernel reference to an existing node.
@@ -160,6 +220,9 @@ impl InodeTable {
         }
         node.path = path.to_owned();
         node.validated = None;
+        // Moved by this mount (a copy in S3 may have another ETag): the version found at the
+        // new name next is this inode's.
+        node.etag = None;
         self.by_path.insert(path.to_owned(), ino);
     }
 
@@ -188,18 +251,20 @@ impl InodeTable {
             .values()
             .filter(|n| {
                 let parent = n.path.rsplit_once('/').map_or("", |(p, _)| p);
-                !n.path.is_empty() && parent == dir
+                !n.path.is_empty()
+                    && parent == dir
+                    && self.by_path.get(&n.path) == Some(&n.attr.ino)
             })
             .collect()
     }
 
-    /// Drops `n` kernel references; the node goes away when none remain.
-    pub fn forget(&mut self, ino: u64, n: u64) {
+    /// Drops `n` kernel references; the node goes away when none remain (returns true then).
+    pub fn forget(&mut self, ino: u64, n: u64) -> bool {
         if ino == ROOT_INO {
-            return;
+            return false;
         }
         let Some(node) = self.nodes.get_mut(&ino) else {
-            return;
+            return false;
         };
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups == 0 {
@@ -207,7 +272,9 @@ impl InodeTable {
             if self.by_path.get(&node.path) == Some(&ino) {
                 self.by_path.remove(&node.path);
             }
+            return true;
         }
+        false
     }
 
     /// Number of live nodes (root included).

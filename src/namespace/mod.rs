@@ -126,9 +126,17 @@ impl<S: ObjectStore> Namespace<S> {
 
     /// Whether `ino` is a file with a local copy newer than S3.
     pub fn dirty_key(&self, ino: u64) -> Option<String> {
+        if !self.table().is_linked(ino) {
+            return None; // unlinked or replaced: the key's local copy is another file's
+        }
         let (path, kind) = self.path_of(ino).ok()?;
         let key = self.object_key(&path);
         (kind == NodeKind::File && self.dirty_attr(&key).is_some()).then_some(key)
+    }
+
+    /// Whether `ino` is still linked at its name (not unlinked, renamed over or replaced).
+    pub fn is_linked(&self, ino: u64) -> bool {
+        self.table().is_linked(ino)
     }
 
     /// The path a new entry `name` in directory `parent` would have.
@@ -211,6 +219,8 @@ impl<S: ObjectStore> Namespace<S> {
             Some(node) => {
                 node.attr = Attr { ino, ..seen.attr };
                 node.validated = None;
+                // Written here: the version S3 gets next is this inode's.
+                node.etag = None;
                 node.attr.clone()
             }
             None => Attr { ino, ..seen.attr },
@@ -380,7 +390,9 @@ impl<S: ObjectStore> Namespace<S> {
         let (path, attr, fresh) = {
             let table = self.table();
             let node = table.get(ino).ok_or(FsError::StaleInode(ino))?;
-            let fresh = node.validated.is_some_and(|t| t.elapsed() < self.ttl);
+            // An unlinked or replaced inode keeps what it was: its key is someone else's now.
+            let fresh =
+                node.validated.is_some_and(|t| t.elapsed() < self.ttl) || !table.is_linked(ino);
             (node.path.clone(), node.attr.clone(), fresh)
         };
         // Directories carry nothing to re-validate; the root always exists.
@@ -399,12 +411,13 @@ impl<S: ObjectStore> Namespace<S> {
         Ok(self.update_from_head(ino, &meta).unwrap_or(attr))
     }
 
-    /// Refreshes a live node from a HEAD result, unless the object changed kind.
+    /// Refreshes a live node from a HEAD result, unless the object changed kind or version
+    /// (another inode: the kernel finds it with its next lookup).
     fn update_from_head(&self, ino: u64, meta: &ObjectMeta) -> Option<Attr> {
         let seen = self.seen_object(meta, true);
         let mut table = self.table();
         let node = table.get_mut(ino)?;
-        if node.attr.kind != seen.attr.kind {
+        if node.attr.kind != seen.attr.kind || !same_version(&node.etag, &meta.etag) {
             return None;
         }
         node.attr = Attr { ino, ..seen.attr };
@@ -457,9 +470,24 @@ impl<S: ObjectStore> Namespace<S> {
         self.table().unlink(ino);
     }
 
-    /// Drops `n` kernel references to `ino`.
-    pub fn forget(&self, ino: u64, n: u64) {
-        self.table().forget(ino, n);
+    /// Drops `n` kernel references to `ino`; true when the kernel holds none any more.
+    pub fn forget(&self, ino: u64, n: u64) -> bool {
+        self.table().forget(ino, n)
+    }
+
+    /// The object version live file `ino` shows, as confirmed by the server: (ETag, attributes).
+    /// `None` for directories, files written here and versions known only from a listing
+    /// without ETag.
+    pub fn version_of(&self, ino: u64) -> Option<(String, Attr)> {
+        let table = self.table();
+        let node = table.get(ino)?;
+        let etag = node.etag.clone().filter(|e| !e.is_empty())?;
+        (node.attr.kind == NodeKind::File).then(|| (etag, node.attr.clone()))
+    }
+
+    /// Whether the kernel holds inode `ino`.
+    pub fn is_known(&self, ino: u64) -> bool {
+        self.table().get(ino).is_some()
     }
 
     /// A fresh, complete listing of directory `ino`, sorted by name, or an error. Nothing is
@@ -628,7 +656,7 @@ impl<S: ObjectStore> Namespace<S> {
             };
             seen.from_head = true;
         }
-        seen.attr.ino = table.ino_for(&path, seen.attr.kind);
+        seen.attr.ino = table.ino_for(&path, &seen);
         Listed {
             name: name.to_owned(),
             attr: seen.attr,
@@ -656,7 +684,7 @@ impl<S: ObjectStore> Namespace<S> {
             return ROOT_INO;
         };
         match path.rsplit_once('/') {
-            Some((parent, _)) => self.table().ino_for(parent, NodeKind::Directory),
+            Some((parent, _)) => self.table().ino_for(parent, &self.seen_directory()),
             None => ROOT_INO,
         }
     }
@@ -666,6 +694,9 @@ impl<S: ObjectStore> Namespace<S> {
         let (path, kind) = self.path_of(ino)?;
         if kind == NodeKind::Directory {
             return Err(FsError::IsDirectory);
+        }
+        if !self.table().is_linked(ino) {
+            return Err(FsError::Stale);
         }
         let key = self.object_key(&path);
         let meta = match self.store.head(&key).await {
@@ -691,7 +722,12 @@ impl<S: ObjectStore> Namespace<S> {
             }
             Err(e) => return Err(FsError::store(&key, e)),
         };
-        self.update_from_head(ino, &meta);
+        if self.update_from_head(ino, &meta).is_none() {
+            // Replaced since the kernel looked it up: ESTALE makes the kernel look the name up
+            // again (LOOKUP_REVAL) and open the new version's inode, so no descriptor of this
+            // inode ever sees another version's bytes.
+            return Err(FsError::Stale);
+        }
         let keep_cache = {
             let mut table = self.table();
             match table.get_mut(ino) {
@@ -720,6 +756,14 @@ impl<S: ObjectStore> Namespace<S> {
     /// The defaults used for objects without metadata.
     pub fn defaults(&self) -> &Defaults {
         &self.defaults
+    }
+}
+
+/// Whether an inode of version `known` (none: written here) may take version `now`.
+fn same_version(known: &Option<String>, now: &str) -> bool {
+    match known.as_deref() {
+        Some(known) if !known.is_empty() && !now.is_empty() => known == now,
+        _ => true,
     }
 }
 

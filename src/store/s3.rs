@@ -259,6 +259,12 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
+        // Some servers ignore If-Match on GET: a body of another version is refused here, so a
+        // reader pinned to a version never gets another version's bytes.
+        let served = out.e_tag().unwrap_or_default();
+        if !served.is_empty() && !etag.is_empty() && served != etag {
+            return Err(StoreError::PreconditionFailed);
+        }
         let mut body = out.body;
         let mut received = 0u64;
         let wanted = end - start;

@@ -29,7 +29,100 @@ pub struct DirtyAttr {
     pub mtime: SystemTime,
 }
 
+/// Identity of a dirty file for its open handles, stable across renames (the data file id
+/// changes with copy-on-write; the key with renames). In memory only.
+pub type FileId = u64;
+
+/// Open handles, dirty files and their keys (see [`DirtyFiles`]).
+#[derive(Default)]
+struct Table {
+    /// Files linked under a key, by key.
+    by_key: HashMap<String, DirtyFile>,
+    /// The key each linked file has now.
+    keys: HashMap<FileId, String>,
+    /// Files unlinked, renamed over or replaced while handles had them open: they live, with
+    /// no journal record (never uploaded), until their last handle is released.
+    unlinked: HashMap<FileId, DirtyFile>,
+}
+
+impl Table {
+    fn get(&self, key: &str) -> Option<&DirtyFile> {
+        self.by_key.get(key)
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut DirtyFile> {
+        self.by_key.get_mut(key)
+    }
+
+    fn insert(&mut self, key: String, file: DirtyFile) -> Option<DirtyFile> {
+        self.keys.insert(file.fid, key.clone());
+        let old = self.by_key.insert(key, file);
+        if let Some(old) = &old {
+            self.keys.remove(&old.fid);
+        }
+        old
+    }
+
+    fn remove(&mut self, key: &str) -> Option<DirtyFile> {
+        let file = self.by_key.remove(key)?;
+        self.keys.remove(&file.fid);
+        Some(file)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &DirtyFile> {
+        self.by_key.values()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_key.keys()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &DirtyFile)> {
+        self.by_key.iter()
+    }
+
+    /// File `fid` and its key (none once unlinked).
+    fn by_id(&mut self, fid: FileId) -> Option<(&mut DirtyFile, Option<String>)> {
+        match self.keys.get(&fid) {
+            Some(key) => {
+                let key = key.clone();
+                self.by_key.get_mut(&key).map(|f| (f, Some(key)))
+            }
+            None => self.unlinked.get_mut(&fid).map(|f| (f, None)),
+        }
+    }
+
+    /// Takes `file` out of the namespace: kept (unlinked) while handles have it open. Returns
+    /// what must be removed from the journal and the data directory.
+    fn unlink(&mut self, mut file: DirtyFile) -> Discard {
+        let discard = Discard {
+            record: file.record.clone(),
+            ids: std::mem::take(&mut file.retired)
+                .into_iter()
+                .chain([file.id])
+                .collect(),
+        };
+        if file.handles > 0 {
+            // Its data file stays open through the handles; nothing acknowledged it any more.
+            file.durable_size = 0;
+            file.writers = file.writers.min(file.handles);
+            self.unlinked.insert(file.fid, file);
+        }
+        discard
+    }
+}
+
+/// A file's journal record and data files to remove (see [`DirtyFiles::discard`]).
+struct Discard {
+    record: Arc<Mutex<Journalled>>,
+    ids: Vec<u64>,
+}
+
 struct DirtyFile {
+    /// See [`FileId`].
+    fid: FileId,
+    /// Open handles (readers and writers); an unlinked file lives until none remain.
+    handles: u32,
     id: u64,
     attr: DirtyAttr,
     /// Holds the bytes and the base version (see [`LocalData::base_etag`]).
@@ -105,7 +198,7 @@ pub struct DirtyFiles {
     journal: Journal,
     /// Multipart uploads in progress, for resuming them after a restart.
     pending_uploads: PendingUploads,
-    files: Mutex<HashMap<String, DirtyFile>>,
+    files: Mutex<Table>,
     next_id: AtomicU64,
     usage: Arc<CacheUsage>,
     /// Keys whose local copy went away while an upload may have been running (see
@@ -135,7 +228,7 @@ impl DirtyFiles {
         let data_dir = cache.data_dir();
         let loaded = journal.load()?;
         let usage = Arc::new(CacheUsage::default());
-        let mut files = HashMap::new();
+        let mut files = Table::default();
         let mut max_id = 0;
         for record in loaded.records {
             max_id = max_id.max(record.id);
@@ -163,6 +256,8 @@ impl DirtyFiles {
             let older = files.insert(
                 record.key.clone(),
                 DirtyFile {
+                    fid: new_fid(),
+                    handles: 0,
                     id: record.id,
                     attr,
                     data: Arc::new(data),
@@ -238,7 +333,7 @@ impl DirtyFiles {
         crate::cache::disk_space(&self.data_dir)
     }
 
-    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, DirtyFile>> {
+    fn files(&self) -> std::sync::MutexGuard<'_, Table> {
         // Every mutation under this lock is a plain field update: poisoning can't break it.
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -323,9 +418,12 @@ impl DirtyFiles {
 
     fn install(&self, key: &str, (id, data): (u64, LocalData), attr: DirtyAttr) -> DirtyAttr {
         self.settled(key);
-        let old = self.files().insert(
+        let mut files = self.files();
+        let old = files.insert(
             key.to_owned(),
             DirtyFile {
+                fid: new_fid(),
+                handles: 0,
                 id,
                 attr: attr.clone(),
                 data: Arc::new(data),
@@ -338,8 +436,10 @@ impl DirtyFiles {
                 origin: new_origin(),
             },
         );
-        if let Some(old) = old {
-            self.discard(old);
+        let discard = old.map(|old| files.unlink(old));
+        drop(files);
+        if let Some(discard) = discard {
+            self.discard(discard);
         }
         attr
     }
@@ -374,48 +474,161 @@ impl DirtyFiles {
         f(file)
     }
 
-    /// The data file of `key`. Handles keep it open, so a file read while its upload finishes
-    /// (and the local copy is dropped) or after an unlink still reads its bytes.
+    fn with_id<T>(
+        &self,
+        fid: FileId,
+        f: impl FnOnce(&mut DirtyFile, Option<String>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut files = self.files();
+        let (file, key) = files
+            .by_id(fid)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        f(file, key)
+    }
+
+    /// The data of the file linked at `key`.
     pub fn data(&self, key: &str) -> io::Result<Arc<LocalData>> {
         self.with_file(key, |f| Ok(f.data.clone()))
     }
 
-    /// Writes through an open handle's data file and updates the attributes, if that file is
-    /// still `key`'s local copy (an unlinked file keeps taking writes, like on a local disk).
-    pub fn write(
-        &self,
-        key: &str,
-        data: &Arc<LocalData>,
-        offset: u64,
-        bytes: &[u8],
-    ) -> io::Result<()> {
-        {
-            let mut files = self.files();
-            if let Some(f) = files.get_mut(key).filter(|f| Arc::ptr_eq(&f.data, data)) {
-                self.protect_acknowledged(f, offset)?;
+    /// Whether handles have the file linked at `key` open.
+    pub fn has_handles(&self, key: &str) -> bool {
+        self.files().get(key).is_some_and(|f| f.handles > 0)
+    }
+
+    /// An empty, already unlinked file in the cache directory, for a copy of an object that
+    /// open handles keep reading after this mount deleted or replaced it. Nothing records it:
+    /// it goes with its last descriptor (or, after a crash, with the process).
+    pub fn scratch_file(&self) -> io::Result<std::fs::File> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let path = self.data_dir.join(format!("{id:016x}"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(file)
+    }
+
+    /// A complete local copy held in `file` (see [`DirtyFiles::scratch_file`]).
+    pub fn detached_data(&self, file: std::fs::File) -> Arc<LocalData> {
+        Arc::new(LocalData::new(
+            file,
+            Coverage::default(),
+            None,
+            self.usage.clone(),
+        ))
+    }
+
+    /// Makes a complete copy `data` (see [`DirtyFiles::detached_data`]) of a replaced or
+    /// unlinked object an unlinked file with one handle held by the caller: it lives until that
+    /// handle is [`DirtyFiles::released`]. Never journalled, never uploaded.
+    pub fn unlinked_copy(&self, data: Arc<LocalData>, attr: DirtyAttr) -> FileId {
+        let fid = new_fid();
+        let file = DirtyFile {
+            fid,
+            handles: 1,
+            id: 0,
+            attr,
+            data,
+            writers: 0,
+            generation: 0,
+            in_s3: None,
+            record: Arc::new(Mutex::new(Journalled::Discarded)),
+            durable_size: 0,
+            retired: Vec::new(),
+            origin: new_origin(),
+        };
+        self.files().unlinked.insert(fid, file);
+        fid
+    }
+
+    /// The file linked at `key` now.
+    pub fn id_of(&self, key: &str) -> Option<FileId> {
+        self.files().get(key).map(|f| f.fid)
+    }
+
+    /// The key file `fid` is linked at now (`None`: unlinked, or gone).
+    pub fn key_of(&self, fid: FileId) -> Option<String> {
+        self.files().keys.get(&fid).cloned()
+    }
+
+    /// Attributes of file `fid`, linked or not.
+    pub fn attr_of(&self, fid: FileId) -> Option<DirtyAttr> {
+        self.with_id(fid, |f, _| Ok(f.attr.clone())).ok()
+    }
+
+    /// Registers an open handle of file `fid` (a writer when `writer`) and returns its data,
+    /// which the handle keeps open: a file read while its upload finishes (and the local copy
+    /// is dropped), or after an unlink, still reads its bytes.
+    pub fn opened(&self, fid: FileId, writer: bool) -> io::Result<Arc<LocalData>> {
+        self.with_id(fid, |f, _| {
+            f.handles += 1;
+            f.writers += u32::from(writer);
+            Ok(f.data.clone())
+        })
+    }
+
+    /// Releases a handle of `fid`. Returns the file's key when it was the last writer of a
+    /// linked file (its upload may start). An unlinked file goes with its last handle.
+    pub fn released(&self, fid: FileId, writer: bool) -> Option<String> {
+        let mut files = self.files();
+        let (f, key) = files.by_id(fid)?;
+        f.handles = f.handles.saturating_sub(1);
+        if writer {
+            f.writers = f.writers.saturating_sub(1);
+        }
+        let last_writer = writer && f.writers == 0;
+        match key {
+            Some(key) => last_writer.then_some(key),
+            None => {
+                if f.handles == 0 {
+                    files.unlinked.remove(&fid);
+                }
+                None
             }
         }
+    }
+
+    /// Writes to file `fid` (linked or unlinked: an unlinked file keeps taking writes, like on
+    /// a local disk) and updates its attributes.
+    pub fn write(&self, fid: FileId, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let data = self.with_id(fid, |f, _| {
+            self.protect_acknowledged(f, offset)?;
+            Ok(f.data.clone())
+        })?;
         data.write_at(bytes, offset)?;
-        let mut files = self.files();
-        if let Some(f) = files.get_mut(key).filter(|f| Arc::ptr_eq(&f.data, data)) {
+        self.with_id(fid, |f, _| {
             f.attr.size = f.attr.size.max(offset + bytes.len() as u64);
             f.attr.mtime = SystemTime::now();
             f.generation += 1;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
-    /// Applies a `setattr`: size (truncate or extend with zeros), mode bits, owner, mtime.
+    /// Makes file `fid` durable if it is linked (an unlinked file has nothing to keep).
+    pub fn persist_id(&self, fid: FileId) -> io::Result<()> {
+        match self.key_of(fid) {
+            Some(key) => self.persist(&key),
+            None if self.attr_of(fid).is_some() => Ok(()),
+            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+        }
+    }
+
+    /// Applies a `setattr` to file `fid`: size (truncate or extend with zeros), mode bits,
+    /// owner, mtime.
     pub fn set_attr(
         &self,
-        key: &str,
+        fid: FileId,
         size: Option<u64>,
         perm: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
         mtime: Option<SystemTime>,
     ) -> io::Result<DirtyAttr> {
-        self.with_file(key, |f| {
+        self.with_id(fid, |f, _| {
             if let Some(size) = size {
                 self.protect_acknowledged(f, size)?;
                 f.data.set_len(size)?;
@@ -479,22 +692,6 @@ impl DirtyFiles {
             self.remove_record_and_data(id);
         }
         Ok(())
-    }
-
-    pub fn add_writer(&self, key: &str) -> io::Result<()> {
-        self.with_file(key, |f| {
-            f.writers += 1;
-            Ok(())
-        })
-    }
-
-    /// Drops a writer; true when none remain (the file may be uploaded).
-    pub fn remove_writer(&self, key: &str) -> bool {
-        self.with_file(key, |f| {
-            f.writers = f.writers.saturating_sub(1);
-            Ok(f.writers == 0)
-        })
-        .unwrap_or(false)
     }
 
     /// The file as it is now, if it exists and nobody is writing it.
@@ -568,7 +765,8 @@ impl DirtyFiles {
                         f.in_s3 = Some(f.generation);
                         (None, f.record.clone())
                     } else {
-                        (files.remove(&snapshot.key), Arc::default())
+                        let clean = files.remove(&snapshot.key).expect("present");
+                        (Some(files.unlink(clean)), Arc::default())
                     }
                 }
             }
@@ -610,10 +808,11 @@ impl DirtyFiles {
             file.generation += 1;
             self.gone().insert(from.to_owned());
             file.data.set_base_etag(base_etag);
-            files.insert(to.to_owned(), file)
+            let replaced = files.insert(to.to_owned(), file);
+            replaced.map(|old| files.unlink(old))
         };
-        if let Some(old) = replaced {
-            self.discard(old);
+        if let Some(discard) = replaced {
+            self.discard(discard);
         }
         self.persist(to)?;
         Ok(true)
@@ -621,11 +820,15 @@ impl DirtyFiles {
 
     /// Forgets the local copy of `key` (unlink); returns whether there was one.
     pub fn remove(&self, key: &str) -> bool {
-        let old = self.files().remove(key);
-        match old {
-            Some(f) => {
+        let discard = {
+            let mut files = self.files();
+            let old = files.remove(key);
+            old.map(|f| files.unlink(f))
+        };
+        match discard {
+            Some(discard) => {
                 self.gone().insert(key.to_owned());
-                self.discard(f);
+                self.discard(discard);
                 true
             }
             None => false,
@@ -658,11 +861,11 @@ impl DirtyFiles {
 
     /// Deletes a record and its data file; the record goes first, so a crash in between leaves
     /// an orphan data file, never a record without data.
-    fn discard(&self, file: DirtyFile) {
-        let mut journalled = file.record.lock().unwrap_or_else(|e| e.into_inner());
+    fn discard(&self, discard: Discard) {
+        let mut journalled = discard.record.lock().unwrap_or_else(|e| e.into_inner());
         *journalled = Journalled::Discarded;
-        for id in file.retired.iter().chain([&file.id]) {
-            self.remove_record_and_data(*id);
+        for id in discard.ids {
+            self.remove_record_and_data(id);
         }
     }
 
@@ -677,10 +880,7 @@ impl DirtyFiles {
 
 /// Deletes data files no record describes: files created but never closed or fsync'd before a
 /// crash (their bytes were never acknowledged), or whose record was removed just before.
-fn remove_orphans(
-    data_dir: &std::path::Path,
-    files: &HashMap<String, DirtyFile>,
-) -> io::Result<()> {
+fn remove_orphans(data_dir: &std::path::Path, files: &Table) -> io::Result<()> {
     let live: std::collections::HashSet<String> =
         files.values().map(|f| format!("{:016x}", f.id)).collect();
     for entry in std::fs::read_dir(data_dir)? {
@@ -692,6 +892,12 @@ fn remove_orphans(
         }
     }
     Ok(())
+}
+
+/// A new [`FileId`].
+fn new_fid() -> FileId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A random lineage id for a new file (see [`FileRecord::origin`]).
@@ -738,8 +944,8 @@ mod tests {
             dirty.create("kept", attr(), None, b"hello").unwrap();
             dirty.persist("kept").unwrap();
             // Written after the last persist: not acknowledged, so not promised.
-            let data = dirty.data("kept").unwrap();
-            dirty.write("kept", &data, 5, b" world").unwrap();
+            let fid = dirty.id_of("kept").unwrap();
+            dirty.write(fid, 5, b" world").unwrap();
             dirty.create("never-closed", attr(), None, b"lost").unwrap();
         }
         let cache = CacheDir::open(tmp.path()).unwrap();
@@ -768,10 +974,11 @@ mod tests {
             dirty.create("k", attr(), None, b"hello world").unwrap();
             dirty.persist("k").unwrap();
             let data = dirty.data("k").unwrap();
+            let fid = dirty.id_of("k").unwrap();
             // Reopened and changed in place, then a crash before close: not acknowledged.
-            dirty.write("k", &data, 0, b"HELLO").unwrap();
+            dirty.write(fid, 0, b"HELLO").unwrap();
             dirty
-                .set_attr("k", Some(8), None, None, None, None)
+                .set_attr(fid, Some(8), None, None, None, None)
                 .unwrap();
             assert_eq!(data.read(0, 100).unwrap(), b"HELLO wo");
             assert_eq!(files_on_disk(&cache), (2, 1), "a copy beside the original");
@@ -790,7 +997,7 @@ mod tests {
                 (1, 1),
                 "the unacknowledged copy is gone"
             );
-            dirty.write("k", &data, 6, b"WORLD").unwrap();
+            dirty.write(dirty.id_of("k").unwrap(), 6, b"WORLD").unwrap();
             dirty.persist("k").unwrap();
             assert_eq!(
                 files_on_disk(&cache),
@@ -802,7 +1009,7 @@ mod tests {
         let data = dirty.data("k").unwrap();
         assert_eq!(data.read(0, 100).unwrap(), b"hello WORLD");
         // Appends beyond the acknowledged size need no copy.
-        dirty.write("k", &data, 11, b"!").unwrap();
+        dirty.write(dirty.id_of("k").unwrap(), 11, b"!").unwrap();
         assert_eq!(files_on_disk(&cache), (1, 1));
     }
 
@@ -814,8 +1021,7 @@ mod tests {
         dirty.create("k", attr(), None, b"v1").unwrap();
         dirty.persist("k").unwrap();
         let first = dirty.snapshot("k").unwrap();
-        let data = dirty.data("k").unwrap();
-        dirty.write("k", &data, 0, b"v2").unwrap();
+        dirty.write(dirty.id_of("k").unwrap(), 0, b"v2").unwrap();
         assert_eq!(dirty.uploaded(&first, "\"e1\""), UploadOutcome::Changed);
         let second = dirty.snapshot("k").unwrap();
         assert_eq!(dirty.uploaded(&second, "\"e2\""), UploadOutcome::Clean);

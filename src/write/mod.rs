@@ -6,6 +6,6 @@ pub mod renames;
 pub mod resume;
 pub mod upload;
 
-pub use dirty::{DirtyAttr, DirtyFiles};
+pub use dirty::{DirtyAttr, DirtyFiles, FileId};
 pub use local::{Coverage, LocalData};
 pub use upload::{UploadConfig, UploadFailure, UploadStats, Uploader};

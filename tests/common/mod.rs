@@ -584,6 +584,11 @@ pub fn is_mounted(path: &Path) -> bool {
     mount_count(path) > 0
 }
 
+/// keepfs's log level in tests: `KEEPFS_TEST_LOG` (e.g. `trace`), `debug` by default.
+fn log_level() -> String {
+    std::env::var("KEEPFS_TEST_LOG").unwrap_or_else(|_| "debug".to_owned())
+}
+
 /// A keepfs process with its mount. Dropping it unmounts (SIGTERM, then a lazy unmount as the
 /// last resort) and reaps the process, also when the test failed.
 pub struct Mount {
@@ -602,7 +607,7 @@ impl Mount {
         let stderr_path = dir.path().with_extension("log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let child = keepfs_command(source, dir.path(), extra)
-            .args(["--log-level", "debug"])
+            .args(["--log-level", &log_level()])
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -1,0 +1,342 @@
+//! Files are inodes, not paths: descriptors keep the file they opened across rename, unlink,
+//! rename-over and replacement by another client, through the kernel, checked byte for byte on
+//! the mount and in S3.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Mount, pattern, server, sha256};
+
+/// Runs `keepfs flush` on the mount: every closed file is in S3 when it returns.
+fn flush(m: &Mount) {
+    let out = std::process::Command::new(common::keepfs_bin())
+        .args(["flush", m.path().to_str().unwrap(), "--timeout", "60s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flush failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+}
+
+fn read_all(path: &std::path::Path) -> Vec<u8> {
+    fs::read(path).unwrap()
+}
+
+#[test]
+fn a_file_renamed_while_open_for_writing_keeps_every_write() {
+    let s = server();
+    let bucket = s.bucket("logrotate");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    // logrotate's pattern: the writer keeps its descriptor, the file is renamed under it.
+    let log = m.path().join("app.log");
+    let mut w = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .unwrap();
+    w.write_all(b"line1\n").unwrap();
+    fs::rename(&log, m.path().join("app.log.1")).unwrap();
+    w.write_all(b"line2\n").unwrap();
+    assert_eq!(w.metadata().unwrap().len(), 12, "fstat follows the file");
+    drop(w);
+    // A new log opened at the old name is another file.
+    fs::write(&log, b"fresh\n").unwrap();
+    // A temp file renamed before its writer closes it.
+    let tmp = m.path().join("out.tmp");
+    let mut t = File::create(&tmp).unwrap();
+    let big = pattern(3 << 20, 7);
+    t.write_all(&big[..1 << 20]).unwrap();
+    fs::rename(&tmp, m.path().join("out.bin")).unwrap();
+    t.write_all(&big[1 << 20..]).unwrap();
+    t.sync_all().unwrap();
+    drop(t);
+
+    assert_eq!(read_all(&m.path().join("app.log.1")), b"line1\nline2\n");
+    assert_eq!(read_all(&log), b"fresh\n");
+    assert_eq!(sha256(&read_all(&m.path().join("out.bin"))), sha256(&big));
+    assert!(!tmp.exists());
+    flush(&m);
+    assert_eq!(
+        s.get(&bucket, "app.log.1").as_deref(),
+        Some(&b"line1\nline2\n"[..])
+    );
+    assert_eq!(s.get(&bucket, "app.log").as_deref(), Some(&b"fresh\n"[..]));
+    s.wait_for_object(&bucket, "out.bin", &sha256(&big));
+    assert!(
+        s.get(&bucket, "out.tmp").is_none(),
+        "no object under the old name"
+    );
+}
+
+#[test]
+fn a_renamed_open_file_survives_kill_9_before_its_upload() {
+    let s = server();
+    let bucket = s.bucket("renamekill");
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    let held = s.refuse_uploads_if_possible(&bucket);
+    let log = m.path().join("app.log");
+    let mut w = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .unwrap();
+    w.write_all(b"line1\n").unwrap();
+    fs::rename(&log, m.path().join("app.log.1")).unwrap();
+    w.write_all(b"line2\n").unwrap();
+    drop(w); // acknowledged by close
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    if held {
+        s.allow_uploads(&bucket);
+    }
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(read_all(&m.path().join("app.log.1")), b"line1\nline2\n");
+    assert!(!m.path().join("app.log").exists());
+    flush(&m);
+    assert_eq!(
+        s.get(&bucket, "app.log.1").as_deref(),
+        Some(&b"line1\nline2\n"[..])
+    );
+    assert!(s.get(&bucket, "app.log").is_none());
+}
+
+#[test]
+fn an_unlinked_open_file_lives_until_its_last_close_and_never_reaches_s3() {
+    let s = server();
+    let bucket = s.bucket("unlinkopen");
+    s.put(&bucket, "appended.log", b"old\n");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+
+    // A scratch file: created, written, unlinked, written again, read back.
+    let path = m.path().join("scratch");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"before unlink ").unwrap();
+    fs::remove_file(&path).unwrap();
+    assert!(!path.exists());
+    f.write_all(b"after unlink").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut back = String::new();
+    f.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "before unlink after unlink");
+    assert_eq!(f.metadata().unwrap().len(), 26);
+    f.set_len(6).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 6);
+    f.sync_all().unwrap();
+    drop(f);
+
+    // A pid file: created, written, unlinked, then closed.
+    let pid = m.path().join("daemon.pid");
+    let mut p = File::create(&pid).unwrap();
+    p.write_all(b"1234\n").unwrap();
+    fs::remove_file(&pid).unwrap();
+    p.sync_all().unwrap();
+    drop(p);
+
+    // An appender whose (uploaded) file is unlinked.
+    let app = m.path().join("appended.log");
+    let mut a = OpenOptions::new().append(true).open(&app).unwrap();
+    a.write_all(b"one\n").unwrap();
+    fs::remove_file(&app).unwrap();
+    a.write_all(b"two\n").unwrap();
+    let mut r = File::open("/proc/self/fd/".to_owned() + &a_fd(&a)).unwrap();
+    let mut content = Vec::new();
+    r.read_to_end(&mut content).unwrap();
+    assert_eq!(content, b"old\none\ntwo\n");
+    drop(r);
+    drop(a);
+
+    flush(&m);
+    for key in ["scratch", "daemon.pid", "appended.log"] {
+        assert!(s.get(&bucket, key).is_none(), "{key} reappeared in S3");
+    }
+    assert!(
+        common::names(m.path()).is_empty(),
+        "{:?}",
+        common::names(m.path())
+    );
+}
+
+fn a_fd(f: &File) -> String {
+    use std::os::fd::AsRawFd;
+    f.as_raw_fd().to_string()
+}
+
+#[test]
+fn an_open_reader_keeps_reading_the_file_after_rm_or_rename_over() {
+    let s = server();
+    let bucket = s.bucket("readerrm");
+    let original = pattern(8 << 20, 31);
+    let other = pattern(5 << 20, 32);
+    s.put(&bucket, "removed.bin", &original);
+    s.put(&bucket, "replaced.bin", &original);
+    s.put(&bucket, "renamed.bin", &original);
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    for (name, change) in [("removed.bin", 0), ("replaced.bin", 1), ("renamed.bin", 2)] {
+        let path = m.path().join(name);
+        let mut f = File::open(&path).unwrap();
+        let mut got = vec![0; 1024];
+        f.read_exact(&mut got).unwrap();
+        match change {
+            0 => fs::remove_file(&path).unwrap(),
+            1 => {
+                let src = m.path().join("new.bin");
+                fs::write(&src, &other).unwrap();
+                fs::rename(&src, &path).unwrap();
+            }
+            _ => fs::rename(&path, m.path().join("moved.bin")).unwrap(),
+        }
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(
+            sha256(&got),
+            sha256(&original),
+            "{name}: the descriptor's file"
+        );
+        assert_eq!(f.metadata().unwrap().len(), original.len() as u64);
+    }
+    assert!(!m.path().join("removed.bin").exists());
+    assert_eq!(
+        sha256(&read_all(&m.path().join("replaced.bin"))),
+        sha256(&other)
+    );
+    assert_eq!(
+        sha256(&read_all(&m.path().join("moved.bin"))),
+        sha256(&original)
+    );
+    flush(&m);
+    assert!(s.get(&bucket, "removed.bin").is_none());
+    s.wait_for_object(&bucket, "replaced.bin", &sha256(&other));
+    s.wait_for_object(&bucket, "moved.bin", &sha256(&original));
+}
+
+/// A version of `config.json`: its number, repeated to 64 KiB.
+fn config_version(n: u32) -> Vec<u8> {
+    let line = format!("{n:08}\n");
+    line.as_bytes()
+        .iter()
+        .copied()
+        .cycle()
+        .take(64 << 10)
+        .collect()
+}
+
+/// Which version `bytes` is, if it is exactly one whole version.
+fn version_of(bytes: &[u8]) -> Option<u32> {
+    let n: u32 = std::str::from_utf8(bytes.get(..8)?).ok()?.parse().ok()?;
+    (bytes == config_version(n).as_slice()).then_some(n)
+}
+
+#[test]
+fn atomic_replace_readers_see_whole_versions_never_going_back() {
+    let s = server();
+    let bucket = s.bucket("atomicreplace");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    let config = m.path().join("config.json");
+    fs::write(&config, config_version(0)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (config, stop) = (config.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut last = 0;
+                let mut reads = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let f = File::open(&config).expect("config.json always exists");
+                    let ino = f.metadata().unwrap().ino();
+                    let mut bytes = Vec::new();
+                    (&f).read_to_end(&mut bytes).expect("config.json reads");
+                    eprintln!("reader ino={ino} version={:?}", version_of(&bytes));
+                    let n = version_of(&bytes).unwrap_or_else(|| {
+                        panic!(
+                            "a read mixed versions or was torn ({} bytes, starts {:?})",
+                            bytes.len(),
+                            String::from_utf8_lossy(&bytes[..bytes.len().min(8)])
+                        )
+                    });
+                    assert!(n >= last, "read version {n} after {last}");
+                    last = n;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for n in 1..=40 {
+        let tmp = m.path().join("config.json.tmp");
+        fs::write(&tmp, config_version(n)).unwrap();
+        fs::rename(&tmp, &config).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Readers go on a little while the uploads of the last versions finish.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        let Ok(reads) = r.join() else {
+            panic!("reader failed; keepfs log:\n{}", m.log());
+        };
+        assert!(reads > 0);
+    }
+    assert_eq!(version_of(&read_all(&config)), Some(40));
+    flush(&m);
+    s.wait_for_object(&bucket, "config.json", &sha256(&config_version(40)));
+    assert!(s.get(&bucket, "config.json.tmp").is_none());
+}
+
+#[test]
+fn a_descriptor_never_mixes_versions_when_another_client_replaces_the_object() {
+    let s = server();
+    let bucket = s.bucket("remotereplace");
+    let v1 = pattern(600 << 10, 41);
+    let v2 = pattern(700 << 10, 42);
+    s.put(&bucket, "doc.bin", &v1);
+    let m = Mount::new(&format!("s3://{bucket}"), &["--metadata-ttl", "0s"]);
+    let path = m.path().join("doc.bin");
+    let mut old = File::open(&path).unwrap();
+    let mut head = vec![0; 1000];
+    old.read_exact(&mut head).unwrap();
+    assert_eq!(head, v1[..1000]);
+    let old_ino = old.metadata().unwrap().ino();
+    s.put(&bucket, "doc.bin", &v2);
+    // A new open sees the new version (close-to-open), as a new inode.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = read_all(&path);
+        if now == v2 {
+            break;
+        }
+        assert_eq!(now, v1, "a new open read neither version");
+        assert!(Instant::now() < deadline, "the new version never showed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(fs::metadata(&path).unwrap().ino(), old_ino);
+    // The old descriptor: the rest of v1, or EIO; never v2's bytes.
+    let mut rest = Vec::new();
+    match old.read_to_end(&mut rest) {
+        Ok(_) => assert_eq!(
+            sha256(&[&head[..], &rest[..]].concat()),
+            sha256(&v1),
+            "the old descriptor read another version's bytes"
+        ),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    let mut tail = vec![0; 100];
+    if let Ok(n) = old.read_at(&mut tail, 650 << 10) {
+        assert_eq!(n, 0, "read beyond the old version's size");
+    }
+}
