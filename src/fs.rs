@@ -22,7 +22,7 @@ use crate::error::FsError;
 use crate::namespace::{Attr, Namespace, NodeKind, ROOT_INO};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::ObjectStore;
-use crate::vfs::{BufferPool, Handle, Vfs, Writes, lock};
+use crate::vfs::{BufferPool, Detached, Handle, Vfs, Writes, lock};
 use crate::write::DirtyAttr;
 
 /// Largest read and write the kernel sends in one request.
@@ -40,6 +40,16 @@ fn file_attr(attr: &Attr) -> FileAttr {
         NodeKind::Directory => FileType::Directory,
         NodeKind::File => FileType::RegularFile,
         NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Special { file_type, .. } => match file_type {
+            libc::S_IFIFO => FileType::NamedPipe,
+            libc::S_IFSOCK => FileType::Socket,
+            libc::S_IFCHR => FileType::CharDevice,
+            _ => FileType::BlockDevice,
+        },
+    };
+    let rdev = match attr.kind {
+        NodeKind::Special { rdev, .. } => rdev,
+        _ => 0,
     };
     FileAttr {
         ino: INodeNo(attr.ino),
@@ -54,7 +64,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         nlink: if kind == FileType::Directory { 2 } else { 1 },
         uid: attr.uid,
         gid: attr.gid,
-        rdev: 0,
+        rdev,
         blksize: MAX_IO_SIZE,
         flags: 0,
     }
@@ -238,6 +248,48 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             }
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
+        let perm = mode & !umask & 0o7777;
+        if let Some(kind) = NodeKind::special(mode, rdev) {
+            return self.spawn(move |fs| async move {
+                let result = fs
+                    .mknod_special(uid, gid, parent.0, &name, kind, perm)
+                    .await;
+                reply_entry(reply, fs.ttl(), result);
+            });
+        }
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        // A regular file: an empty written file, durable (journalled) when mknod returns.
+        let fs = &self.inner;
+        let result = fs.new_writes().and_then(|writes| {
+            let attr = DirtyAttr {
+                size: 0,
+                mode: libc::S_IFREG | perm,
+                uid,
+                gid,
+                mtime: std::time::SystemTime::now(),
+            };
+            let (key, attr) = fs.namespace.create_file(parent.0, &name, |key| {
+                writes.dirty.create(key, attr, None, &[])
+            })?;
+            fs.persist_and_queue(&key)?;
+            Ok(attr)
+        });
+        reply_entry(reply, fs.ttl(), result);
     }
 
     fn write(
@@ -478,41 +530,43 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyData,
     ) {
         tracing::trace!(fh = fh.0, offset, size, "read");
-        let reader = match lock(&self.inner.files).get(&fh.0) {
-            Some(Handle::Remote(file)) => {
-                if let Some(local) = file.detached.get() {
+        let local = match lock(&self.inner.files).get(&fh.0) {
+            Some(Handle::Remote(file)) => match file.detached.get() {
+                Some(Detached::Copy(local)) => {
                     return match local.read(offset, u64::from(size)) {
                         Ok(data) => reply.data(&data),
                         Err(e) => reply.error(errno(&FsError::from(e))),
                     };
                 }
-                file.clone()
-            }
-            Some(Handle::Local { fid, data, .. }) => {
-                let end = offset + u64::from(size);
-                if data.missing(offset..end).is_empty() {
-                    return match data.read(offset, u64::from(size)) {
-                        Ok(data) => reply.data(&data),
-                        Err(e) => reply.error(errno(&FsError::from(e))),
-                    };
+                Some(Detached::Written(fid, data)) => (*fid, data.clone()),
+                None => {
+                    let file = file.clone();
+                    return self.spawn(move |fs| async move {
+                        let mut buf = fs.buffers.take();
+                        match file.reader.read_into(offset, size, &mut buf).await {
+                            Ok(()) => reply.data(&buf),
+                            Err(e) => reply.error(errno(&e)),
+                        }
+                        fs.buffers.give(buf);
+                    });
                 }
-                let (fid, data) = (*fid, data.clone());
-                return self.spawn(move |fs| async move {
-                    match fs.read_local(fid, &data, offset, size).await {
-                        Ok(bytes) => reply.data(&bytes),
-                        Err(e) => reply.error(errno(&e)),
-                    }
-                });
-            }
+            },
+            Some(Handle::Local { fid, data, .. }) => (*fid, data.clone()),
             None => return reply.error(Errno::EBADF),
         };
+        let (fid, data) = local;
+        let end = offset + u64::from(size);
+        if data.missing(offset..end).is_empty() {
+            return match data.read(offset, u64::from(size)) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&FsError::from(e))),
+            };
+        }
         self.spawn(move |fs| async move {
-            let mut buf = fs.buffers.take();
-            match reader.reader.read_into(offset, size, &mut buf).await {
-                Ok(()) => reply.data(&buf),
+            match fs.read_local(fid, &data, offset, size).await {
+                Ok(bytes) => reply.data(&bytes),
                 Err(e) => reply.error(errno(&e)),
             }
-            fs.buffers.give(buf);
         });
     }
 
@@ -527,8 +581,15 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyEmpty,
     ) {
         let handle = lock(&self.inner.files).remove(&fh.0);
-        if let (Some(Handle::Local { fid, writer, .. }), Some(writes)) =
-            (handle, self.inner.writes.as_ref())
+        let local = match handle {
+            Some(Handle::Local { fid, writer, .. }) => Some((fid, writer)),
+            Some(Handle::Remote(file)) => match file.detached.get() {
+                Some(Detached::Written(fid, _)) => Some((*fid, false)),
+                _ => None,
+            },
+            None => None,
+        };
+        if let (Some((fid, writer)), Some(writes)) = (local, self.inner.writes.as_ref())
             && let Some(key) = writes.dirty.released(fid, writer)
         {
             writes.uploader.enqueue(&key);

@@ -12,7 +12,9 @@ use fuser::{FopenFlags, OpenFlags};
 
 use crate::config::Durability;
 use crate::error::FsError;
-use crate::namespace::{Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, stored_metadata};
+use crate::namespace::{
+    Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, stored_metadata, stored_metadata_of,
+};
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::{ObjectStore, Precondition};
 use crate::write::local::fetch_missing;
@@ -61,11 +63,21 @@ pub(crate) enum Handle<S> {
 }
 
 /// An object open for reading. When this mount deletes or replaces it while it is open, its
-/// bytes are copied to the cache disk first and the handle reads them from there: a
-/// descriptor keeps reading the file it opened, as on a local disk.
+/// bytes are copied to the cache disk first and the handle reads them from there; when this
+/// mount starts writing it, the handle reads the written file. Either way a descriptor keeps
+/// reading the file it opened, as on a local disk.
 pub(crate) struct RemoteFile<S> {
     pub(crate) reader: FileReader<S>,
-    pub(crate) detached: std::sync::OnceLock<Arc<LocalData>>,
+    pub(crate) detached: std::sync::OnceLock<Detached>,
+}
+
+/// Where a [`RemoteFile`] reads from instead of S3.
+#[derive(Clone)]
+pub(crate) enum Detached {
+    /// A complete copy of its version.
+    Copy(Arc<LocalData>),
+    /// The same inode, now written by this mount: dirty file `fid`.
+    Written(FileId, Arc<LocalData>),
 }
 
 /// The write side of a read-write mount.
@@ -381,7 +393,7 @@ impl<S: ObjectStore> Vfs<S> {
             match self.copy_out(&writes.dirty, &files[0].reader).await {
                 Ok(data) => {
                     for file in files {
-                        let _ = file.detached.set(data.clone());
+                        let _ = file.detached.set(Detached::Copy(data.clone()));
                     }
                 }
                 Err(e) => {
@@ -493,13 +505,33 @@ impl<S: ObjectStore> Vfs<S> {
             },
         };
         let key = opened.key;
+        let base_etag = opened.etag.clone();
         let created = if empty {
             dirty.create(&key, dirty_attr, Some(opened.etag), &[])?
         } else {
             dirty.edit(&key, dirty_attr, opened.etag, opened.size)?
         };
         self.namespace.refresh_dirty(ino, &created);
-        dirty.id_of(&key).ok_or(FsError::NotFound)
+        let fid = dirty.id_of(&key).ok_or(FsError::NotFound)?;
+        // Descriptors that opened this version for reading go on with the written file (the
+        // same inode), not with the version in S3 it replaces.
+        let data = dirty.data(&key)?;
+        for handle in lock(&self.files).values() {
+            if let Handle::Remote(file) = handle
+                && *file.reader.object().key == *key
+                && *file.reader.object().etag == *base_etag
+                && dirty.opened(fid, false).is_ok()
+            {
+                if file
+                    .detached
+                    .set(Detached::Written(fid, data.clone()))
+                    .is_err()
+                {
+                    dirty.released(fid, false);
+                }
+            }
+        }
+        Ok(fid)
     }
 
     /// Reads dirty file `fid` through handle data `data`, fetching bytes that are still the
@@ -639,13 +671,9 @@ impl<S: ObjectStore> Vfs<S> {
             mtime: mtime.unwrap_or(attr.mtime),
             ..attr.clone()
         };
-        let type_bits = match attr.kind {
-            NodeKind::File => libc::S_IFREG,
-            NodeKind::Symlink => libc::S_IFLNK,
-            NodeKind::Directory => libc::S_IFDIR,
-        };
-        let metadata = stored_metadata(
-            type_bits | u32::from(changed.perm),
+        let metadata = stored_metadata_of(
+            attr.kind,
+            u32::from(changed.perm),
             changed.uid,
             changed.gid,
             changed.mtime,
@@ -742,6 +770,33 @@ impl<S: ObjectStore> Vfs<S> {
         let body = bytes::Bytes::copy_from_slice(target);
         self.store
             .put_object(&key, body, &metadata, &Precondition::Absent)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::PreconditionFailed => FsError::Exists,
+                e => FsError::store(&key, e),
+            })?;
+        self.namespace.lookup(parent, name).await
+    }
+
+    /// mknod of a fifo, socket or device node: a zero-length object whose metadata holds the
+    /// type and device number, written straight to S3 (nothing to upload later). Regular files
+    /// are made by the caller as an empty written file.
+    pub(crate) async fn mknod_special(
+        &self,
+        req_uid: u32,
+        req_gid: u32,
+        parent: u64,
+        name: &OsStr,
+        kind: NodeKind,
+        perm: u32,
+    ) -> Result<Attr, FsError> {
+        self.new_writes()?;
+        let (_, key) = self.namespace.rename_target(parent, name)?;
+        self.check_absent(parent, name).await?;
+        let metadata =
+            stored_metadata_of(kind, perm, req_uid, req_gid, std::time::SystemTime::now());
+        self.store
+            .put_object(&key, bytes::Bytes::new(), &metadata, &Precondition::Absent)
             .await
             .map_err(|e| match e {
                 crate::store::StoreError::PreconditionFailed => FsError::Exists,

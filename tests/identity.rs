@@ -340,3 +340,34 @@ fn a_descriptor_never_mixes_versions_when_another_client_replaces_the_object() {
         assert_eq!(n, 0, "read beyond the old version's size");
     }
 }
+
+#[test]
+fn a_reader_sees_what_another_descriptor_writes_to_the_same_file() {
+    let s = server();
+    let bucket = s.bucket("tailf");
+    s.put(&bucket, "tail.log", b"a\n");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    let path = m.path().join("tail.log");
+    // `tail -f`: a reader that opened the uploaded object, and an appender.
+    let mut reader = File::open(&path).unwrap();
+    let mut seen = String::new();
+    reader.read_to_string(&mut seen).unwrap();
+    assert_eq!(seen, "a\n");
+    for line in ["b\n", "c\n"] {
+        let mut w = OpenOptions::new().append(true).open(&path).unwrap();
+        w.write_all(line.as_bytes()).unwrap();
+        drop(w);
+        // Before and after the upload of what was appended.
+        let mut more = String::new();
+        reader.read_to_string(&mut more).unwrap();
+        assert_eq!(more, line);
+        flush(&m);
+        let mut again = vec![0; 100];
+        let n = reader.read_at(&mut again, 0).unwrap();
+        assert_eq!(&again[..n], read_all(&path).as_slice());
+    }
+    assert_eq!(
+        s.get(&bucket, "tail.log").as_deref(),
+        Some(&b"a\nb\nc\n"[..])
+    );
+}

@@ -71,7 +71,7 @@ struct Handle {
 
 /// File sizes: mostly small, some larger than two 5 MiB parts (multipart, part copies).
 fn random_size(rng: &mut StdRng) -> usize {
-    match rng.random_range(0..10) {
+    match rng.random_range(0..11) {
         0 => 0,
         1 => rng.random_range(11 << 20..13 << 20),
         _ => rng.random_range(1..(1 << 20)),
@@ -90,7 +90,7 @@ fn step(rng: &mut StdRng, root: &std::path::Path, model: &mut Model, open: &mut 
     let existing: Vec<String> = model.current.keys().cloned().collect();
     let pick = |rng: &mut StdRng| existing[rng.random_range(0..existing.len())].clone();
     let seed = rng.random::<u64>();
-    match rng.random_range(0..10) {
+    match rng.random_range(0..11) {
         // A file written from scratch (O_TRUNC) and closed.
         0..=2 => {
             let name = format!("f{:04}", rng.random_range(0..40));
@@ -197,6 +197,25 @@ fn step(rng: &mut StdRng, root: &std::path::Path, model: &mut Model, open: &mut 
             }
             model.current.remove(&name);
             model.files.remove(&name);
+        }
+        // Write through a handle kept open: it writes to its file wherever the file's name
+        // went since (renamed), or to a file that lives only for its handles (unlinked or
+        // renamed over).
+        10 if !open.is_empty() => {
+            let h = &open[rng.random_range(0..open.len())];
+            let len = h.file.metadata().unwrap().len() as usize;
+            let at = rng.random_range(0..=len);
+            let bytes = pattern(rng.random_range(1..60_000), seed);
+            h.file.write_all_at(&bytes, at as u64).unwrap();
+            trace(format_args!(
+                "write through open handle of {:?} at {at} {} bytes",
+                h.name,
+                bytes.len()
+            ));
+            if let Some(name) = h.name.clone() {
+                assert_eq!(len, model.current[&name].len(), "fstat of {name}");
+                model.write_at(&name, at, &bytes);
+            }
         }
         // Close what was left open: each close acknowledges its file.
         _ => {

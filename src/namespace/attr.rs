@@ -10,6 +10,35 @@ pub enum NodeKind {
     Directory,
     File,
     Symlink,
+    /// A fifo, socket or device node (`mknod`): a zero-length object whose type bits
+    /// (`S_IFIFO`, `S_IFSOCK`, `S_IFCHR`, `S_IFBLK`) and device number are in its metadata.
+    Special {
+        file_type: u32,
+        rdev: u32,
+    },
+}
+
+impl NodeKind {
+    /// The `S_IFMT` bits of this kind.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            NodeKind::Directory => libc::S_IFDIR,
+            NodeKind::File => libc::S_IFREG,
+            NodeKind::Symlink => libc::S_IFLNK,
+            NodeKind::Special { file_type, .. } => file_type,
+        }
+    }
+
+    /// The kind `mode`'s type bits name for a node made by `mknod`, with device number `rdev`
+    /// (`None`: a regular file, or not a type `mknod` makes).
+    pub fn special(mode: u32, rdev: u32) -> Option<NodeKind> {
+        match mode & S_IFMT {
+            t @ (libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => {
+                Some(NodeKind::Special { file_type: t, rdev })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Attributes as `stat` reports them.
@@ -41,6 +70,8 @@ const META_MODE: &str = "mode";
 const META_UID: &str = "uid";
 const META_GID: &str = "gid";
 const META_MTIME: &str = "mtime";
+/// Device number of a device node (s3fs-fuse's `x-amz-meta-rdev`).
+const META_RDEV: &str = "rdev";
 
 /// Symlink targets longer than this are refused (Linux PATH_MAX): a larger object is never a
 /// symlink.
@@ -66,6 +97,21 @@ pub fn stored_metadata(
         (META_GID.to_owned(), gid.to_string()),
         (META_MTIME.to_owned(), format_mtime(mtime)),
     ])
+}
+
+/// [`stored_metadata`] of a node of `kind`: a device node's number is kept too.
+pub fn stored_metadata_of(
+    kind: NodeKind,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    mtime: SystemTime,
+) -> std::collections::HashMap<String, String> {
+    let mut meta = stored_metadata(kind.type_bits() | (perm & 0o7777), uid, gid, mtime);
+    if let NodeKind::Special { rdev, .. } = kind {
+        meta.insert(META_RDEV.to_owned(), rdev.to_string());
+    }
+    meta
 }
 
 /// Seconds since the epoch, with the nanoseconds as a fraction when there are any (as rclone
@@ -127,8 +173,11 @@ impl Defaults {
         let md = &meta.user_metadata;
         let number = |name: &str| md.get(name).and_then(|v| v.trim().parse::<u32>().ok());
         let mode = number(META_MODE);
+        let rdev = number(META_RDEV).unwrap_or(0);
+        let special = mode.and_then(|m| NodeKind::special(m, rdev));
         let kind = match mode.map(|m| m & S_IFMT) {
             Some(S_IFLNK) => NodeKind::Symlink,
+            _ if special.is_some() && meta.size == 0 => special.expect("checked"),
             // A plain object marked as a directory by another tool is still shown as a file:
             // only prefixes and `dir/` markers are directories here.
             Some(S_IFDIR) | Some(_) | None => NodeKind::File,

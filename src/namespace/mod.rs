@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use attr::{Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata};
+pub use attr::{Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata, stored_metadata_of};
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen};
 pub use names::normalize_prefix;

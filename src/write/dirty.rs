@@ -145,6 +145,13 @@ struct DirtyFile {
     origin: u64,
 }
 
+impl DirtyFile {
+    /// S3 holds exactly this content; the local copy stays only for its open handles.
+    fn uploaded(&self) -> bool {
+        self.in_s3 == Some(self.generation)
+    }
+}
+
 /// What the journal holds for one dirty file.
 #[derive(Default)]
 enum Journalled {
@@ -304,12 +311,16 @@ impl DirtyFiles {
         let files = self.files();
         files
             .values()
+            .filter(|f| !f.uploaded())
             .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size))
     }
 
     /// Files open for writing now (their upload waits for the last close).
     pub fn open_for_writing(&self) -> usize {
-        self.files().values().filter(|f| f.writers > 0).count()
+        self.files()
+            .values()
+            .filter(|f| f.writers > 0 && !f.uploaded())
+            .count()
     }
 
     /// Multipart uploads in progress (see [`PendingUploads`]).
@@ -581,8 +592,11 @@ impl DirtyFiles {
             f.writers = f.writers.saturating_sub(1);
         }
         let last_writer = writer && f.writers == 0;
+        // Uploaded while open: with the last handle the local copy can go (the uploader
+        // finds it in S3 and drops it).
+        let settle = f.handles == 0 && f.uploaded();
         match key {
-            Some(key) => last_writer.then_some(key),
+            Some(key) => (last_writer || settle).then_some(key),
             None => {
                 if f.handles == 0 {
                     files.unlinked.remove(&fid);
@@ -708,6 +722,9 @@ impl DirtyFiles {
     fn take_snapshot(&self, key: &str, even_if_open: bool) -> Option<UploadSnapshot> {
         let files = self.files();
         let f = files.get(key).filter(|f| even_if_open || f.writers == 0)?;
+        if !even_if_open && f.handles > 0 && f.uploaded() {
+            return None; // nothing to do until the last handle goes
+        }
         Some(UploadSnapshot {
             key: key.to_owned(),
             id: f.id,
@@ -761,7 +778,9 @@ impl DirtyFiles {
                     f.data.set_base_etag(Some(etag.to_owned()));
                     if f.id != snapshot.id || f.generation != snapshot.generation {
                         (None, f.record.clone())
-                    } else if f.writers > 0 {
+                    } else if f.writers > 0 || f.handles > 0 {
+                        // Open handles keep reading (and may fetch the rest of) this local
+                        // copy: it stays, marked as in S3, until the last one goes.
                         f.in_s3 = Some(f.generation);
                         (None, f.record.clone())
                     } else {
