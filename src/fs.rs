@@ -123,6 +123,7 @@ impl<S: ObjectStore> KeepFs<S> {
                 files: Mutex::new(HashMap::new()),
                 pinned: Mutex::new(HashMap::new()),
                 removals: AtomicU64::new(0),
+                dirtying: tokio::sync::Mutex::new(()),
                 dirs: Mutex::new(HashMap::new()),
                 next_handle: AtomicU64::new(1),
                 buffers: BufferPool::default(),

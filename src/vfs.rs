@@ -191,6 +191,8 @@ pub(crate) struct Vfs<S> {
     /// (as an open handle would keep them) until the kernel forgets the inode, so an `open`
     /// that resolved the name just before the change still opens the file it found.
     pub(crate) pinned: Mutex<HashMap<u64, FileId>>,
+    /// Held while a clean object becomes a written file (see [`Vfs::make_dirty`]).
+    pub(crate) dirtying: tokio::sync::Mutex<()>,
     /// Bumped each time readers are detached (see [`Vfs::detach_readers`]): an open that
     /// raced with a removal detaches its own handle.
     pub(crate) removals: AtomicU64,
@@ -473,23 +475,47 @@ impl<S: ObjectStore> Vfs<S> {
             return Ok((fh, flags));
         }
         let dirty = &self.new_writes()?.dirty;
-        let fid = match self.dirty_file(ino) {
-            Some(fid) => {
-                if truncate {
-                    let attr = dirty.set_attr(fid, Some(0), None, None, None, None)?;
-                    self.namespace.refresh_dirty(ino, &attr);
+        // A written file with no handle may be dropped at any moment (its upload finished):
+        // then it is an object again and is made a written file anew.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let opened = match self.dirty_file(ino) {
+                Some(fid) => self.local_handle(ino, fid, true).and_then(|fh| {
+                    if truncate {
+                        let attr = dirty.set_attr(fid, Some(0), None, None, None, None)?;
+                        self.namespace.refresh_dirty(ino, &attr);
+                    }
+                    Ok(fh)
+                }),
+                None => {
+                    let fid = self.make_dirty(ino, truncate).await?;
+                    self.local_handle(ino, fid, true)
                 }
-                fid
+            };
+            match opened {
+                Err(FsError::NotFound) if attempts < 3 => continue,
+                opened => return opened.map(|fh| (fh, FopenFlags::empty())),
             }
-            None => self.make_dirty(ino, truncate).await?,
-        };
-        let fh = self.local_handle(ino, fid, true)?;
-        Ok((fh, FopenFlags::empty()))
+        }
     }
 
     /// Turns clean object `ino` into a dirty file with its attributes, based on the version S3
     /// holds now. Nothing is downloaded: the content (unless `empty`) is fetched on first touch.
     pub(crate) async fn make_dirty(&self, ino: u64, empty: bool) -> Result<FileId, FsError> {
+        // Processes opening one object for writing at once (database backends do) must get
+        // one written file, not one each: the check and the creation happen under one lock.
+        let _one_at_a_time = self.dirtying.lock().await;
+        if let Some(fid) = self.dirty_file(ino) {
+            if empty {
+                let attr = self
+                    .writes()?
+                    .dirty
+                    .set_attr(fid, Some(0), None, None, None, None)?;
+                self.namespace.refresh_dirty(ino, &attr);
+            }
+            return Ok(fid);
+        }
         let attr = self.namespace.getattr(ino).await?;
         let opened = self.namespace.open(ino).await?;
         let dirty = &self.writes()?.dirty;
@@ -640,12 +666,21 @@ impl<S: ObjectStore> Vfs<S> {
         // Through the handle when there is one (ftruncate, fchmod): it reaches the file even
         // after its name went.
         let by_handle = fh.and_then(|fh| self.handle_file(fh)).map(|(fid, _)| fid);
-        let fid = match by_handle.or_else(|| self.dirty_file(ino)) {
-            Some(fid) => fid,
-            None if size.is_some() => self.make_dirty(ino, size == Some(0)).await?,
-            None => return self.replace_metadata(ino, mode, uid, gid, mtime).await,
+        let mut attempts = 0;
+        let (fid, attr) = loop {
+            attempts += 1;
+            let fid = match by_handle.or_else(|| self.dirty_file(ino)) {
+                Some(fid) => fid,
+                None if size.is_some() => self.make_dirty(ino, size == Some(0)).await?,
+                None => return self.replace_metadata(ino, mode, uid, gid, mtime).await,
+            };
+            match dirty.set_attr(fid, size, mode, uid, gid, mtime) {
+                Ok(attr) => break (fid, attr),
+                // Dropped after its upload meanwhile: an object again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => continue,
+                Err(e) => return Err(e.into()),
+            }
         };
-        let attr = dirty.set_attr(fid, size, mode, uid, gid, mtime)?;
         let attr = self.namespace.refresh_dirty(ino, &attr);
         if let Some(key) = dirty.key_of(fid) {
             self.persist_and_queue(&key)?;

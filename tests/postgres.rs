@@ -25,15 +25,24 @@ fn pg_bin() -> Option<PathBuf> {
 
 /// Runs `args` as the `postgres` user; panics with the output (and keepfs's log) on failure.
 fn as_postgres(m: &Mount, args: &[&str]) -> Output {
+    as_postgres_or_show(m, args, None)
+}
+
+/// [`as_postgres`], showing the file `log` too on failure (the server's log).
+fn as_postgres_or_show(m: &Mount, args: &[&str], log: Option<&Path>) -> Output {
     let out = Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .args(args)
         .env("LC_ALL", "C")
         .output()
         .unwrap();
+    let server_log = log
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|l| tail(&l, 30))
+        .unwrap_or_default();
     assert!(
         out.status.success(),
-        "{args:?} failed:\n{}\n{}\n--- keepfs log (tail) ---\n{}",
+        "{args:?} failed:\n{}\n{}\n--- server log ---\n{server_log}\n--- keepfs log (tail) ---\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         tail(&m.log(), 60)
@@ -61,7 +70,7 @@ impl<'a> Postmaster<'a> {
             "-k {} -c listen_addresses='' -c shared_buffers=16MB",
             socket_dir.display()
         );
-        as_postgres(
+        as_postgres_or_show(
             m,
             &[
                 bin.join("pg_ctl").to_str().unwrap(),
@@ -76,6 +85,7 @@ impl<'a> Postmaster<'a> {
                 "120",
                 "start",
             ],
+            Some(&log),
         );
         Postmaster {
             bin,
@@ -158,11 +168,27 @@ fn postgres_initdb_pgbench_and_restart_from_s3() {
     let bucket = s.bucket("postgres");
     let cache = tempfile::tempdir().unwrap();
     let source = format!("s3://{bucket}");
-    let args = [
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
+    // The mount belongs to the database user, as an operator would set it up: directories
+    // need no marker metadata to show the owner and 0700 PostgreSQL insists on (s3s-fs can't
+    // keep directory markers' metadata).
+    let id = |flag: &str| {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (uid, gid) = (id("-u"), id("-g"));
+    let owner = [
+        "--uid",
+        &uid,
+        "--gid",
+        &gid,
+        "--dir-mode",
+        "700",
         "--allow-other",
     ];
+    let args = [&["--cache-dir", cache.path().to_str().unwrap()][..], &owner].concat();
     // The socket and server log live outside the mount, readable by postgres.
     let sockets = tempfile::Builder::new()
         .prefix("keepfs-pg-")
@@ -178,10 +204,6 @@ fn postgres_initdb_pgbench_and_restart_from_s3() {
     std::fs::create_dir(&pgdata).unwrap();
     Command::new("chown")
         .args(["postgres:postgres", pgdata.to_str().unwrap()])
-        .status()
-        .unwrap();
-    Command::new("chmod")
-        .args(["0700", pgdata.to_str().unwrap()])
         .status()
         .unwrap();
     as_postgres(
@@ -236,10 +258,18 @@ fn postgres_initdb_pgbench_and_restart_from_s3() {
     assert_eq!(history, "200");
     pg.stop(&m);
 
-    // A restart on the same cache directory, then from S3 alone.
+    // A restart on the same cache directory, then from S3 alone. PostgreSQL keeps empty
+    // directories (pg_notify, ...), which live on as `dir/` markers: s3s-fs never lists them.
     drop(m);
+    if s.kind == common::ServerKind::S3sFs {
+        common::skipped(
+            "PostgreSQL restart: s3s-fs can't keep empty directories (no marker listing); CI runs it on moto",
+        );
+        return;
+    }
     let m = Mount::new(&source, &args);
-    let mut pg = Postmaster::start(&bin, &m, pgdata.clone(), sockets.path());
+    let pgdata = m.path().join("pgdata");
+    let mut pg = Postmaster::start(&bin, &m, pgdata, sockets.path());
     assert_eq!(pg.sql(&m, "SELECT count(*) FROM acked"), "50");
     pg.stop(&m);
     let flushed = Command::new(common::keepfs_bin())
@@ -254,11 +284,7 @@ fn postgres_initdb_pgbench_and_restart_from_s3() {
     drop(m);
 
     let empty = tempfile::tempdir().unwrap();
-    let fresh = [
-        "--cache-dir",
-        empty.path().to_str().unwrap(),
-        "--allow-other",
-    ];
+    let fresh = [&["--cache-dir", empty.path().to_str().unwrap()][..], &owner].concat();
     let m = Mount::new(&source, &fresh);
     let pgdata = m.path().join("pgdata");
     let mut pg = Postmaster::start(&bin, &m, pgdata, sockets.path());

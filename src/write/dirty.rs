@@ -103,6 +103,12 @@ impl Table {
                 .collect(),
         };
         if file.handles > 0 {
+            tracing::debug!(
+                fid = file.fid,
+                handles = file.handles,
+                complete = file.data.coverage().complete(),
+                "file unlinked while open"
+            );
             // Its data file stays open through the handles; nothing acknowledged it any more.
             file.durable_size = 0;
             file.writers = file.writers.min(file.handles);
