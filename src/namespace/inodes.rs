@@ -35,6 +35,9 @@ pub struct Node {
     pub validated: Option<Instant>,
     /// ETag the last `open` saw; the kernel page cache is kept while it is unchanged.
     pub opened_etag: Option<String>,
+    /// Written (or renamed) by this mount: the versions S3 shows of it next are this mount's
+    /// own uploads, so a new ETag is the same inode.
+    pub written_here: bool,
     lookups: u64,
 }
 
@@ -74,7 +77,7 @@ fn same_inode(node: &Node, seen: &Seen) -> bool {
     if node.attr.kind != seen.attr.kind {
         return false;
     }
-    if node.attr.kind == NodeKind::Directory || !seen.from_server {
+    if node.attr.kind == NodeKind::Directory || !seen.from_server || node.written_here {
         return true;
     }
     match (version(&node.etag), version(&seen.etag)) {
@@ -95,6 +98,7 @@ impl InodeTable {
             from_head: true,
             validated: Some(Instant::now()),
             opened_etag: None,
+            written_here: false,
             // The kernel never forgets the root.
             lookups: 1,
         };
@@ -161,6 +165,7 @@ impl InodeTable {
                         from_head: false,
                         validated: None,
                         opened_etag: None,
+                        written_here: false,
                         lookups: 0,
                     },
                 );
@@ -185,7 +190,7 @@ impl InodeTable {
                 node.etag = seen.etag;
             }
         } else {
-            node.etag = None; // a local copy: its next upload is this inode's version
+            node.written_here = true; // a local copy: its uploads are this inode's versions
         }
         node.validated = seen.from_server.then_some(now);
         node.lookups += 1;
@@ -220,9 +225,9 @@ impl InodeTable {
         }
         node.path = path.to_owned();
         node.validated = None;
-        // Moved by this mount (a copy in S3 may have another ETag): the version found at the
-        // new name next is this inode's.
-        node.etag = None;
+        // Moved by this mount (a copy in S3 may have another ETag): the versions found at the
+        // new name are this inode's.
+        node.written_here = true;
         self.by_path.insert(path.to_owned(), ino);
     }
 
@@ -344,6 +349,53 @@ mod tests {
             Some(d),
             "old inode's forget keeps new"
         );
+    }
+
+    #[test]
+    fn a_new_version_is_a_new_inode_and_the_old_one_lives_on_unlinked() {
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let v1 = t.remember("f", seen(NodeKind::File, "e1", true, 0o644)).ino;
+        let v2 = t.remember("f", seen(NodeKind::File, "e2", true, 0o644)).ino;
+        assert_ne!(v1, v2, "another ETag is another inode");
+        assert!(
+            t.get(v1).is_some() && !t.is_linked(v1),
+            "old inode kept, unlinked"
+        );
+        assert!(t.is_linked(v2));
+        // The old version is never handed out again for the name.
+        assert_eq!(
+            t.remember("f", seen(NodeKind::File, "e2", false, 0o644))
+                .ino,
+            v2
+        );
+        // A file written here (no ETag) takes the version its upload produces.
+        let local = Seen {
+            attr: attr(NodeKind::File, 5, 0o600),
+            etag: None,
+            from_head: true,
+            from_server: false,
+        };
+        let w = t.remember("g", local).ino;
+        assert_eq!(
+            t.remember("g", seen(NodeKind::File, "up", true, 0o600)).ino,
+            w
+        );
+        assert_eq!(
+            t.remember("g", seen(NodeKind::File, "up2", true, 0o600))
+                .ino,
+            w,
+            "its later uploads too"
+        );
+        // Renamed: the inode moves, what was linked at the target is unlinked.
+        let a = t.remember("a", seen(NodeKind::File, "ea", true, 0o644)).ino;
+        let b = t.remember("b", seen(NodeKind::File, "eb", true, 0o644)).ino;
+        t.rename(a, "b");
+        assert!(t.is_linked(a) && !t.is_linked(b));
+        assert_eq!(t.find("b").map(|n| n.attr.ino), Some(a));
+        assert!(t.find("a").is_none());
+        // Forgetting the unlinked inode leaves the linked one alone.
+        assert!(t.forget(b, 1));
+        assert_eq!(t.find("b").map(|n| n.attr.ino), Some(a));
     }
 
     #[test]

@@ -219,8 +219,8 @@ impl<S: ObjectStore> Namespace<S> {
             Some(node) => {
                 node.attr = Attr { ino, ..seen.attr };
                 node.validated = None;
-                // Written here: the version S3 gets next is this inode's.
-                node.etag = None;
+                // Written here: the versions S3 gets are this inode's.
+                node.written_here = true;
                 node.attr.clone()
             }
             None => Attr { ino, ..seen.attr },
@@ -417,7 +417,8 @@ impl<S: ObjectStore> Namespace<S> {
         let seen = self.seen_object(meta, true);
         let mut table = self.table();
         let node = table.get_mut(ino)?;
-        if node.attr.kind != seen.attr.kind || !same_version(&node.etag, &meta.etag) {
+        let same = node.written_here || same_version(&node.etag, &meta.etag);
+        if node.attr.kind != seen.attr.kind || !same {
             return None;
         }
         node.attr = Attr { ino, ..seen.attr };

@@ -1039,6 +1039,40 @@ mod tests {
     }
 
     #[test]
+    fn handles_follow_renames_and_keep_unlinked_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let (dirty, _) = DirtyFiles::open(&cache).unwrap();
+        dirty.create("log", attr(), None, b"one ").unwrap();
+        let fid = dirty.id_of("log").unwrap();
+        dirty.opened(fid, true).unwrap();
+        assert!(dirty.rename("log", "log.1", None).unwrap());
+        dirty.write(fid, 4, b"two").unwrap();
+        assert_eq!(dirty.key_of(fid).as_deref(), Some("log.1"));
+        dirty.persist_id(fid).unwrap();
+        assert_eq!(dirty.released(fid, true).as_deref(), Some("log.1"));
+        assert_eq!(
+            dirty.data("log.1").unwrap().read(0, 100).unwrap(),
+            b"one two"
+        );
+
+        // Unlinked while open: readable and writable until the last handle, never journalled.
+        dirty.create("pid", attr(), None, b"12").unwrap();
+        let pid = dirty.id_of("pid").unwrap();
+        let data = dirty.opened(pid, true).unwrap();
+        assert!(dirty.remove("pid"));
+        dirty.write(pid, 2, b"34").unwrap();
+        dirty.persist_id(pid).unwrap();
+        assert_eq!(dirty.attr_of(pid).map(|a| a.size), Some(4));
+        assert_eq!(data.read(0, 10).unwrap(), b"1234");
+        assert_eq!(dirty.released(pid, true), None);
+        assert!(dirty.attr_of(pid).is_none(), "gone with its last handle");
+        let (reopened, pending) = DirtyFiles::open(&cache).unwrap();
+        assert_eq!(pending, vec!["log.1".to_string()]);
+        assert!(reopened.attr("pid").is_none());
+    }
+
+    #[test]
     fn upload_outcomes() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = CacheDir::open(tmp.path()).unwrap();
