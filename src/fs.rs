@@ -55,9 +55,9 @@ fn file_attr(attr: &Attr) -> FileAttr {
         ino: INodeNo(attr.ino),
         size: attr.size,
         blocks: attr.size.div_ceil(512),
-        atime: attr.mtime,
+        atime: attr.atime,
         mtime: attr.mtime,
-        ctime: attr.mtime,
+        ctime: attr.ctime,
         crtime: attr.mtime,
         kind,
         perm: attr.perm,
@@ -184,8 +184,17 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         self.spawn(move |fs| async move {
             let result = fs.getattr(ino.0, fh.map(|fh| fh.0)).await;
-            tracing::trace!(ino = ino.0, ?fh, ?result, "getattr");
-            reply_attr(reply, fs.ttl(), result);
+            match result {
+                Ok(attr) => {
+                    let mut attr = file_attr(&attr);
+                    // Unlinked (or renamed over) and still open: no name links to it.
+                    if attr.kind != FileType::Directory && !fs.namespace.is_linked(ino.0) {
+                        attr.nlink = 0;
+                    }
+                    reply.attr(&fs.ttl(), &attr);
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
         });
     }
 
@@ -222,13 +231,12 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             Ok(w) => w,
             Err(e) => return reply.error(errno(&e)),
         };
-        let attr = DirtyAttr {
-            size: 0,
-            mode: libc::S_IFREG | (mode & !umask & 0o7777),
-            uid: req.uid(),
-            gid: req.gid(),
-            mtime: std::time::SystemTime::now(),
-        };
+        let attr = DirtyAttr::new(
+            libc::S_IFREG | (mode & !umask & 0o7777),
+            req.uid(),
+            req.gid(),
+            std::time::SystemTime::now(),
+        );
         let created = fs.namespace.create_file(parent.0, name, |key| {
             writes.dirty.create(key, attr, None, &[])
         });
@@ -277,13 +285,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         // A regular file: an empty written file, durable (journalled) when mknod returns.
         let fs = &self.inner;
         let result = fs.new_writes().and_then(|writes| {
-            let attr = DirtyAttr {
-                size: 0,
-                mode: libc::S_IFREG | perm,
-                uid,
-                gid,
-                mtime: std::time::SystemTime::now(),
-            };
+            let attr = DirtyAttr::new(libc::S_IFREG | perm, uid, gid, std::time::SystemTime::now());
             let (key, attr) = fs.namespace.create_file(parent.0, &name, |key| {
                 writes.dirty.create(key, attr, None, &[])
             })?;
@@ -362,7 +364,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
         fh: Option<FileHandle>,
@@ -372,13 +374,16 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let mtime = mtime.map(|t| match t {
+        let time = |t: TimeOrNow| match t {
             TimeOrNow::SpecificTime(t) => t,
             TimeOrNow::Now => std::time::SystemTime::now(),
-        });
+        };
+        let (mtime, atime) = (mtime.map(time), atime.map(time));
         self.spawn(move |fs| async move {
             let fh = fh.map(|fh| fh.0);
-            let result = fs.setattr(ino.0, fh, mode, uid, gid, size, mtime).await;
+            let result = fs
+                .setattr(ino.0, fh, mode, uid, gid, size, mtime, atime)
+                .await;
             reply_attr(reply, fs.ttl(), result);
         });
     }

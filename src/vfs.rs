@@ -14,6 +14,7 @@ use crate::config::Durability;
 use crate::error::FsError;
 use crate::namespace::{
     Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, stored_metadata, stored_metadata_of,
+    with_times,
 };
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::{ObjectStore, Precondition};
@@ -329,6 +330,8 @@ impl<S: ObjectStore> Vfs<S> {
             uid: attr.uid,
             gid: attr.gid,
             mtime: attr.mtime,
+            atime: attr.atime,
+            ctime: attr.ctime,
         };
         let fid = writes.dirty.unlinked_copy(data, dirty_attr);
         let mut pinned = lock(&self.pinned);
@@ -483,7 +486,7 @@ impl<S: ObjectStore> Vfs<S> {
             let opened = match self.dirty_file(ino) {
                 Some(fid) => self.local_handle(ino, fid, true).and_then(|fh| {
                     if truncate {
-                        let attr = dirty.set_attr(fid, Some(0), None, None, None, None)?;
+                        let attr = dirty.set_attr(fid, Some(0), None, None, None, None, None)?;
                         self.namespace.refresh_dirty(ino, &attr);
                     }
                     Ok(fh)
@@ -508,10 +511,10 @@ impl<S: ObjectStore> Vfs<S> {
         let _one_at_a_time = self.dirtying.lock().await;
         if let Some(fid) = self.dirty_file(ino) {
             if empty {
-                let attr = self
-                    .writes()?
-                    .dirty
-                    .set_attr(fid, Some(0), None, None, None, None)?;
+                let attr =
+                    self.writes()?
+                        .dirty
+                        .set_attr(fid, Some(0), None, None, None, None, None)?;
                 self.namespace.refresh_dirty(ino, &attr);
             }
             return Ok(fid);
@@ -528,6 +531,12 @@ impl<S: ObjectStore> Vfs<S> {
                 std::time::SystemTime::now()
             } else {
                 attr.mtime
+            },
+            atime: attr.atime,
+            ctime: if empty {
+                std::time::SystemTime::now()
+            } else {
+                attr.ctime
             },
         };
         let key = opened.key;
@@ -656,9 +665,14 @@ impl<S: ObjectStore> Vfs<S> {
         gid: Option<u32>,
         size: Option<u64>,
         mtime: Option<std::time::SystemTime>,
+        atime: Option<std::time::SystemTime>,
     ) -> Result<Attr, FsError> {
-        let nothing_to_change =
-            mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && mtime.is_none();
+        let nothing_to_change = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && mtime.is_none()
+            && atime.is_none();
         if nothing_to_change {
             return self.getattr(ino, fh).await;
         }
@@ -672,9 +686,13 @@ impl<S: ObjectStore> Vfs<S> {
             let fid = match by_handle.or_else(|| self.dirty_file(ino)) {
                 Some(fid) => fid,
                 None if size.is_some() => self.make_dirty(ino, size == Some(0)).await?,
-                None => return self.replace_metadata(ino, mode, uid, gid, mtime).await,
+                None => {
+                    return self
+                        .replace_metadata(ino, mode, uid, gid, mtime, atime)
+                        .await;
+                }
             };
-            match dirty.set_attr(fid, size, mode, uid, gid, mtime) {
+            match dirty.set_attr(fid, size, mode, uid, gid, mtime, atime) {
                 Ok(attr) => break (fid, attr),
                 // Dropped after its upload meanwhile: an object again.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => continue,
@@ -697,6 +715,7 @@ impl<S: ObjectStore> Vfs<S> {
         uid: Option<u32>,
         gid: Option<u32>,
         mtime: Option<std::time::SystemTime>,
+        atime: Option<std::time::SystemTime>,
     ) -> Result<Attr, FsError> {
         let attr = self.namespace.getattr(ino).await?;
         let changed = Attr {
@@ -704,14 +723,20 @@ impl<S: ObjectStore> Vfs<S> {
             uid: uid.unwrap_or(attr.uid),
             gid: gid.unwrap_or(attr.gid),
             mtime: mtime.unwrap_or(attr.mtime),
+            atime: atime.unwrap_or(attr.atime),
+            ctime: std::time::SystemTime::now(),
             ..attr.clone()
         };
-        let metadata = stored_metadata_of(
-            attr.kind,
-            u32::from(changed.perm),
-            changed.uid,
-            changed.gid,
-            changed.mtime,
+        let metadata = with_times(
+            stored_metadata_of(
+                attr.kind,
+                u32::from(changed.perm),
+                changed.uid,
+                changed.gid,
+                changed.mtime,
+            ),
+            changed.atime,
+            changed.ctime,
         );
         if attr.kind == NodeKind::Directory {
             if ino == crate::namespace::ROOT_INO {
@@ -769,6 +794,8 @@ impl<S: ObjectStore> Vfs<S> {
             kind: NodeKind::Directory,
             size: 0,
             mtime: now,
+            atime: now,
+            ctime: now,
             perm: (mode & 0o7777) as u16,
             uid: req_uid,
             gid: req_gid,
@@ -859,7 +886,7 @@ impl<S: ObjectStore> Vfs<S> {
         let end = offset.checked_add(length).ok_or(FsError::InvalidArgument)?;
         let size = dirty.attr_of(fid).ok_or(FsError::NotFound)?.size;
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
-            let attr = dirty.set_attr(fid, Some(end), None, None, None, None)?;
+            let attr = dirty.set_attr(fid, Some(end), None, None, None, None, None)?;
             self.namespace.refresh_dirty(ino, &attr);
         }
         Ok(())

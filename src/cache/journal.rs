@@ -39,6 +39,12 @@ pub struct FileRecord {
     pub uid: u32,
     pub gid: u32,
     pub mtime_ns: i128,
+    /// Last access, ns since the epoch (absent in records written before keepfs kept it).
+    #[serde(default)]
+    pub atime_ns: Option<i128>,
+    /// Last change, ns since the epoch (absent in older records, like `atime_ns`).
+    #[serde(default)]
+    pub ctime_ns: Option<i128>,
     /// ETag of the object the local copy started from (`None` for a new file).
     pub base_etag: Option<String>,
     /// Which bytes the data file holds (absent in records of complete files).
@@ -193,6 +199,8 @@ mod tests {
             uid: 1,
             gid: 2,
             mtime_ns: 1_700_000_000_123_456_789,
+            atime_ns: None,
+            ctime_ns: Some(1_700_000_000_123_456_789),
             base_etag: Some("\"abc\"".into()),
             coverage: Coverage::default(),
             origin: Some(7),

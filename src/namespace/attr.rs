@@ -48,6 +48,10 @@ pub struct Attr {
     pub kind: NodeKind,
     pub size: u64,
     pub mtime: SystemTime,
+    /// Last access as set by `utimensat` (reads don't change it: as with `noatime`).
+    pub atime: SystemTime,
+    /// Last change of data or metadata.
+    pub ctime: SystemTime,
     /// Permission bits only (`0o7777`).
     pub perm: u16,
     pub uid: u32,
@@ -70,6 +74,8 @@ const META_MODE: &str = "mode";
 const META_UID: &str = "uid";
 const META_GID: &str = "gid";
 const META_MTIME: &str = "mtime";
+const META_ATIME: &str = "atime";
+const META_CTIME: &str = "ctime";
 /// Device number of a device node (s3fs-fuse's `x-amz-meta-rdev`).
 const META_RDEV: &str = "rdev";
 
@@ -97,6 +103,18 @@ pub fn stored_metadata(
         (META_GID.to_owned(), gid.to_string()),
         (META_MTIME.to_owned(), format_mtime(mtime)),
     ])
+}
+
+/// Adds `x-amz-meta-atime` and `-ctime` (s3fs-fuse's names, same format as mtime) to
+/// `meta`.
+pub fn with_times(
+    mut meta: std::collections::HashMap<String, String>,
+    atime: SystemTime,
+    ctime: SystemTime,
+) -> std::collections::HashMap<String, String> {
+    meta.insert(META_ATIME.to_owned(), format_mtime(atime));
+    meta.insert(META_CTIME.to_owned(), format_mtime(ctime));
+    meta
 }
 
 /// [`stored_metadata`] of a node of `kind`: a device node's number is kept too.
@@ -139,6 +157,8 @@ impl Defaults {
             kind: NodeKind::Directory,
             size: 0,
             mtime: self.mount_time,
+            atime: self.mount_time,
+            ctime: self.mount_time,
             perm: self.dir_mode,
             uid: self.uid,
             gid: self.gid,
@@ -157,6 +177,16 @@ impl Defaults {
             },
             mtime: if has(META_MTIME) {
                 file.mtime
+            } else {
+                self.mount_time
+            },
+            atime: if has(META_ATIME) || has(META_MTIME) {
+                file.atime
+            } else {
+                self.mount_time
+            },
+            ctime: if has(META_CTIME) || has(META_MTIME) {
+                file.ctime
             } else {
                 self.mount_time
             },
@@ -182,14 +212,15 @@ impl Defaults {
             // only prefixes and `dir/` markers are directories here.
             Some(S_IFDIR) | Some(_) | None => NodeKind::File,
         };
+        let time = |name: &str| md.get(name).and_then(|v| parse_mtime(v));
+        let mtime = time(META_MTIME).unwrap_or(meta.last_modified);
         Attr {
             ino,
             kind,
             size: meta.size,
-            mtime: md
-                .get(META_MTIME)
-                .and_then(|v| parse_mtime(v))
-                .unwrap_or(meta.last_modified),
+            mtime,
+            atime: time(META_ATIME).unwrap_or(mtime),
+            ctime: time(META_CTIME).unwrap_or(mtime),
             perm: mode.map(|m| (m & 0o7777) as u16).unwrap_or(self.file_mode),
             uid: number(META_UID).unwrap_or(self.uid),
             gid: number(META_GID).unwrap_or(self.gid),

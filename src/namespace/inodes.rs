@@ -300,6 +300,8 @@ mod tests {
             kind,
             size,
             mtime: SystemTime::UNIX_EPOCH,
+            atime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
             perm,
             uid: 0,
             gid: 0,

@@ -13,7 +13,9 @@ use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use attr::{Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata, stored_metadata_of};
+pub use attr::{
+    Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata, stored_metadata_of, with_times,
+};
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen};
 pub use names::normalize_prefix;
@@ -114,6 +116,8 @@ impl<S: ObjectStore> Namespace<S> {
                 kind: NodeKind::File,
                 size: attr.size,
                 mtime: attr.mtime,
+                atime: attr.atime,
+                ctime: attr.ctime,
                 perm: (attr.mode & 0o7777) as u16,
                 uid: attr.uid,
                 gid: attr.gid,

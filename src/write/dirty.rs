@@ -27,6 +27,25 @@ pub struct DirtyAttr {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    /// Last access as set by `utimensat`.
+    pub atime: SystemTime,
+    /// Last change of data or metadata (the time of the last write, rename or setattr).
+    pub ctime: SystemTime,
+}
+
+impl DirtyAttr {
+    /// Attributes of a file made now: every time is `now`.
+    pub fn new(mode: u32, uid: u32, gid: u32, now: SystemTime) -> Self {
+        DirtyAttr {
+            size: 0,
+            mode,
+            uid,
+            gid,
+            mtime: now,
+            atime: now,
+            ctime: now,
+        }
+    }
 }
 
 /// Identity of a dirty file for its open handles, stable across renames (the data file id
@@ -264,6 +283,9 @@ impl DirtyFiles {
                 uid: record.uid,
                 gid: record.gid,
                 mtime: from_ns(record.mtime_ns),
+                // Older records carry no atime/ctime: the mtime stands in.
+                atime: from_ns(record.atime_ns.unwrap_or(record.mtime_ns)),
+                ctime: from_ns(record.ctime_ns.unwrap_or(record.mtime_ns)),
             };
             let durable_size = record.size;
             let older = files.insert(
@@ -623,6 +645,7 @@ impl DirtyFiles {
         self.with_id(fid, |f, _| {
             f.attr.size = f.attr.size.max(offset + bytes.len() as u64);
             f.attr.mtime = SystemTime::now();
+            f.attr.ctime = f.attr.mtime;
             f.generation += 1;
             Ok(())
         })
@@ -638,7 +661,8 @@ impl DirtyFiles {
     }
 
     /// Applies a `setattr` to file `fid`: size (truncate or extend with zeros), mode bits,
-    /// owner, mtime.
+    /// owner, mtime, atime. Any change sets ctime to now.
+    #[allow(clippy::too_many_arguments)]
     pub fn set_attr(
         &self,
         fid: FileId,
@@ -647,14 +671,18 @@ impl DirtyFiles {
         uid: Option<u32>,
         gid: Option<u32>,
         mtime: Option<SystemTime>,
+        atime: Option<SystemTime>,
     ) -> io::Result<DirtyAttr> {
         self.with_id(fid, |f, _| {
+            let now = SystemTime::now();
             if let Some(size) = size {
                 self.protect_acknowledged(f, size)?;
                 f.data.set_len(size)?;
                 f.attr.size = size;
-                f.attr.mtime = SystemTime::now();
+                f.attr.mtime = now;
             }
+            f.attr.ctime = now;
+            f.attr.atime = atime.unwrap_or(f.attr.atime);
             if let Some(perm) = perm {
                 f.attr.mode = (f.attr.mode & !0o7777) | (perm & 0o7777);
             }
@@ -681,6 +709,8 @@ impl DirtyFiles {
                     uid: f.attr.uid,
                     gid: f.attr.gid,
                     mtime_ns: to_ns(f.attr.mtime),
+                    atime_ns: Some(to_ns(f.attr.atime)),
+                    ctime_ns: Some(to_ns(f.attr.ctime)),
                     base_etag: None,
                     coverage: Coverage::default(),
                     origin: Some(f.origin),
@@ -950,13 +980,12 @@ mod tests {
     use super::*;
 
     fn attr() -> DirtyAttr {
-        DirtyAttr {
-            size: 0,
-            mode: libc::S_IFREG | 0o644,
-            uid: 1,
-            gid: 2,
-            mtime: SystemTime::UNIX_EPOCH + Duration::from_secs(5),
-        }
+        DirtyAttr::new(
+            libc::S_IFREG | 0o644,
+            1,
+            2,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(5),
+        )
     }
 
     #[test]
@@ -1003,7 +1032,7 @@ mod tests {
             // Reopened and changed in place, then a crash before close: not acknowledged.
             dirty.write(fid, 0, b"HELLO").unwrap();
             dirty
-                .set_attr(fid, Some(8), None, None, None, None)
+                .set_attr(fid, Some(8), None, None, None, None, None)
                 .unwrap();
             assert_eq!(data.read(0, 100).unwrap(), b"HELLO wo");
             assert_eq!(files_on_disk(&cache), (2, 1), "a copy beside the original");

@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::dirty::{DirtyFiles, UploadOutcome, UploadSnapshot};
 use super::resume::{self, PendingUpload};
-use crate::namespace::stored_metadata;
+use crate::namespace::{stored_metadata, with_times};
 use crate::store::{ObjectStore, Precondition, StoreError};
 
 /// Upload tuning.
@@ -278,7 +278,11 @@ const ORIGIN: &str = "keepfs-origin";
 
 fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
     let attr = &snapshot.attr;
-    let mut meta = stored_metadata(attr.mode, attr.uid, attr.gid, attr.mtime);
+    let mut meta = with_times(
+        stored_metadata(attr.mode, attr.uid, attr.gid, attr.mtime),
+        attr.atime,
+        attr.ctime,
+    );
     meta.insert(ORIGIN.to_owned(), format!("{:016x}", snapshot.origin));
     meta
 }
