@@ -247,6 +247,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     Ok(fh) => fh,
                     Err(e) => return reply.error(errno(&e)),
                 };
+                fs.namespace.touch_dir(parent.0);
                 reply.created(
                     &fs.ttl(),
                     &file_attr(&attr),
@@ -276,6 +277,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 let result = fs
                     .mknod_special(uid, gid, parent.0, &name, kind, perm)
                     .await;
+                if result.is_ok() {
+                    fs.namespace.touch_dir(parent.0);
+                }
                 reply_entry(reply, fs.ttl(), result);
             });
         }
@@ -290,6 +294,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 writes.dirty.create(key, attr, None, &[])
             })?;
             fs.persist_and_queue(&key)?;
+            fs.namespace.touch_dir(parent.0);
             Ok(attr)
         });
         reply_entry(reply, fs.ttl(), result);
@@ -390,7 +395,13 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(move |fs| async move { reply_unit(reply, fs.unlink(parent.0, &name).await) });
+        self.spawn(move |fs| async move {
+            let result = fs.unlink(parent.0, &name).await;
+            if result.is_ok() {
+                fs.namespace.touch_dir(parent.0);
+            }
+            reply_unit(reply, result);
+        });
     }
 
     fn rename(
@@ -412,6 +423,10 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             let result = fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace)
                 .await;
+            if result.is_ok() {
+                fs.namespace.touch_dir(parent.0);
+                fs.namespace.touch_dir(newparent.0);
+            }
             reply_unit(reply, result);
         });
     }
@@ -428,13 +443,22 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
         self.spawn(move |fs| async move {
             let result = fs.mkdir(uid, gid, parent.0, &name, mode & !umask).await;
+            if result.is_ok() {
+                fs.namespace.touch_dir(parent.0);
+            }
             reply_entry(reply, fs.ttl(), result);
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(move |fs| async move { reply_unit(reply, fs.rmdir(parent.0, &name).await) });
+        self.spawn(move |fs| async move {
+            let result = fs.rmdir(parent.0, &name).await;
+            if result.is_ok() {
+                fs.namespace.touch_dir(parent.0);
+            }
+            reply_unit(reply, result);
+        });
     }
 
     fn symlink(
@@ -449,6 +473,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let (name, target) = (link_name.to_owned(), target.to_owned());
         self.spawn(move |fs| async move {
             let result = fs.symlink(uid, gid, parent.0, &name, &target).await;
+            if result.is_ok() {
+                fs.namespace.touch_dir(parent.0);
+            }
             reply_entry(reply, fs.ttl(), result);
         });
     }

@@ -556,14 +556,12 @@ impl<S: ObjectStore> Vfs<S> {
                 && *file.reader.object().key == *key
                 && *file.reader.object().etag == *base_etag
                 && dirty.opened(fid, false).is_ok()
-            {
-                if file
+                && file
                     .detached
                     .set(Detached::Written(fid, data.clone()))
                     .is_err()
-                {
-                    dirty.released(fid, false);
-                }
+            {
+                dirty.released(fid, false);
             }
         }
         Ok(fid)

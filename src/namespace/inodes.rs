@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use super::attr::{Attr, NodeKind};
 
@@ -55,6 +55,9 @@ pub struct Seen {
 pub struct InodeTable {
     nodes: HashMap<u64, Node>,
     by_path: HashMap<String, u64>,
+    /// When entries were last added to or removed from each directory this mount changed:
+    /// its mtime and ctime (kept in memory, see [`InodeTable::touch_dir`]).
+    dir_changes: HashMap<String, SystemTime>,
 }
 
 fn hashed_ino(path: &str, kind: NodeKind, etag: Option<&str>) -> u64 {
@@ -105,6 +108,7 @@ impl InodeTable {
         Self {
             nodes: HashMap::from([(ROOT_INO, root)]),
             by_path: HashMap::from([(String::new(), ROOT_INO)]),
+            dir_changes: HashMap::new(),
         }
     }
 
@@ -185,6 +189,13 @@ impl InodeTable {
             node.from_head = seen.from_head;
         }
         node.attr.ino = ino;
+        if node.attr.kind == NodeKind::Directory
+            && let Some(changed) = self.dir_changes.get(path)
+            && *changed > node.attr.mtime
+        {
+            node.attr.mtime = *changed;
+            node.attr.ctime = *changed;
+        }
         if seen.from_server {
             if version(&seen.etag).is_some() {
                 node.etag = seen.etag;
@@ -195,6 +206,21 @@ impl InodeTable {
         node.validated = seen.from_server.then_some(now);
         node.lookups += 1;
         node.attr.clone()
+    }
+
+    /// Records that an entry was added to or removed from directory `path` at `when`: its
+    /// mtime and ctime from now on, for as long as the mount lives. Not persisted: directories
+    /// have no object of their own to hold it (a marker rewrite per create would double the
+    /// requests of small-file workloads), so after a restart they show their marker's or the
+    /// mount's time again.
+    pub fn touch_dir(&mut self, path: &str, when: SystemTime) {
+        self.dir_changes.insert(path.to_owned(), when);
+        if let Some(ino) = self.by_path.get(path)
+            && let Some(node) = self.nodes.get_mut(ino)
+        {
+            node.attr.mtime = when;
+            node.attr.ctime = when;
+        }
     }
 
     /// Adds one kernel reference to an existing node.
@@ -292,7 +318,6 @@ impl InodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
 
     fn attr(kind: NodeKind, size: u64, perm: u16) -> Attr {
         Attr {

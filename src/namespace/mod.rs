@@ -138,6 +138,14 @@ impl<S: ObjectStore> Namespace<S> {
         (kind == NodeKind::File && self.dirty_attr(&key).is_some()).then_some(key)
     }
 
+    /// Records that an entry was added to or removed from directory `ino` now (see
+    /// [`InodeTable::touch_dir`]).
+    pub fn touch_dir(&self, ino: u64) {
+        if let Ok((path, NodeKind::Directory)) = self.path_of(ino) {
+            self.table().touch_dir(&path, std::time::SystemTime::now());
+        }
+    }
+
     /// Whether `ino` is still linked at its name (not unlinked, renamed over or replaced).
     pub fn is_linked(&self, ino: u64) -> bool {
         self.table().is_linked(ino)

@@ -182,7 +182,7 @@ impl DirtyFile {
 enum Journalled {
     #[default]
     Nothing,
-    Record(FileRecord),
+    Record(Box<FileRecord>),
     /// The file is gone: nothing may write its record again.
     Discarded,
 }
@@ -299,7 +299,7 @@ impl DirtyFiles {
                     writers: 0,
                     generation: 0,
                     in_s3: None,
-                    record: Arc::new(Mutex::new(Journalled::Record(record_copy))),
+                    record: Arc::new(Mutex::new(Journalled::Record(Box::new(record_copy)))),
                     durable_size,
                     retired: Vec::new(),
                     origin: record.origin.unwrap_or_else(new_origin),
@@ -736,7 +736,7 @@ impl DirtyFiles {
                 }
             })
             .unwrap_or_default();
-        *journalled = Journalled::Record(record);
+        *journalled = Journalled::Record(Box::new(record));
         drop(journalled);
         for id in retired {
             self.remove_record_and_data(id);
