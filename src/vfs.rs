@@ -588,14 +588,51 @@ impl<S: ObjectStore> Vfs<S> {
                 .dirty
                 .key_of(fid)
                 .ok_or_else(|| FsError::Local(format!("file {fid}: base object gone"), None))?;
-            let etag = data
-                .base_etag()
-                .ok_or_else(|| FsError::Local(format!("{key}: base object unknown"), None))?;
-            fetch_missing(&*self.store, &key, &etag, data, wide)
-                .await
-                .map_err(|e| FsError::store(&key, e))?;
+            self.fetch_base(&key, data, wide).await?;
         }
         Ok(data.read(offset, u64::from(size))?)
+    }
+
+    /// Fetches the bytes of `range` that local copy `data` of `key` still lacks from its base
+    /// object. If S3 holds another version than the recorded base and that version is this
+    /// file's own upload (a crash kept its completion out of the journal), its bytes are the
+    /// same there: it becomes the base and the fetch is retried.
+    async fn fetch_base(
+        &self,
+        key: &str,
+        data: &LocalData,
+        range: std::ops::Range<u64>,
+    ) -> Result<(), FsError> {
+        let Some(etag) = data.base_etag() else {
+            return Ok(()); // a new file: nothing is in S3
+        };
+        match fetch_missing(&*self.store, key, &etag, data, range.clone()).await {
+            Err(crate::store::StoreError::PreconditionFailed) => {
+                let dirty = &self.writes()?.dirty;
+                let current = dirty.data(key).ok();
+                if !current.is_some_and(|d| std::ptr::eq(Arc::as_ptr(&d), data)) {
+                    // Uploaded and dropped meanwhile (the upload replaced the base): S3 has
+                    // the whole file now, nothing local is left to complete.
+                    return Ok(());
+                }
+                let origin = dirty.origin_of(key);
+                let own = match origin {
+                    Some(origin) => {
+                        crate::write::upload::own_version(&*self.store, key, origin).await
+                    }
+                    None => None,
+                };
+                let (Some(origin), Some(own)) = (origin, own) else {
+                    let changed = crate::store::StoreError::PreconditionFailed;
+                    return Err(FsError::store(key, changed));
+                };
+                dirty.adopt(key, origin, &own);
+                fetch_missing(&*self.store, key, &own, data, range)
+                    .await
+                    .map_err(|e| FsError::store(key, e))
+            }
+            result => result.map_err(|e| FsError::store(key, e)),
+        }
     }
 
     /// Fetches everything of `key`'s local copy that is still the base object's.
@@ -604,13 +641,7 @@ impl<S: ObjectStore> Vfs<S> {
         let Ok(data) = dirty.data(key) else {
             return Ok(());
         };
-        let Some(etag) = data.base_etag() else {
-            return Ok(());
-        };
-        fetch_missing(&*self.store, key, &etag, &data, 0..u64::MAX)
-            .await
-            .map_err(|e| FsError::store(key, e))?;
-        Ok(())
+        self.fetch_base(key, &data, 0..u64::MAX).await
     }
 
     /// Makes file `fid` durable (close, fsync): on the cache disk, off the async workers, and

@@ -584,6 +584,11 @@ impl DirtyFiles {
         fid
     }
 
+    /// The lineage (see [`FileRecord::origin`]) of the file linked at `key`.
+    pub fn origin_of(&self, key: &str) -> Option<u64> {
+        self.files().get(key).map(|f| f.origin)
+    }
+
     /// The file linked at `key` now.
     pub fn id_of(&self, key: &str) -> Option<FileId> {
         self.files().get(key).map(|f| f.fid)
@@ -782,11 +787,11 @@ impl DirtyFiles {
 
     /// S3 holds version `etag` of this file's own lineage (an upload whose completion a crash
     /// kept out of the journal): make it the base, as a finished upload would have.
-    pub fn adopt(&self, snapshot: &UploadSnapshot, etag: &str) {
+    pub fn adopt(&self, key: &str, origin: u64, etag: &str) {
         let journalled = {
             let files = self.files();
-            match files.get(&snapshot.key) {
-                Some(f) if f.origin == snapshot.origin => {
+            match files.get(key) {
+                Some(f) if f.origin == origin => {
                     f.data.set_base_etag(Some(etag.to_owned()));
                     f.record.clone()
                 }
@@ -797,7 +802,7 @@ impl DirtyFiles {
         if let Journalled::Record(record) = &mut *journalled {
             record.base_etag = Some(etag.to_owned());
             if let Err(e) = self.journal.put(record) {
-                tracing::error!(key = snapshot.key, error = %e, "could not record the new base version");
+                tracing::error!(key, error = %e, "could not record the new base version");
             }
         }
     }

@@ -455,7 +455,7 @@ async fn upload_resolving_conflict<S: ObjectStore>(
                     key = snapshot.key,
                     "S3 holds an earlier upload of this file; replacing it"
                 );
-                sender.dirty.adopt(snapshot, &etag);
+                sender.dirty.adopt(&snapshot.key, snapshot.origin, &etag);
                 let adopted = snapshot.with_base(etag);
                 return match upload_once(sender, &adopted).await {
                     Err(UploadError::Conflict) => upload_conflict_copy(sender, snapshot).await,
@@ -471,8 +471,15 @@ async fn upload_resolving_conflict<S: ObjectStore>(
 /// The ETag of the object at the snapshot's key if it was uploaded from the same local file
 /// (same lineage), else `None`.
 async fn own_upload<S: ObjectStore>(store: &S, snapshot: &UploadSnapshot) -> Option<String> {
-    let meta = store.head(&snapshot.key).await.ok()?;
-    let origin = format!("{:016x}", snapshot.origin);
+    own_version(store, &snapshot.key, snapshot.origin).await
+}
+
+/// The ETag of the object at `key` if it is an upload of the local file of lineage `origin`
+/// (its `x-amz-meta-keepfs-origin`): an upload whose completion a crash kept out of the
+/// journal, whose bytes are the file's own.
+pub async fn own_version<S: ObjectStore>(store: &S, key: &str, origin: u64) -> Option<String> {
+    let meta = store.head(key).await.ok()?;
+    let origin = format!("{origin:016x}");
     (meta.user_metadata.get(ORIGIN) == Some(&origin)).then_some(meta.etag)
 }
 
