@@ -371,3 +371,210 @@ fn a_reader_sees_what_another_descriptor_writes_to_the_same_file() {
         Some(&b"a\nb\nc\n"[..])
     );
 }
+
+#[test]
+fn special_files_and_timestamps_survive_a_remount_from_s3() {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::UnixListener;
+    let s = server();
+    let bucket = s.bucket("special");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    let path = |name: &str| m.path().join(name);
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo/mknod with valid NUL-terminated paths; results checked.
+    unsafe {
+        assert_eq!(libc::mkfifo(c(&path("fifo")).as_ptr(), 0o640), 0);
+        let dev = libc::makedev(1, 3);
+        assert_eq!(
+            libc::mknod(c(&path("null")).as_ptr(), libc::S_IFCHR | 0o600, dev),
+            0,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(
+            libc::mknod(
+                c(&path("blk")).as_ptr(),
+                libc::S_IFBLK | 0o600,
+                libc::makedev(7, 0)
+            ),
+            0
+        );
+        assert_eq!(
+            libc::mknod(c(&path("plain")).as_ptr(), libc::S_IFREG | 0o644, 0),
+            0
+        );
+    }
+    drop(UnixListener::bind(path("sock")).unwrap());
+    // Times with nanoseconds, atime apart from mtime, one past 2038.
+    let file = path("timed");
+    fs::write(&file, b"x").unwrap();
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000_001,
+            tv_nsec: 123_456_789,
+        },
+        libc::timespec {
+            tv_sec: 4_102_444_800, // 2100-01-01
+            tv_nsec: 987_654_321,
+        },
+    ];
+    // SAFETY: utimensat on a valid path with two valid timespecs.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c(&file).as_ptr(), times.as_ptr(), 0) },
+        0
+    );
+    let before = fs::metadata(&file).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let after = fs::metadata(&file).unwrap();
+    assert!(
+        (after.ctime(), after.ctime_nsec()) > (before.ctime(), before.ctime_nsec()),
+        "chmod changes ctime"
+    );
+    let check = |root: &std::path::Path| {
+        let meta = |n: &str| fs::symlink_metadata(root.join(n)).unwrap();
+        assert!(meta("fifo").file_type().is_fifo());
+        assert!(meta("sock").file_type().is_socket());
+        assert!(meta("null").file_type().is_char_device());
+        assert_eq!(meta("null").rdev(), libc::makedev(1, 3));
+        assert!(meta("blk").file_type().is_block_device());
+        assert_eq!(meta("blk").rdev(), libc::makedev(7, 0));
+        assert!(meta("plain").file_type().is_file());
+        assert_eq!(meta("fifo").mode() & 0o7777, 0o640);
+        let t = meta("timed");
+        assert_eq!((t.atime(), t.atime_nsec()), (1_000_000_001, 123_456_789));
+        assert_eq!((t.mtime(), t.mtime_nsec()), (4_102_444_800, 987_654_321));
+        assert_eq!(t.mode() & 0o7777, 0o600);
+    };
+    check(m.path());
+    flush(&m);
+    drop(m);
+    let empty = tempfile::tempdir().unwrap();
+    let m = Mount::new(
+        &format!("s3://{bucket}"),
+        &["--cache-dir", empty.path().to_str().unwrap()],
+    );
+    check(m.path());
+}
+
+/// What happens to a file while a descriptor has it open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    Rename,
+    Unlink,
+    RenameOver,
+}
+
+#[test]
+fn every_change_of_name_keeps_open_descriptors_on_their_file() {
+    let s = server();
+    let bucket = s.bucket("namematrix");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    let changes = [Change::Rename, Change::Unlink, Change::RenameOver];
+    let name = |c: Change, writer: bool, uploaded: bool| {
+        format!(
+            "{c:?}-{}-{}",
+            if writer { "w" } else { "r" },
+            if uploaded { "after" } else { "before" }
+        )
+    };
+    let content = |n: &str| pattern(300 << 10, n.len() as u64 * 7 + n.as_bytes()[0] as u64);
+    // Files already uploaded (after their upload), then files not yet uploaded (before it:
+    // uploads held where the server can refuse them).
+    for uploaded in [true, false] {
+        if !uploaded && !s.refuse_uploads_if_possible(&bucket) {
+            common::skipped("open files before their upload: needs the in-process server");
+            continue;
+        }
+        for c in changes {
+            for writer in [false, true] {
+                let n = name(c, writer, uploaded);
+                fs::write(m.path().join(&n), content(&n)).unwrap();
+            }
+        }
+        if uploaded {
+            flush(&m);
+        }
+        let mut cases = Vec::new();
+        for c in changes {
+            for writer in [false, true] {
+                let n = name(c, writer, uploaded);
+                let path = m.path().join(&n);
+                let mut f = OpenOptions::new()
+                    .read(true)
+                    .write(writer)
+                    .open(&path)
+                    .unwrap();
+                let mut head = vec![0; 1000];
+                f.read_exact(&mut head).unwrap();
+                match c {
+                    Change::Rename => {
+                        fs::rename(&path, m.path().join(format!("{n}.moved"))).unwrap()
+                    }
+                    Change::Unlink => fs::remove_file(&path).unwrap(),
+                    Change::RenameOver => {
+                        let other = m.path().join(format!("{n}.new"));
+                        fs::write(&other, b"replacement").unwrap();
+                        fs::rename(&other, &path).unwrap();
+                    }
+                }
+                let mut rest = Vec::new();
+                f.read_to_end(&mut rest).unwrap();
+                assert_eq!(
+                    sha256(&[head, rest].concat()),
+                    sha256(&content(&n)),
+                    "{n}: read after the change"
+                );
+                if writer {
+                    f.write_all(b"+tail").unwrap();
+                    assert_eq!(f.metadata().unwrap().len(), (300 << 10) + 5, "{n}: fstat");
+                }
+                cases.push((c, writer, n, f));
+            }
+        }
+        for (c, writer, n, f) in cases {
+            drop(f);
+            let mut want = content(&n);
+            if writer {
+                want.extend_from_slice(b"+tail");
+            }
+            let (at, expected): (String, Option<Vec<u8>>) = match c {
+                Change::Rename => (format!("{n}.moved"), Some(want)),
+                Change::Unlink => (n.clone(), None),
+                Change::RenameOver => (n.clone(), Some(b"replacement".to_vec())),
+            };
+            match &expected {
+                Some(bytes) => assert_eq!(
+                    sha256(&read_all(&m.path().join(&at))),
+                    sha256(bytes),
+                    "{at} on the mount"
+                ),
+                None => assert!(!m.path().join(&at).exists(), "{at} still shown"),
+            }
+            if c == Change::Rename {
+                assert!(!m.path().join(&n).exists(), "{n}: old name still shown");
+            }
+        }
+        if !uploaded {
+            s.allow_uploads(&bucket);
+        }
+        flush(&m);
+        for c in changes {
+            for writer in [false, true] {
+                let n = name(c, writer, uploaded);
+                let mut want = content(&n);
+                if writer {
+                    want.extend_from_slice(b"+tail");
+                }
+                match c {
+                    Change::Rename => {
+                        s.wait_for_object(&bucket, &format!("{n}.moved"), &sha256(&want));
+                        assert!(s.get(&bucket, &n).is_none(), "{n}: old key in S3");
+                    }
+                    Change::Unlink => assert!(s.get(&bucket, &n).is_none(), "{n} in S3"),
+                    Change::RenameOver => s.wait_for_object(&bucket, &n, &sha256(b"replacement")),
+                }
+            }
+        }
+    }
+}
