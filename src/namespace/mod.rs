@@ -431,6 +431,9 @@ impl<S: ObjectStore> Namespace<S> {
         let node = table.get_mut(ino)?;
         let same = node.written_here || same_version(&node.etag, &meta.etag);
         if node.attr.kind != seen.attr.kind || !same {
+            // The name leads to another object now: the next lookup asks the server and
+            // gets a new inode, this one keeps what it was for its descriptors.
+            table.unlink(ino);
             return None;
         }
         node.attr = Attr { ino, ..seen.attr };
@@ -738,7 +741,8 @@ impl<S: ObjectStore> Namespace<S> {
         if self.update_from_head(ino, &meta).is_none() {
             // Replaced since the kernel looked it up: ESTALE makes the kernel look the name up
             // again (LOOKUP_REVAL) and open the new version's inode, so no descriptor of this
-            // inode ever sees another version's bytes.
+            // inode ever sees another version's bytes (`update_from_head` unlinked it, so that
+            // lookup asks the server).
             return Err(FsError::Stale);
         }
         let keep_cache = {
