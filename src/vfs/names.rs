@@ -79,12 +79,25 @@ impl<S: ObjectStore> Vfs<S> {
             std::time::SystemTime::now(),
         );
         let body = bytes::Bytes::copy_from_slice(target);
+        self.put_new(parent, name, &key, body, &metadata).await
+    }
+
+    /// Writes small object `key` (`name` in `parent`) only if the key is absent (`EEXIST`
+    /// otherwise) and looks it up.
+    async fn put_new(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        key: &str,
+        body: bytes::Bytes,
+        metadata: &std::collections::HashMap<String, String>,
+    ) -> Result<Attr, FsError> {
         self.store
-            .put_object(&key, body, &metadata, &Precondition::Absent)
+            .put_object(key, body, metadata, &Precondition::Absent)
             .await
             .map_err(|e| match e {
                 crate::store::StoreError::PreconditionFailed => FsError::Exists,
-                e => FsError::store(&key, e),
+                e => FsError::store(key, e),
             })?;
         self.namespace.lookup(parent, name).await
     }
@@ -106,14 +119,8 @@ impl<S: ObjectStore> Vfs<S> {
         self.check_absent(parent, name).await?;
         let metadata =
             stored_metadata_of(kind, perm, req_uid, req_gid, std::time::SystemTime::now());
-        self.store
-            .put_object(&key, bytes::Bytes::new(), &metadata, &Precondition::Absent)
+        self.put_new(parent, name, &key, bytes::Bytes::new(), &metadata)
             .await
-            .map_err(|e| match e {
-                crate::store::StoreError::PreconditionFailed => FsError::Exists,
-                e => FsError::store(&key, e),
-            })?;
-        self.namespace.lookup(parent, name).await
     }
 
     pub(crate) async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
