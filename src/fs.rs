@@ -23,7 +23,6 @@ use crate::namespace::{Attr, Namespace, NodeKind, ROOT_INO};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::ObjectStore;
 use crate::vfs::{BufferPool, Detached, Handle, Vfs, Writes, lock};
-use crate::write::DirtyAttr;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO_SIZE: u32 = 1024 * 1024;
@@ -227,22 +226,12 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyCreate,
     ) {
         let fs = &self.inner;
-        let writes = match fs.new_writes() {
-            Ok(w) => w,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let attr = DirtyAttr::new(
-            libc::S_IFREG | (mode & !umask & 0o7777),
-            req.uid(),
-            req.gid(),
-            std::time::SystemTime::now(),
-        );
-        let created = fs.namespace.create_file(parent.0, name, |key| {
-            writes.dirty.create(key, attr, None, &[])
-        });
-        match created {
+        let perm = mode & !umask & 0o7777;
+        match fs.create_empty(req.uid(), req.gid(), parent.0, name, perm) {
             Ok((key, attr)) => {
-                let opened = writes.dirty.id_of(&key).ok_or(FsError::NotFound);
+                let opened = fs
+                    .writes()
+                    .and_then(|w| w.dirty.id_of(&key).ok_or(FsError::NotFound));
                 let fh = match opened.and_then(|fid| fs.local_handle(attr.ino, fid, true)) {
                     Ok(fh) => fh,
                     Err(e) => return reply.error(errno(&e)),
@@ -288,15 +277,13 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         }
         // A regular file: an empty written file, durable (journalled) when mknod returns.
         let fs = &self.inner;
-        let result = fs.new_writes().and_then(|writes| {
-            let attr = DirtyAttr::new(libc::S_IFREG | perm, uid, gid, std::time::SystemTime::now());
-            let (key, attr) = fs.namespace.create_file(parent.0, &name, |key| {
-                writes.dirty.create(key, attr, None, &[])
-            })?;
-            fs.persist_and_queue(&key)?;
-            fs.namespace.touch_dir(parent.0);
-            Ok(attr)
-        });
+        let result = fs
+            .create_empty(uid, gid, parent.0, &name, perm)
+            .and_then(|(key, attr)| {
+                fs.persist_and_queue(&key)?;
+                fs.namespace.touch_dir(parent.0);
+                Ok(attr)
+            });
         reply_entry(reply, fs.ttl(), result);
     }
 

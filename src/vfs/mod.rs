@@ -281,6 +281,24 @@ impl<S: ObjectStore> Vfs<S> {
         }
     }
 
+    /// Creates an empty regular file `name` in `parent` (not yet durable), owned by
+    /// `uid`/`gid` with permission bits `perm`: `create` and `mknod`. Returns its key and
+    /// attributes (one kernel reference).
+    pub(crate) fn create_empty(
+        &self,
+        uid: u32,
+        gid: u32,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        perm: u32,
+    ) -> Result<(String, Attr), FsError> {
+        let writes = self.new_writes()?;
+        let attr = DirtyAttr::new(libc::S_IFREG | perm, uid, gid, std::time::SystemTime::now());
+        self.namespace.create_file(parent, name, |key| {
+            writes.dirty.create(key, attr, None, &[])
+        })
+    }
+
     /// Turns clean object `ino` into a dirty file with its attributes, based on the version S3
     /// holds now. Nothing is downloaded: the content (unless `empty`) is fetched on first touch.
     pub(crate) async fn make_dirty(&self, ino: u64, empty: bool) -> Result<FileId, FsError> {
