@@ -223,6 +223,12 @@ impl InodeTable {
         }
     }
 
+    /// Drops the in-memory change time of directory `path`: times set explicitly (utimensat,
+    /// kept in its marker) replace it, even when they lie before the last change.
+    pub fn clear_dir_change(&mut self, path: &str) {
+        self.dir_changes.remove(path);
+    }
+
     /// Adds one kernel reference to an existing node.
     pub fn add_lookup(&mut self, ino: u64) {
         if let Some(node) = self.nodes.get_mut(&ino) {

@@ -188,6 +188,7 @@ impl<S: ObjectStore> Namespace<S> {
         let (path, _) = self.path_of(ino)?;
         self.made_dirs().insert(path.clone(), attr.clone());
         let mut table = self.table();
+        table.clear_dir_change(&path);
         let node = table.get_mut(ino).ok_or(FsError::StaleInode(ino))?;
         node.attr = Attr { ino, ..attr };
         node.from_head = true;

@@ -268,11 +268,12 @@ impl ObjectStore for S3Store {
         let mut body = out.body;
         let mut received = 0u64;
         let wanted = end - start;
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| StoreError::Other(format!("reading body of {key}: {e}")))?
-        {
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
+            StoreError::Other(format!(
+                "reading body of {key}: {}",
+                DisplayErrorContext(&e)
+            ))
+        })? {
             let take = (wanted - received).min(chunk.len() as u64) as usize;
             received += take as u64;
             if take > 0 {

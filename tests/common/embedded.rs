@@ -124,6 +124,15 @@ fn access_denied() -> hyper::Response<s3s::Body> {
     denied
 }
 
+/// The answer to a request whose handler panicked.
+fn internal_error() -> hyper::Response<s3s::Body> {
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+        <Error><Code>InternalError</Code><Message>handler failed</Message></Error>";
+    let mut failed = hyper::Response::new(s3s::Body::from(body.to_owned()));
+    *failed.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+    failed
+}
+
 /// A running in-process server that can be stopped and started again.
 pub struct Embedded {
     pub endpoint: String,
@@ -236,7 +245,15 @@ async fn serve(root: PathBuf, listener: tokio::net::TcpListener) {
                         }
                         return Ok(access_denied());
                     };
-                    let response = response.await?;
+                    // Run the request to its end even if the client goes away: s3s-fs renames
+                    // a PUT's data into place before it saves the ETag, metadata and checksums
+                    // beside it, so a handler dropped in between (a client killed by the torture
+                    // test) would leave new bytes under the old ETag — a state no real server
+                    // shows. A body cut off mid-way still fails the PUT, as it should.
+                    let response = match tokio::spawn(response).await {
+                        Ok(response) => response?,
+                        Err(_) => return Ok(internal_error()),
+                    };
                     if method == hyper::Method::GET {
                         let len = header_number(response.headers(), "content-length");
                         count(&bucket, |t| t.downloaded += len);

@@ -48,6 +48,11 @@ impl TestServer {
         self.kind != ServerKind::S3sFs
     }
 
+    /// Whether the server lists and HEADs `dir/` marker objects (s3s-fs does neither).
+    pub fn keeps_markers(&self) -> bool {
+        self.kind != ServerKind::S3sFs
+    }
+
     /// Whether the server checks signatures (moto accepts any credentials).
     pub fn checks_credentials(&self) -> bool {
         self.kind != ServerKind::Moto
