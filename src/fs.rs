@@ -34,7 +34,12 @@ pub struct KeepFs<S> {
     cache_dir: Option<std::path::PathBuf>,
 }
 
-fn file_attr(attr: &Attr) -> FileAttr {
+/// The kernel's view of `attr`, with its link count from the inode table.
+fn fuse_attr<S: ObjectStore>(fs: &Vfs<S>, attr: &Attr) -> FileAttr {
+    file_attr(attr, fs.namespace.nlink(attr.ino))
+}
+
+fn file_attr(attr: &Attr, nlink: u32) -> FileAttr {
     let kind = match attr.kind {
         NodeKind::Directory => FileType::Directory,
         NodeKind::File => FileType::RegularFile,
@@ -60,7 +65,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         crtime: attr.mtime,
         kind,
         perm: attr.perm,
-        nlink: if kind == FileType::Directory { 2 } else { 1 },
+        nlink,
         uid: attr.uid,
         gid: attr.gid,
         rdev,
@@ -80,17 +85,17 @@ fn errno(e: &FsError) -> Errno {
 }
 
 /// Replies with a new directory entry (lookup, mkdir) or the error.
-fn reply_entry(reply: ReplyEntry, ttl: Duration, result: Result<Attr, FsError>) {
+fn reply_entry<S: ObjectStore>(reply: ReplyEntry, fs: &Vfs<S>, result: Result<Attr, FsError>) {
     match result {
-        Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+        Ok(attr) => reply.entry(&fs.ttl(), &fuse_attr(fs, &attr), Generation(0)),
         Err(e) => reply.error(errno(&e)),
     }
 }
 
 /// Replies with attributes (getattr, setattr) or the error.
-fn reply_attr(reply: ReplyAttr, ttl: Duration, result: Result<Attr, FsError>) {
+fn reply_attr<S: ObjectStore>(reply: ReplyAttr, fs: &Vfs<S>, result: Result<Attr, FsError>) {
     match result {
-        Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+        Ok(attr) => reply.attr(&fs.ttl(), &fuse_attr(fs, &attr)),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -172,7 +177,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             let result = fs.namespace.lookup(parent.0, &name).await;
-            reply_entry(reply, fs.ttl(), result);
+            reply_entry(reply, &fs, result);
         });
     }
 
@@ -184,14 +189,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         self.spawn(move |fs| async move {
             let result = fs.getattr(ino.0, fh.map(|fh| fh.0)).await;
             match result {
-                Ok(attr) => {
-                    let mut attr = file_attr(&attr);
-                    // Unlinked (or renamed over) and still open: no name links to it.
-                    if attr.kind != FileType::Directory && !fs.namespace.is_linked(ino.0) {
-                        attr.nlink = 0;
-                    }
-                    reply.attr(&fs.ttl(), &attr);
-                }
+                Ok(attr) => reply.attr(&fs.ttl(), &fuse_attr(&fs, &attr)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -236,10 +234,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     Ok(fh) => fh,
                     Err(e) => return reply.error(errno(&e)),
                 };
-                fs.namespace.touch_dir(parent.0);
                 reply.created(
                     &fs.ttl(),
-                    &file_attr(&attr),
+                    &fuse_attr(fs, &attr),
                     Generation(0),
                     FileHandle(fh),
                     FopenFlags::empty(),
@@ -266,10 +263,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 let result = fs
                     .mknod_special(uid, gid, parent.0, &name, kind, perm)
                     .await;
-                if result.is_ok() {
-                    fs.namespace.touch_dir(parent.0);
-                }
-                reply_entry(reply, fs.ttl(), result);
+                reply_entry(reply, &fs, result);
             });
         }
         if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
@@ -281,10 +275,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             .create_empty(uid, gid, parent.0, &name, perm)
             .and_then(|(key, attr)| {
                 fs.persist_and_queue(&key)?;
-                fs.namespace.touch_dir(parent.0);
                 Ok(attr)
             });
-        reply_entry(reply, fs.ttl(), result);
+        reply_entry(reply, fs, result);
     }
 
     fn write(
@@ -376,7 +369,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             let result = fs
                 .setattr(ino.0, fh, mode, uid, gid, size, mtime, atime)
                 .await;
-            reply_attr(reply, fs.ttl(), result);
+            reply_attr(reply, &fs, result);
         });
     }
 
@@ -384,9 +377,6 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             let result = fs.unlink(parent.0, &name).await;
-            if result.is_ok() {
-                fs.namespace.touch_dir(parent.0);
-            }
             reply_unit(reply, result);
         });
     }
@@ -410,10 +400,6 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             let result = fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace)
                 .await;
-            if result.is_ok() {
-                fs.namespace.touch_dir(parent.0);
-                fs.namespace.touch_dir(newparent.0);
-            }
             reply_unit(reply, result);
         });
     }
@@ -430,10 +416,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
         self.spawn(move |fs| async move {
             let result = fs.mkdir(uid, gid, parent.0, &name, mode & !umask).await;
-            if result.is_ok() {
-                fs.namespace.touch_dir(parent.0);
-            }
-            reply_entry(reply, fs.ttl(), result);
+            reply_entry(reply, &fs, result);
         });
     }
 
@@ -441,9 +424,6 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             let result = fs.rmdir(parent.0, &name).await;
-            if result.is_ok() {
-                fs.namespace.touch_dir(parent.0);
-            }
             reply_unit(reply, result);
         });
     }
@@ -460,10 +440,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let (name, target) = (link_name.to_owned(), target.to_owned());
         self.spawn(move |fs| async move {
             let result = fs.symlink(uid, gid, parent.0, &name, &target).await;
-            if result.is_ok() {
-                fs.namespace.touch_dir(parent.0);
-            }
-            reply_entry(reply, fs.ttl(), result);
+            reply_entry(reply, &fs, result);
         });
     }
 
@@ -653,7 +630,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         }
         let skip = (offset as usize).saturating_sub(2);
         for (i, entry) in entries.iter().enumerate().skip(skip) {
-            let kind = file_attr(&entry.attr).kind;
+            let kind = file_attr(&entry.attr, 1).kind;
             if reply.add(INodeNo(entry.attr.ino), i as u64 + 3, kind, &entry.name) {
                 break;
             }
@@ -680,7 +657,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         // "." and ".." carry no lookup reference (the kernel does not count them).
         let dots = [(ino.0, "."), (parent, "..")];
         for (i, (dot_ino, name)) in dots.iter().enumerate().skip(offset as usize) {
-            let attr = file_attr(&defaults.directory(*dot_ino));
+            let attr = fuse_attr(fs, &defaults.directory(*dot_ino));
             if reply.add(
                 INodeNo(*dot_ino),
                 i as u64 + 1,
@@ -698,7 +675,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 Ok(attr) => attr,
                 Err(e) => return reply.error(errno(&e)),
             };
-            let fattr = file_attr(&attr);
+            let fattr = fuse_attr(fs, &attr);
             // The kernel looks up (HEADs) a listed object that may be a symlink before
             // trusting its type.
             let entry_ttl = if entry.may_be_symlink() {

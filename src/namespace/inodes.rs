@@ -58,6 +58,15 @@ pub struct InodeTable {
     /// When entries were last added to or removed from each directory this mount changed:
     /// its mtime and ctime (kept in memory, see [`InodeTable::touch_dir`]).
     dir_changes: HashMap<String, SystemTime>,
+    /// How many subdirectories each directory has, where known: counted at its last full
+    /// listing or since this mount made it, then kept up by mkdir, rmdir and rename. Gives a
+    /// directory's link count (see [`InodeTable::nlink`]).
+    subdirs: HashMap<String, u32>,
+}
+
+/// The directory holding `path` ("" for the root's entries).
+fn parent_path(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(p, _)| p)
 }
 
 fn hashed_ino(path: &str, kind: NodeKind, etag: Option<&str>) -> u64 {
@@ -109,6 +118,7 @@ impl InodeTable {
             nodes: HashMap::from([(ROOT_INO, root)]),
             by_path: HashMap::from([(String::new(), ROOT_INO)]),
             dir_changes: HashMap::new(),
+            subdirs: HashMap::new(),
         }
     }
 
@@ -229,6 +239,45 @@ impl InodeTable {
         self.dir_changes.remove(path);
     }
 
+    /// Link count of `ino` as stat(2) shows it: a directory has 2 (its entry and its own `.`)
+    /// plus one per subdirectory (their `..`) where the number is known, else 2; a file 1, or
+    /// 0 once no name links to it (unlinked or renamed over while open).
+    pub fn nlink(&self, ino: u64) -> u32 {
+        match self.nodes.get(&ino) {
+            Some(node) if node.attr.kind == NodeKind::Directory => {
+                2 + self.subdirs.get(&node.path).copied().unwrap_or(0)
+            }
+            Some(_) if !self.is_linked(ino) => 0,
+            _ => 1,
+        }
+    }
+
+    /// Directory `path` was listed in full and holds `count` subdirectories.
+    pub fn listed_subdirs(&mut self, path: &str, count: u32) {
+        self.subdirs.insert(path.to_owned(), count);
+    }
+
+    /// Directory `path` was made (empty) or removed by this mount: its parent's count follows.
+    pub fn dir_made(&mut self, path: &str, made: bool) {
+        if made {
+            self.subdirs.insert(path.to_owned(), 0);
+        } else {
+            self.subdirs.remove(path);
+        }
+        self.count_subdir(parent_path(path), made);
+    }
+
+    /// One subdirectory more (`added`) or less in directory `parent`, if its count is known.
+    fn count_subdir(&mut self, parent: &str, added: bool) {
+        if let Some(count) = self.subdirs.get_mut(parent) {
+            *count = if added {
+                count.saturating_add(1)
+            } else {
+                count.saturating_sub(1)
+            };
+        }
+    }
+
     /// Adds one kernel reference to an existing node.
     pub fn add_lookup(&mut self, ino: u64) {
         if let Some(node) = self.nodes.get_mut(&ino) {
@@ -280,6 +329,25 @@ impl InodeTable {
             };
             self.rename(ino, &path);
         }
+        // Counts and change times of the moved directories move with them.
+        let moved: Vec<String> = self
+            .subdirs
+            .keys()
+            .chain(self.dir_changes.keys())
+            .filter(|p| *p == from || p.starts_with(&below))
+            .cloned()
+            .collect();
+        for old in moved {
+            let new = format!("{to}{}", &old[from.len()..]);
+            if let Some(count) = self.subdirs.remove(&old) {
+                self.subdirs.insert(new.clone(), count);
+            }
+            if let Some(when) = self.dir_changes.remove(&old) {
+                self.dir_changes.insert(new, when);
+            }
+        }
+        self.count_subdir(parent_path(from), false);
+        self.count_subdir(parent_path(to), true);
     }
 
     /// The nodes directly inside directory `dir` (a scan: only for when S3 can't be listed).
@@ -287,9 +355,8 @@ impl InodeTable {
         self.nodes
             .values()
             .filter(|n| {
-                let parent = n.path.rsplit_once('/').map_or("", |(p, _)| p);
                 !n.path.is_empty()
-                    && parent == dir
+                    && parent_path(&n.path) == dir
                     && self.by_path.get(&n.path) == Some(&n.attr.ino)
             })
             .collect()
@@ -446,5 +513,36 @@ mod tests {
         assert_eq!(listed.perm, 0o777);
         let changed = t.remember("f", seen(NodeKind::Symlink, "e2", false, 0o644));
         assert_eq!(changed.perm, 0o644);
+    }
+
+    #[test]
+    fn directory_link_counts_follow_mkdir_rmdir_and_rename() {
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let dir = |t: &mut InodeTable, path: &str| {
+            t.remember(path, seen(NodeKind::Directory, "", true, 0o755))
+                .ino
+        };
+        let unknown = dir(&mut t, "old");
+        assert_eq!(t.nlink(unknown), 2, "never listed: no count known");
+        t.listed_subdirs("old", 3);
+        assert_eq!(t.nlink(unknown), 5);
+        // mkdir a, a/x, b; then a/x moves to b.
+        t.dir_made("a", true);
+        t.dir_made("b", true);
+        let (a, b) = (dir(&mut t, "a"), dir(&mut t, "b"));
+        t.dir_made("a/x", true);
+        let x = dir(&mut t, "a/x");
+        assert_eq!((t.nlink(a), t.nlink(b), t.nlink(x)), (3, 2, 2));
+        t.dir_made("a/x/y", true);
+        t.rename_subtree("a/x", "b/x");
+        assert_eq!((t.nlink(a), t.nlink(b), t.nlink(x)), (2, 3, 3));
+        t.dir_made("b/x/y", false);
+        assert_eq!(t.nlink(x), 2);
+        let file = t
+            .remember("b/f", seen(NodeKind::File, "e1", true, 0o644))
+            .ino;
+        assert_eq!(t.nlink(file), 1);
+        t.unlink(file);
+        assert_eq!(t.nlink(file), 0, "unlinked while the kernel holds it");
     }
 }

@@ -151,6 +151,11 @@ impl<S: ObjectStore> Namespace<S> {
         self.table().is_linked(ino)
     }
 
+    /// Link count of `ino` (see [`InodeTable::nlink`]).
+    pub fn nlink(&self, ino: u64) -> u32 {
+        self.table().nlink(ino)
+    }
+
     /// The path a new entry `name` in directory `parent` would have.
     fn new_child(&self, parent: u64, name: &OsStr) -> Result<String, FsError> {
         let (dir, kind) = self.path_of(parent)?;
@@ -180,7 +185,9 @@ impl<S: ObjectStore> Namespace<S> {
     /// reference), or rewrote (setattr of `ino`).
     pub fn made_dir(&self, path: &str, attr: Attr) -> Attr {
         self.made_dirs().insert(path.to_owned(), attr.clone());
-        self.table().remember(path, self.seen_marker(attr))
+        let mut table = self.table();
+        table.dir_made(path, true);
+        table.remember(path, self.seen_marker(attr))
     }
 
     /// Records new attributes of directory `ino` (its marker was rewritten).
@@ -205,7 +212,9 @@ impl<S: ObjectStore> Namespace<S> {
     pub fn removed_dir(&self, ino: u64) -> Result<String, FsError> {
         let (path, _) = self.path_of(ino)?;
         self.made_dirs().remove(&path);
-        self.table().unlink(ino);
+        let mut table = self.table();
+        table.dir_made(&path, false);
+        table.unlink(ino);
         Ok(dir_key(&self.prefix, &path))
     }
 
@@ -545,6 +554,7 @@ impl<S: ObjectStore> Namespace<S> {
             .map(|d| d.gone_under(&prefix))
             .unwrap_or_default();
         let mut token = None;
+        let mut from_known = false; // S3 unreachable: what the mount knows, not a count
         loop {
             let page = match self.store.list_page(&prefix, token, None).await {
                 Ok(page) => page,
@@ -552,6 +562,7 @@ impl<S: ObjectStore> Namespace<S> {
                     // What the mount knows of the directory: entries the kernel holds.
                     outage_warning(&dir, &e);
                     entries = self.known_children(&dir);
+                    from_known = true;
                     break;
                 }
                 Err(e) => return Err(FsError::store(&prefix, e)),
@@ -629,6 +640,14 @@ impl<S: ObjectStore> Namespace<S> {
                     }
                 }
             }
+        }
+        if !from_known {
+            let subdirs = entries
+                .values()
+                .filter(|e| e.attr.kind == NodeKind::Directory)
+                .count();
+            self.table()
+                .listed_subdirs(&dir, u32::try_from(subdirs).unwrap_or(u32::MAX));
         }
         Ok(entries.into_values().collect())
     }

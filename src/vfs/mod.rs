@@ -294,9 +294,11 @@ impl<S: ObjectStore> Vfs<S> {
     ) -> Result<(String, Attr), FsError> {
         let writes = self.new_writes()?;
         let attr = DirtyAttr::new(libc::S_IFREG | perm, uid, gid, std::time::SystemTime::now());
-        self.namespace.create_file(parent, name, |key| {
+        let created = self.namespace.create_file(parent, name, |key| {
             writes.dirty.create(key, attr, None, &[])
-        })
+        })?;
+        self.namespace.touch_dir(parent);
+        Ok(created)
     }
 
     /// Turns clean object `ino` into a dirty file with its attributes, based on the version S3

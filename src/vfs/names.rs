@@ -49,7 +49,9 @@ impl<S: ObjectStore> Vfs<S> {
             uid: req_uid,
             gid: req_gid,
         };
-        Ok(self.namespace.made_dir(&path, attr))
+        let attr = self.namespace.made_dir(&path, attr);
+        self.namespace.touch_dir(parent);
+        Ok(attr)
     }
 
     /// A symlink is an object holding its target, marked by its mode; written straight to S3
@@ -99,6 +101,7 @@ impl<S: ObjectStore> Vfs<S> {
                 crate::store::StoreError::PreconditionFailed => FsError::Exists,
                 e => FsError::store(key, e),
             })?;
+        self.namespace.touch_dir(parent);
         self.namespace.lookup(parent, name).await
     }
 
@@ -127,7 +130,9 @@ impl<S: ObjectStore> Vfs<S> {
         self.new_writes()?;
         let attr = self.namespace.lookup(parent, name).await?;
         self.forget(attr.ino, 1);
-        self.remove_empty_dir(&attr).await
+        self.remove_empty_dir(&attr).await?;
+        self.namespace.touch_dir(parent);
+        Ok(())
     }
 
     /// Removes directory `attr` (its marker), which must be empty: `rmdir`, and the target
@@ -146,10 +151,26 @@ impl<S: ObjectStore> Vfs<S> {
             .map_err(|e| FsError::store(&marker, e))
     }
 
-    /// Renames a file. A local (dirty) copy moves in the cache and is uploaded under the new
-    /// key; an uploaded object is copied server-side and the old key deleted. Directories
-    /// return `EXDEV`, which makes `mv` fall back to copying.
+    /// rename(2): moves the entry, then marks both directories changed.
     pub(crate) async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        no_replace: bool,
+    ) -> Result<(), FsError> {
+        self.move_entry(parent, name, new_parent, new_name, no_replace)
+            .await?;
+        self.namespace.touch_dir(parent);
+        self.namespace.touch_dir(new_parent);
+        Ok(())
+    }
+
+    /// Moves a file: a local (dirty) copy moves in the cache and is uploaded under the new
+    /// key; an uploaded object is copied server-side and the old key deleted. A directory
+    /// moves with everything under it ([`Vfs::rename_dir`]).
+    async fn move_entry(
         &self,
         parent: u64,
         name: &OsStr,
@@ -401,6 +422,7 @@ impl<S: ObjectStore> Vfs<S> {
         }
         deleted.map_err(|e| FsError::store(&key, e))?;
         self.namespace.unlinked(attr.ino);
+        self.namespace.touch_dir(parent);
         Ok(())
     }
 }
