@@ -27,6 +27,19 @@ fn flush(m: &Mount) {
     );
 }
 
+/// Flushes `m`, unmounts it and mounts `bucket` again on an empty cache directory: what the
+/// new mount shows comes from S3 alone. Keep the directory alive as long as the mount.
+fn remount_from_s3(m: Mount, bucket: &str) -> (Mount, tempfile::TempDir) {
+    flush(&m);
+    drop(m);
+    let empty = tempfile::tempdir().unwrap();
+    let m = Mount::new(
+        &format!("s3://{bucket}"),
+        &["--cache-dir", empty.path().to_str().unwrap()],
+    );
+    (m, empty)
+}
+
 fn read_all(path: &std::path::Path) -> Vec<u8> {
     fs::read(path).unwrap()
 }
@@ -447,13 +460,7 @@ fn special_files_and_timestamps_survive_a_remount_from_s3() {
         assert_eq!(t.mode() & 0o7777, 0o600);
     };
     check(m.path());
-    flush(&m);
-    drop(m);
-    let empty = tempfile::tempdir().unwrap();
-    let m = Mount::new(
-        &format!("s3://{bucket}"),
-        &["--cache-dir", empty.path().to_str().unwrap()],
-    );
+    let (m, _empty) = remount_from_s3(m, &bucket);
     check(m.path());
 }
 
@@ -642,12 +649,6 @@ fn directory_times_set_after_its_entries_changed_stick() {
         common::skipped("this server drops directory markers: times after a remount not checked");
         return;
     }
-    flush(&m);
-    drop(m);
-    let empty = tempfile::tempdir().unwrap();
-    let m = Mount::new(
-        &format!("s3://{bucket}"),
-        &["--cache-dir", empty.path().to_str().unwrap()],
-    );
+    let (m, _empty) = remount_from_s3(m, &bucket);
     assert_eq!(mtime(&m.path().join("d")), when, "after a remount from S3");
 }

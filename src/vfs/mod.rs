@@ -256,27 +256,43 @@ impl<S: ObjectStore> Vfs<S> {
             return Ok((fh, flags));
         }
         let dirty = &self.new_writes()?.dirty;
-        // A written file with no handle may be dropped at any moment (its upload finished):
-        // then it is an object again and is made a written file anew.
+        let fh = self
+            .on_written_file(ino, None, Some(truncate), |fid| {
+                let fh = self.local_handle(ino, fid, true)?;
+                if truncate {
+                    let attr = dirty.set_attr(fid, Some(0), None, None, None, None, None)?;
+                    self.namespace.refresh_dirty(ino, &attr);
+                }
+                Ok(fh)
+            })
+            .await?
+            .ok_or(FsError::NotFound)?;
+        Ok((fh, FopenFlags::empty()))
+    }
+
+    /// Runs `op` on the written file of `ino` — `held`, the one a handle holds, if given —
+    /// made from the object when there is none and `make` is `Some(empty)`; `Ok(None)` when
+    /// there is none and `make` is `None`. A written file without handles may be dropped at any
+    /// moment (its upload finished, it is an object again), so `op` failing with `NotFound`
+    /// is tried again on a written file made anew, up to 3 times in all.
+    async fn on_written_file<T>(
+        &self,
+        ino: u64,
+        held: Option<FileId>,
+        make: Option<bool>,
+        op: impl Fn(FileId) -> Result<T, FsError>,
+    ) -> Result<Option<T>, FsError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let opened = match self.dirty_file(ino) {
-                Some(fid) => self.local_handle(ino, fid, true).and_then(|fh| {
-                    if truncate {
-                        let attr = dirty.set_attr(fid, Some(0), None, None, None, None, None)?;
-                        self.namespace.refresh_dirty(ino, &attr);
-                    }
-                    Ok(fh)
-                }),
-                None => {
-                    let fid = self.make_dirty(ino, truncate).await?;
-                    self.local_handle(ino, fid, true)
-                }
+            let fid = match (held.or_else(|| self.dirty_file(ino)), make) {
+                (Some(fid), _) => fid,
+                (None, Some(empty)) => self.make_dirty(ino, empty).await?,
+                (None, None) => return Ok(None),
             };
-            match opened {
+            match op(fid) {
                 Err(FsError::NotFound) if attempts < 3 => continue,
-                opened => return opened.map(|fh| (fh, FopenFlags::empty())),
+                result => return result.map(Some),
             }
         }
     }
@@ -507,24 +523,19 @@ impl<S: ObjectStore> Vfs<S> {
         // Through the handle when there is one (ftruncate, fchmod): it reaches the file even
         // after its name went.
         let by_handle = fh.and_then(|fh| self.handle_file(fh)).map(|(fid, _)| fid);
-        let mut attempts = 0;
-        let (fid, attr) = loop {
-            attempts += 1;
-            let fid = match by_handle.or_else(|| self.dirty_file(ino)) {
-                Some(fid) => fid,
-                None if size.is_some() => self.make_dirty(ino, size == Some(0)).await?,
-                None => {
-                    return self
-                        .replace_metadata(ino, mode, uid, gid, mtime, atime)
-                        .await;
-                }
-            };
-            match dirty.set_attr(fid, size, mode, uid, gid, mtime, atime) {
-                Ok(attr) => break (fid, attr),
-                // Dropped after its upload meanwhile: an object again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => continue,
-                Err(e) => return Err(e.into()),
-            }
+        // Only a change of size needs the content here; other changes of an object are a
+        // metadata rewrite in S3.
+        let make = size.map(|size| size == 0);
+        let changed = self
+            .on_written_file(ino, by_handle, make, |fid| {
+                let attr = dirty.set_attr(fid, size, mode, uid, gid, mtime, atime)?;
+                Ok((fid, attr))
+            })
+            .await?;
+        let Some((fid, attr)) = changed else {
+            return self
+                .replace_metadata(ino, mode, uid, gid, mtime, atime)
+                .await;
         };
         let attr = self.namespace.refresh_dirty(ino, &attr);
         if let Some(key) = dirty.key_of(fid) {
