@@ -4,18 +4,25 @@
 //! `fsync`) fsyncs the data and then writes the record atomically, so after a crash every file
 //! whose close or fsync returned is found again with exactly the bytes it had then.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use super::local::{CacheUsage, Coverage, Frozen, LocalData};
+mod recovery;
+mod snapshot;
+mod table;
+
+use recovery::to_ns;
+pub use snapshot::{UploadOutcome, UploadSnapshot};
+use table::{DirtyFile, Discard, Journalled, Table, new_fid};
+
+use super::local::{CacheUsage, Coverage, LocalData};
 use super::resume::PendingUploads;
-use crate::cache::CacheDir;
 use crate::cache::journal::{FileRecord, Journal, RECORD_VERSION, RecordState};
 
 /// What `stat` shows for a dirty file.
@@ -52,179 +59,6 @@ impl DirtyAttr {
 /// changes with copy-on-write; the key with renames). In memory only.
 pub type FileId = u64;
 
-/// Open handles, dirty files and their keys (see [`DirtyFiles`]).
-#[derive(Default)]
-struct Table {
-    /// Files linked under a key, by key.
-    by_key: HashMap<String, DirtyFile>,
-    /// The key each linked file has now.
-    keys: HashMap<FileId, String>,
-    /// Files unlinked, renamed over or replaced while handles had them open: they live, with
-    /// no journal record (never uploaded), until their last handle is released.
-    unlinked: HashMap<FileId, DirtyFile>,
-}
-
-impl Table {
-    fn get(&self, key: &str) -> Option<&DirtyFile> {
-        self.by_key.get(key)
-    }
-
-    fn get_mut(&mut self, key: &str) -> Option<&mut DirtyFile> {
-        self.by_key.get_mut(key)
-    }
-
-    fn insert(&mut self, key: String, file: DirtyFile) -> Option<DirtyFile> {
-        self.keys.insert(file.fid, key.clone());
-        let old = self.by_key.insert(key, file);
-        if let Some(old) = &old {
-            self.keys.remove(&old.fid);
-        }
-        old
-    }
-
-    fn remove(&mut self, key: &str) -> Option<DirtyFile> {
-        let file = self.by_key.remove(key)?;
-        self.keys.remove(&file.fid);
-        Some(file)
-    }
-
-    fn values(&self) -> impl Iterator<Item = &DirtyFile> {
-        self.by_key.values()
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &String> {
-        self.by_key.keys()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&String, &DirtyFile)> {
-        self.by_key.iter()
-    }
-
-    /// File `fid` and its key (none once unlinked).
-    fn by_id(&mut self, fid: FileId) -> Option<(&mut DirtyFile, Option<String>)> {
-        match self.keys.get(&fid) {
-            Some(key) => {
-                let key = key.clone();
-                self.by_key.get_mut(&key).map(|f| (f, Some(key)))
-            }
-            None => self.unlinked.get_mut(&fid).map(|f| (f, None)),
-        }
-    }
-
-    /// Takes `file` out of the namespace: kept (unlinked) while handles have it open. Returns
-    /// what must be removed from the journal and the data directory.
-    fn unlink(&mut self, mut file: DirtyFile) -> Discard {
-        let discard = Discard {
-            record: file.record.clone(),
-            ids: std::mem::take(&mut file.retired)
-                .into_iter()
-                .chain([file.id])
-                .collect(),
-        };
-        if file.handles > 0 {
-            tracing::debug!(
-                fid = file.fid,
-                handles = file.handles,
-                complete = file.data.coverage().complete(),
-                "file unlinked while open"
-            );
-            // Its data file stays open through the handles; nothing acknowledged it any more.
-            file.durable_size = 0;
-            file.writers = file.writers.min(file.handles);
-            self.unlinked.insert(file.fid, file);
-        }
-        discard
-    }
-}
-
-/// A file's journal record and data files to remove (see [`DirtyFiles::discard`]).
-struct Discard {
-    record: Arc<Mutex<Journalled>>,
-    ids: Vec<u64>,
-}
-
-struct DirtyFile {
-    /// See [`FileId`].
-    fid: FileId,
-    /// Open handles (readers and writers); an unlinked file lives until none remain.
-    handles: u32,
-    id: u64,
-    attr: DirtyAttr,
-    /// Holds the bytes and the base version (see [`LocalData::base_etag`]).
-    data: Arc<LocalData>,
-    /// Open handles that may write; uploads wait until none remain.
-    writers: u32,
-    /// Bumped on every change, so an upload that raced with a change is not taken as current.
-    generation: u64,
-    /// The generation S3 holds (uploaded while a writer kept the file open).
-    in_s3: Option<u64>,
-    /// The last record written to the journal; its lock orders the journal writes of this
-    /// file, so a record never goes back to an older base version.
-    record: Arc<Mutex<Journalled>>,
-    /// Size in the last record written: bytes below it are acknowledged and are never
-    /// overwritten in place (see [`DirtyFiles::protect_acknowledged`]).
-    durable_size: u64,
-    /// Earlier data files (ids) whose records stay until this file's next record is written.
-    retired: Vec<u64>,
-    /// See [`FileRecord::origin`].
-    origin: u64,
-}
-
-impl DirtyFile {
-    /// S3 holds exactly this content; the local copy stays only for its open handles.
-    fn uploaded(&self) -> bool {
-        self.in_s3 == Some(self.generation)
-    }
-}
-
-/// What the journal holds for one dirty file.
-#[derive(Default)]
-enum Journalled {
-    #[default]
-    Nothing,
-    Record(Box<FileRecord>),
-    /// The file is gone: nothing may write its record again.
-    Discarded,
-}
-
-/// A consistent view of one dirty file for the uploader.
-#[derive(Clone)]
-pub struct UploadSnapshot {
-    pub key: String,
-    /// The data file the bytes come from.
-    pub id: u64,
-    pub attr: DirtyAttr,
-    pub base_etag: Option<String>,
-    /// The bytes to upload, frozen when the snapshot was taken.
-    pub data: Frozen,
-    pub generation: u64,
-    /// S3 already holds exactly this content (uploaded while the file was open).
-    pub in_s3: bool,
-    /// See [`FileRecord::origin`].
-    pub origin: u64,
-}
-
-impl UploadSnapshot {
-    /// The same snapshot based on version `etag`.
-    pub fn with_base(&self, etag: String) -> Self {
-        UploadSnapshot {
-            base_etag: Some(etag),
-            ..self.clone()
-        }
-    }
-}
-
-/// What became of a dirty file whose upload finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UploadOutcome {
-    /// S3 holds exactly the local copy, which is dropped.
-    Clean,
-    /// The file changed during the upload; it stays dirty.
-    Changed,
-    /// The file was unlinked during the upload; the object must go too.
-    Removed,
-}
-
 pub struct DirtyFiles {
     data_dir: PathBuf,
     journal: Journal,
@@ -238,101 +72,7 @@ pub struct DirtyFiles {
     gone: Mutex<std::collections::HashSet<String>>,
 }
 
-fn to_ns(t: SystemTime) -> i128 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
-    }
-}
-
-fn from_ns(ns: i128) -> SystemTime {
-    if ns >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs() as u64)
-    }
-}
-
 impl DirtyFiles {
-    /// Opens the dirty files the journal describes. Returns them with the keys to upload.
-    pub fn open(cache: &CacheDir) -> io::Result<(Self, Vec<String>)> {
-        let journal = Journal::new(cache);
-        let data_dir = cache.data_dir();
-        let loaded = journal.load()?;
-        let usage = Arc::new(CacheUsage::default());
-        let mut files = Table::default();
-        let mut max_id = 0;
-        for record in loaded.records {
-            max_id = max_id.max(record.id);
-            let path = data_dir.join(format!("{:016x}", record.id));
-            let data = match OpenOptions::new().read(true).write(true).open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::error!(key = record.key, path = %path.display(), error = %e, "journal record without its data file; left in place");
-                    continue;
-                }
-            };
-            // The record is written after the data is synced, so the data holds at least
-            // `size` bytes; anything beyond was written after the last close and is dropped.
-            data.set_len(record.size)?;
-            let record_copy = record.clone();
-            let data = LocalData::new(data, record.coverage, record.base_etag, usage.clone());
-            let attr = DirtyAttr {
-                size: record.size,
-                mode: record.mode,
-                uid: record.uid,
-                gid: record.gid,
-                mtime: from_ns(record.mtime_ns),
-                // Older records carry no atime/ctime: the mtime stands in.
-                atime: from_ns(record.atime_ns.unwrap_or(record.mtime_ns)),
-                ctime: from_ns(record.ctime_ns.unwrap_or(record.mtime_ns)),
-            };
-            let durable_size = record.size;
-            let older = files.insert(
-                record.key.clone(),
-                DirtyFile {
-                    fid: new_fid(),
-                    handles: 0,
-                    id: record.id,
-                    attr,
-                    data: Arc::new(data),
-                    writers: 0,
-                    generation: 0,
-                    in_s3: None,
-                    record: Arc::new(Mutex::new(Journalled::Record(Box::new(record_copy)))),
-                    durable_size,
-                    retired: Vec::new(),
-                    origin: record.origin.unwrap_or_else(new_origin),
-                },
-            );
-            // Records come by id: an older one for the same key is a copy-on-write's
-            // predecessor whose removal a crash interrupted (its data file goes as an orphan).
-            if let Some(older) = older {
-                journal.remove(older.id)?;
-            }
-        }
-        remove_orphans(&data_dir, &files)?;
-        let keys: Vec<String> = files.keys().cloned().collect();
-        if !keys.is_empty() {
-            tracing::info!(
-                files = keys.len(),
-                "journal: resuming uploads of dirty files"
-            );
-        }
-        Ok((
-            DirtyFiles {
-                data_dir,
-                journal,
-                pending_uploads: PendingUploads::new(cache),
-                files: Mutex::new(files),
-                next_id: AtomicU64::new(max_id.max(now_id()) + 1),
-                usage,
-                gone: Mutex::default(),
-            },
-            keys,
-        ))
-    }
-
     /// Files not yet in S3 (uploading, or still open: a close may come any moment, and the
     /// kernel reports it after `close()` has returned), and their bytes.
     pub fn pending(&self) -> (usize, u64) {
@@ -749,104 +489,6 @@ impl DirtyFiles {
         Ok(())
     }
 
-    /// The file as it is now, if it exists and nobody is writing it.
-    pub fn snapshot(&self, key: &str) -> Option<UploadSnapshot> {
-        self.take_snapshot(key, false)
-    }
-
-    /// The file as it is now, even while it is open for writing (`--durability remote`
-    /// uploads at close and fsync).
-    pub fn snapshot_open(&self, key: &str) -> Option<UploadSnapshot> {
-        self.take_snapshot(key, true)
-    }
-
-    fn take_snapshot(&self, key: &str, even_if_open: bool) -> Option<UploadSnapshot> {
-        let files = self.files();
-        let f = files.get(key).filter(|f| even_if_open || f.writers == 0)?;
-        if !even_if_open && f.handles > 0 && f.uploaded() {
-            return None; // nothing to do until the last handle goes
-        }
-        Some(UploadSnapshot {
-            key: key.to_owned(),
-            id: f.id,
-            attr: f.attr.clone(),
-            base_etag: f.data.base_etag(),
-            data: f.data.freeze(),
-            generation: f.generation,
-            in_s3: f.in_s3 == Some(f.generation),
-            origin: f.origin,
-        })
-    }
-
-    /// Whether `snapshot` is still of the file `key` names (not unlinked or replaced).
-    pub fn is_current(&self, snapshot: &UploadSnapshot) -> bool {
-        self.files()
-            .get(&snapshot.key)
-            .is_some_and(|f| f.id == snapshot.id)
-    }
-
-    /// S3 holds version `etag` of this file's own lineage (an upload whose completion a crash
-    /// kept out of the journal): make it the base, as a finished upload would have.
-    pub fn adopt(&self, key: &str, origin: u64, etag: &str) {
-        let journalled = {
-            let files = self.files();
-            match files.get(key) {
-                Some(f) if f.origin == origin => {
-                    f.data.set_base_etag(Some(etag.to_owned()));
-                    f.record.clone()
-                }
-                _ => return,
-            }
-        };
-        let mut journalled = journalled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Journalled::Record(record) = &mut *journalled {
-            record.base_etag = Some(etag.to_owned());
-            if let Err(e) = self.journal.put(record) {
-                tracing::error!(key, error = %e, "could not record the new base version");
-            }
-        }
-    }
-
-    /// Records a finished upload of `snapshot`, which S3 now holds as version `etag`.
-    pub fn uploaded(&self, snapshot: &UploadSnapshot, etag: &str) -> UploadOutcome {
-        let (done, journalled) = {
-            let mut files = self.files();
-            match files.get_mut(&snapshot.key) {
-                None => return UploadOutcome::Removed,
-                Some(f) => {
-                    // Also when the key was unlinked and created anew meanwhile: what S3 holds
-                    // now is this mount's own upload, which the new file may replace.
-                    f.data.set_base_etag(Some(etag.to_owned()));
-                    if f.id != snapshot.id || f.generation != snapshot.generation {
-                        (None, f.record.clone())
-                    } else if f.writers > 0 || f.handles > 0 {
-                        // Open handles keep reading (and may fetch the rest of) this local
-                        // copy: it stays, marked as in S3, until the last one goes.
-                        f.in_s3 = Some(f.generation);
-                        (None, f.record.clone())
-                    } else {
-                        let clean = files.remove(&snapshot.key).expect("present");
-                        (Some(files.unlink(clean)), Arc::default())
-                    }
-                }
-            }
-        };
-        if let Some(f) = done {
-            self.discard(f);
-            return UploadOutcome::Clean;
-        }
-        // Still dirty: its record must name the new base, or the next upload after a restart
-        // would take S3's version (ours) for someone else's and make a conflict copy.
-        let mut journalled = journalled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Journalled::Record(record) = &mut *journalled {
-            record.base_etag = Some(etag.to_owned());
-            if let Err(e) = self.journal.put(record) {
-                tracing::error!(key = snapshot.key, error = %e, "could not record the new base version");
-            }
-        }
-        UploadOutcome::Changed
-    }
-
     /// Moves the local copy of `from` to `to` (rename), replacing any local copy of `to`, and
     /// makes the move durable. `base_etag` is the version of `to` in S3 the upload may replace
     /// (`None`: there is none). Returns false when `from` has no local copy.
@@ -938,28 +580,6 @@ impl DirtyFiles {
     }
 }
 
-/// Deletes data files no record describes: files created but never closed or fsync'd before a
-/// crash (their bytes were never acknowledged), or whose record was removed just before.
-fn remove_orphans(data_dir: &std::path::Path, files: &Table) -> io::Result<()> {
-    let live: std::collections::HashSet<String> =
-        files.values().map(|f| format!("{:016x}", f.id)).collect();
-    for entry in std::fs::read_dir(data_dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !live.contains(&name) {
-            tracing::debug!(file = name, "removing unacknowledged data file");
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
-}
-
-/// A new [`FileId`].
-fn new_fid() -> FileId {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
 /// A random lineage id for a new file (see [`FileRecord::origin`]).
 fn new_origin() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -983,6 +603,8 @@ fn now_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::CacheDir;
+    use std::time::Duration;
 
     fn attr() -> DirtyAttr {
         DirtyAttr::new(

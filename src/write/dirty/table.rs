@@ -1,0 +1,152 @@
+//! The table of dirty files: by key for the namespace and the uploader, by [`FileId`] for
+//! open handles, and the files unlinked while open.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{DirtyAttr, FileId};
+use crate::cache::journal::FileRecord;
+use crate::write::local::LocalData;
+
+/// Open handles, dirty files and their keys (see [`DirtyFiles`]).
+#[derive(Default)]
+pub(super) struct Table {
+    /// Files linked under a key, by key.
+    pub(super) by_key: HashMap<String, DirtyFile>,
+    /// The key each linked file has now.
+    pub(super) keys: HashMap<FileId, String>,
+    /// Files unlinked, renamed over or replaced while handles had them open: they live, with
+    /// no journal record (never uploaded), until their last handle is released.
+    pub(super) unlinked: HashMap<FileId, DirtyFile>,
+}
+
+impl Table {
+    pub(super) fn get(&self, key: &str) -> Option<&DirtyFile> {
+        self.by_key.get(key)
+    }
+
+    pub(super) fn get_mut(&mut self, key: &str) -> Option<&mut DirtyFile> {
+        self.by_key.get_mut(key)
+    }
+
+    pub(super) fn insert(&mut self, key: String, file: DirtyFile) -> Option<DirtyFile> {
+        self.keys.insert(file.fid, key.clone());
+        let old = self.by_key.insert(key, file);
+        if let Some(old) = &old {
+            self.keys.remove(&old.fid);
+        }
+        old
+    }
+
+    pub(super) fn remove(&mut self, key: &str) -> Option<DirtyFile> {
+        let file = self.by_key.remove(key)?;
+        self.keys.remove(&file.fid);
+        Some(file)
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &DirtyFile> {
+        self.by_key.values()
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_key.keys()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&String, &DirtyFile)> {
+        self.by_key.iter()
+    }
+
+    /// File `fid` and its key (none once unlinked).
+    pub(super) fn by_id(&mut self, fid: FileId) -> Option<(&mut DirtyFile, Option<String>)> {
+        match self.keys.get(&fid) {
+            Some(key) => {
+                let key = key.clone();
+                self.by_key.get_mut(&key).map(|f| (f, Some(key)))
+            }
+            None => self.unlinked.get_mut(&fid).map(|f| (f, None)),
+        }
+    }
+
+    /// Takes `file` out of the namespace: kept (unlinked) while handles have it open. Returns
+    /// what must be removed from the journal and the data directory.
+    pub(super) fn unlink(&mut self, mut file: DirtyFile) -> Discard {
+        let discard = Discard {
+            record: file.record.clone(),
+            ids: std::mem::take(&mut file.retired)
+                .into_iter()
+                .chain([file.id])
+                .collect(),
+        };
+        if file.handles > 0 {
+            tracing::debug!(
+                fid = file.fid,
+                handles = file.handles,
+                complete = file.data.coverage().complete(),
+                "file unlinked while open"
+            );
+            // Its data file stays open through the handles; nothing acknowledged it any more.
+            file.durable_size = 0;
+            file.writers = file.writers.min(file.handles);
+            self.unlinked.insert(file.fid, file);
+        }
+        discard
+    }
+}
+
+/// A file's journal record and data files to remove (see [`DirtyFiles::discard`]).
+pub(super) struct Discard {
+    pub(super) record: Arc<Mutex<Journalled>>,
+    pub(super) ids: Vec<u64>,
+}
+
+/// One dirty file: its local copy, attributes, open handles and journal state.
+pub(super) struct DirtyFile {
+    /// See [`FileId`].
+    pub(super) fid: FileId,
+    /// Open handles (readers and writers); an unlinked file lives until none remain.
+    pub(super) handles: u32,
+    pub(super) id: u64,
+    pub(super) attr: DirtyAttr,
+    /// Holds the bytes and the base version (see [`LocalData::base_etag`]).
+    pub(super) data: Arc<LocalData>,
+    /// Open handles that may write; uploads wait until none remain.
+    pub(super) writers: u32,
+    /// Bumped on every change, so an upload that raced with a change is not taken as current.
+    pub(super) generation: u64,
+    /// The generation S3 holds (uploaded while a writer kept the file open).
+    pub(super) in_s3: Option<u64>,
+    /// The last record written to the journal; its lock orders the journal writes of this
+    /// file, so a record never goes back to an older base version.
+    pub(super) record: Arc<Mutex<Journalled>>,
+    /// Size in the last record written: bytes below it are acknowledged and are never
+    /// overwritten in place (see [`DirtyFiles::protect_acknowledged`]).
+    pub(super) durable_size: u64,
+    /// Earlier data files (ids) whose records stay until this file's next record is written.
+    pub(super) retired: Vec<u64>,
+    /// See [`FileRecord::origin`].
+    pub(super) origin: u64,
+}
+
+impl DirtyFile {
+    /// S3 holds exactly this content; the local copy stays only for its open handles.
+    pub(super) fn uploaded(&self) -> bool {
+        self.in_s3 == Some(self.generation)
+    }
+}
+
+/// What the journal holds for one dirty file.
+#[derive(Default)]
+pub(super) enum Journalled {
+    #[default]
+    Nothing,
+    Record(Box<FileRecord>),
+    /// The file is gone: nothing may write its record again.
+    Discarded,
+}
+
+/// A new [`FileId`].
+pub(super) fn new_fid() -> FileId {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
