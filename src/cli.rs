@@ -74,7 +74,8 @@ pub struct MountArgs {
     #[arg(value_name = "s3://BUCKET[/PREFIX]")]
     pub source: String,
 
-    /// An existing, empty directory that is not already a mount point.
+    /// An existing directory with no FUSE filesystem mounted on it (a container volume there is
+    /// mounted over).
     pub mountpoint: PathBuf,
 
     /// S3 endpoint for S3-compatible servers (for example http://127.0.0.1:9000). Also read

@@ -32,7 +32,7 @@ pub enum MountError {
     MountpointMissing(PathBuf),
     #[error("mountpoint {0} is not a directory")]
     MountpointNotDirectory(PathBuf),
-    #[error("mountpoint {0} is already a mount point (unmount it first)")]
+    #[error("mountpoint {0} already has a FUSE filesystem mounted (unmount it first)")]
     MountpointInUse(PathBuf),
     #[error("cannot use mountpoint {path}: {source}")]
     MountpointAccess {
@@ -108,7 +108,9 @@ fn check_cache_source(cache_dir: &CacheDir, config: &MountConfig) -> Result<(), 
     Ok(())
 }
 
-/// Checks that `path` can be mounted on: an existing directory that is not a mount point yet.
+/// Checks that `path` can be mounted on: an existing directory with no live FUSE filesystem
+/// mounted on it. Other mounts are fine to mount over: a container's volume (the sidecar's
+/// shared `emptyDir`) is a bind mount at the mount point.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
@@ -156,15 +158,15 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
             path: path.to_owned(),
             source,
         })?;
-    if is_mount_point(&canonical) {
+    if topmost_mount(&canonical).is_some_and(|(fs_type, _)| is_fuse_type(&fs_type)) {
         return Err(MountError::MountpointInUse(canonical));
     }
     Ok(canonical)
 }
 
-/// Whether `path` (canonical) appears as a mount point in this namespace's mount table.
-fn is_mount_point(path: &Path) -> bool {
-    mount_device(path).is_some()
+/// FUSE filesystem types: `fuse`, `fuseblk` and `fuse.NAME` (proc_pid_mountinfo(5)).
+fn is_fuse_type(fs_type: &str) -> bool {
+    fs_type == "fuse" || fs_type == "fuseblk" || fs_type.starts_with("fuse.")
 }
 
 /// Mount tables escape space, tab, newline and backslash as octal (`\040`).
@@ -393,13 +395,15 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         std::path::absolute(cache_dir.path()).unwrap_or_else(|_| cache_dir.path().to_owned()),
     );
 
-    let mut session =
-        Session::new(fs, &mountpoint, &fuse_config(&config)).map_err(MountError::Fuse)?;
-    tune_read_ahead(&mountpoint);
+    let session = Session::new(fs, &mountpoint, &fuse_config(&config)).map_err(MountError::Fuse)?;
+    // This mount's device number, to know it again when the session ends.
+    let device = mount_device(&mountpoint);
+    if let Some(device) = &device {
+        tune_read_ahead(device);
+    }
     tracing::info!(source = %config.source, mountpoint = %mountpoint.display(), "mounted");
     report_ready();
 
-    let mut unmounter = session.unmount_callable();
     let signal_mountpoint = mountpoint.clone();
     let grace = config.shutdown_grace;
     runtime.spawn(async move {
@@ -410,14 +414,29 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             drain_uploads(&dirty, grace, &mut signals).await;
         }
         tracing::info!(mountpoint = %signal_mountpoint.display(), "stop signal received; unmounting");
-        if let Err(e) = unmounter.unmount() {
+        if let Err(e) = unmount(&signal_mountpoint) {
             tracing::error!(error = %e, "unmount failed (mountpoint busy?); detaching lazily");
             lazy_unmount(&signal_mountpoint);
             std::process::exit(0);
         }
     });
 
-    let result = session.run();
+    // Served on fuser's thread; this one waits for the session to end (the mount was
+    // unmounted, by the stop signal above or from outside).
+    let session = session.spawn().map_err(MountError::Fuse)?;
+    while !session.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // fuser unmounts the mount point when the session handle goes, even when keepfs's mount is
+    // gone already: it takes the dead connection for a live one (fuser 0.18), and the unmount
+    // then removes whatever lies beneath — a container's volume, or a keepfs mounted there
+    // since. Only a mount that is still this one is left to it.
+    let result = if device.is_some() && mount_device(&mountpoint) == device {
+        session.umount_and_join()
+    } else {
+        std::mem::forget(session); // a finished thread's handle and a dead mount's file
+        Ok(())
+    };
     runtime.shutdown_timeout(Duration::from_secs(1));
     drop(cache_dir);
     match result {
@@ -532,12 +551,9 @@ impl StopSignals {
 /// The kernel caps FUSE read-ahead at the device default (128 KiB) whatever the filesystem asks
 /// for, so sequential reads would arrive as 128 KiB requests. Writing the mount's backing-device
 /// setting lifts that; it needs root (or a writable /sys), so failure only costs speed.
-fn tune_read_ahead(mountpoint: &Path) {
-    // The device number comes from the mount table: a stat of the mountpoint would be a FUSE
-    // request that nobody serves yet.
-    let Some(device) = mount_device(mountpoint) else {
-        return;
-    };
+/// `device` is the mount's `major:minor` from the mount table (a stat of the mountpoint would
+/// be a FUSE request that nobody serves yet).
+fn tune_read_ahead(device: &str) {
     let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
     let kib = crate::fs::MAX_IO_SIZE / 1024;
     match std::fs::write(&knob, kib.to_string()) {
@@ -558,15 +574,18 @@ fn mount_device(path: &Path) -> Option<String> {
 /// Whether the topmost mount at `path` is a keepfs mount: type `fuse` or `fuse.keepfs`, with
 /// the source `keepfs:s3://...` keepfs gives its mounts.
 fn is_keepfs_mount(path: &Path) -> bool {
-    let Some(line) = mountinfo_line(path) else {
-        return false;
-    };
-    let Some((_, after)) = line.split_once(" - ") else {
-        return false;
-    };
+    topmost_mount(path).is_some_and(|(fs_type, source)| {
+        matches!(fs_type.as_str(), "fuse" | "fuse.keepfs") && source.starts_with("keepfs:")
+    })
+}
+
+/// Filesystem type and source of the topmost mount at `path`, if it is a mount point.
+fn topmost_mount(path: &Path) -> Option<(String, String)> {
+    let line = mountinfo_line(path)?;
+    let (_, after) = line.split_once(" - ")?;
     let mut fields = after.split(' ');
-    let (fs_type, source) = (fields.next(), fields.next().unwrap_or_default());
-    matches!(fs_type, Some("fuse" | "fuse.keepfs")) && source.starts_with("keepfs:")
+    let fs_type = fields.next()?.to_owned();
+    Some((fs_type, fields.next().unwrap_or_default().to_owned()))
 }
 
 /// The line of `/proc/self/mountinfo` for the topmost mount at `path`.
@@ -582,6 +601,33 @@ fn mountinfo_line(path: &Path) -> Option<String> {
                 .is_some_and(|mp| Path::new(&unescape_mount_path(mp)) == path)
         })
         .map(str::to_owned)
+}
+
+/// Unmounts keepfs's own mount at `path` (`umount`; `fusermount3 -u` where unprivileged).
+/// Fails while it is busy.
+fn unmount(path: &Path) -> std::io::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::umount2(c_path.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return Err(e);
+    }
+    let out = std::process::Command::new("fusermount3")
+        .args(["-u", "-q"])
+        .arg(path)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "fusermount3 -u: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
 }
 
 /// Detaches the mount even while files are open (`umount -l`).

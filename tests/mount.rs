@@ -154,8 +154,63 @@ fn bad_mountpoints() {
     std::fs::write(&file, b"x").unwrap();
     assert_fails_with(&src, &file, &[], "is not a directory");
     let m = Mount::new(&src, &[]);
-    assert_fails_with(&src, m.path(), &[], "already a mount point");
+    assert_fails_with(&src, m.path(), &[], "already has a FUSE filesystem mounted");
     assert!(is_mounted(m.path()), "the existing mount is untouched");
+}
+
+/// A container's volume is a bind mount at the mount point (the sidecar's shared volume):
+/// keepfs mounts over it, and unmounting leaves the volume as it was.
+#[test]
+fn mounts_over_a_bind_mounted_volume() {
+    let s = server();
+    let bucket = s.bucket("overbind");
+    s.put(&bucket, "in-s3", b"object");
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("on-volume"), b"local").unwrap();
+    let point = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(volume.path())
+        .arg(point.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "bind mount");
+    struct Unbind<'a>(&'a std::path::Path);
+    impl Drop for Unbind<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _unbind = Unbind(point.path());
+    // The daemon keeps stderr for its log: a file, so `output` does not wait for it.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let out = keepfs_command(&format!("s3://{bucket}"), point.path(), &["--daemon"])
+        .stdin(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(out.status.success(), "mount over a bind mount: {log}");
+    assert_eq!(
+        std::fs::read(point.path().join("in-s3")).unwrap(),
+        b"object"
+    );
+    assert!(!point.path().join("on-volume").exists(), "keepfs is on top");
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(point.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "unmount keepfs");
+    assert_eq!(
+        std::fs::read(point.path().join("on-volume")).unwrap(),
+        b"local",
+        "the volume is back"
+    );
+    let _ = std::fs::remove_dir_all(common::default_test_cache(point.path()));
 }
 
 #[test]

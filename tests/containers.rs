@@ -1,0 +1,383 @@
+//! keepfs in real containers (podman): the image, a sidecar whose mount an app container uses
+//! through a shared volume, a sidecar killed and started again on the same cache volume while
+//! the app keeps running, and a graceful stop.
+//!
+//! Needs root, `/dev/fuse`, podman and the image (`docker/build.sh` makes
+//! `localhost/keepfs:<version>`; `KEEPFS_TEST_IMAGE` names another). Without them every test
+//! prints a `SKIPPED:` line. The S3 server is the harness's, on 127.0.0.1: the containers use
+//! the host's network. `docker/containers.conf` makes podman work on machines like CI's.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{is_mounted, server, sha256};
+
+/// The image under test, or why these tests can't run here.
+fn image() -> Result<String, String> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("container tests need root".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err("container tests need /dev/fuse".into());
+    }
+    if Command::new("podman").arg("--version").output().is_err() {
+        return Err("podman is not installed (apt-get install podman buildah runc)".into());
+    }
+    let image = std::env::var("KEEPFS_TEST_IMAGE")
+        .unwrap_or_else(|_| format!("localhost/keepfs:{}", env!("CARGO_PKG_VERSION")));
+    if !podman(&["image", "exists", &image]).status.success() {
+        return Err(format!(
+            "image {image} not found: build it with docker/build.sh"
+        ));
+    }
+    Ok(image)
+}
+
+/// Runs the tests' body with the image, or prints why it can't.
+fn with_image(test: impl FnOnce(&str)) {
+    match image() {
+        Ok(image) => test(&image),
+        Err(why) => common::skipped(&format!("containers: {why}")),
+    }
+}
+
+/// Runs podman with the project's containers.conf.
+fn podman(args: &[&str]) -> Output {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/containers.conf");
+    Command::new("podman")
+        .args(args)
+        .env("CONTAINERS_CONF", conf)
+        .output()
+        .expect("podman runs")
+}
+
+/// Runs podman and returns its standard output; panics with its output if it fails.
+fn podman_ok(args: &[&str]) -> String {
+    let out = podman(args);
+    assert!(
+        out.status.success(),
+        "podman {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A container started by a test; removed (with its processes) when dropped.
+struct Container {
+    name: String,
+}
+
+impl Container {
+    fn run(name: &str, args: &[&str]) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("keepfs-test-{name}-{}-{n}", std::process::id());
+        let _ = podman(&["rm", "-f", "-t", "0", &name]);
+        let mut all = vec!["run", "-d", "--name", &name, "--network", "host"];
+        all.extend_from_slice(args);
+        podman_ok(&all);
+        Container { name }
+    }
+
+    /// `sh -c script` inside the container; its standard output.
+    fn sh(&self, script: &str) -> String {
+        podman_ok(&["exec", &self.name, "sh", "-c", script])
+    }
+
+    /// `sh -c script` inside the container, which may fail.
+    fn try_sh(&self, script: &str) -> Output {
+        podman(&["exec", &self.name, "sh", "-c", script])
+    }
+
+    fn logs(&self) -> String {
+        let out = podman(&["logs", &self.name]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// The exit code once the container stopped.
+    fn exit_code(&self) -> i64 {
+        podman_ok(&["inspect", "--format", "{{.State.ExitCode}}", &self.name])
+            .trim()
+            .parse()
+            .expect("exit code")
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "-f", "-t", "0", &self.name]);
+    }
+}
+
+/// A host directory made a shared mount point, as kubelet makes a pod's volumes: a FUSE mount
+/// a container makes below it (`rshared`) reaches the host and the other containers
+/// (`rslave`). Unmounted, with whatever is left mounted on it, when dropped.
+struct SharedDir {
+    dir: tempfile::TempDir,
+}
+
+impl SharedDir {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap();
+        for args in [
+            ["--bind", path, path].as_slice(),
+            ["--make-shared", path].as_slice(),
+        ] {
+            let status = Command::new("mount").args(args).status().unwrap();
+            assert!(status.success(), "mount {args:?}");
+        }
+        SharedDir { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether a FUSE mount sits on the directory (beside the bind mount itself).
+    fn fuse_mounted(&self) -> bool {
+        let path = self.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(path.as_str()) && l.contains(" - fuse"))
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        // Lazy unmounts: a dead FUSE mount (killed sidecar) answers nothing else.
+        while is_mounted(self.path()) {
+            let status = Command::new("umount").arg("-l").arg(self.path()).status();
+            if !status.is_ok_and(|s| s.success()) {
+                break;
+            }
+        }
+    }
+}
+
+/// The keepfs sidecar: mounts `bucket` at /data (the shared volume, `rshared`) with its cache
+/// directory on the host directory `cache` (its own volume, which outlives the container).
+fn sidecar(image: &str, name: &str, shared: &SharedDir, cache: &Path, bucket: &str) -> Container {
+    let s = server();
+    let data = format!("{}:/data:rshared", shared.path().display());
+    let cache = format!("{}:/var/cache/keepfs", cache.display());
+    let mut args: Vec<String> = [
+        "--device",
+        "/dev/fuse",
+        "--cap-add",
+        "SYS_ADMIN",
+        "-v",
+        &data,
+        "-v",
+        &cache,
+    ]
+    .map(String::from)
+    .to_vec();
+    for (k, v) in s.env() {
+        args.extend(["-e".to_owned(), format!("{k}={v}")]);
+    }
+    args.extend(
+        [
+            image,
+            "mount",
+            &format!("s3://{bucket}"),
+            "/data",
+            "--endpoint-url",
+            &s.endpoint,
+            "--force-path-style",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = Container::run(name, &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !shared.fuse_mounted() {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar did not mount within 30 s:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c
+}
+
+/// An application container using the sidecar's mount (`rslave`, Kubernetes'
+/// `HostToContainer`); it just waits for `podman exec`.
+fn app(image: &str, shared: &SharedDir) -> Container {
+    let data = format!("{}:/data:rslave", shared.path().display());
+    Container::run(
+        "app",
+        &[
+            "-v",
+            &data,
+            "--entrypoint",
+            "/bin/sh",
+            image,
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 1; done",
+        ],
+    )
+}
+
+/// Writes `count` files of `size` random bytes under /data/`dir` in `app`, each with an
+/// fsync; returns their names and sha256 as the app computed them.
+fn write_files(app: &Container, dir: &str, count: usize, size: usize) -> Vec<(String, String)> {
+    let script = format!(
+        "set -e; mkdir -p /data/{dir}; for i in $(seq 1 {count}); do \
+         head -c {size} /dev/urandom > /tmp/f; dd if=/tmp/f of=/data/{dir}/f$i bs=1M conv=fsync status=none; \
+         echo \"{dir}/f$i $(sha256sum < /tmp/f | cut -d' ' -f1)\"; done"
+    );
+    app.sh(&script)
+        .lines()
+        .map(|l| {
+            let (name, sum) = l.split_once(' ').expect("name and sum");
+            (name.to_owned(), sum.to_owned())
+        })
+        .collect()
+}
+
+/// Checks in `app` that every file reads back with its sha256.
+fn check_in_app(app: &Container, files: &[(String, String)]) {
+    for (name, sum) in files {
+        let got = app.sh(&format!("sha256sum < /data/{name} | cut -d' ' -f1"));
+        assert_eq!(got.trim(), sum, "{name} read back in the app container");
+    }
+}
+
+/// Checks that S3 holds every file with its sha256.
+fn check_in_s3(bucket: &str, files: &[(String, String)]) {
+    let s = server();
+    for (name, sum) in files {
+        let object = s
+            .get(bucket, name)
+            .unwrap_or_else(|| panic!("{name} in S3"));
+        assert_eq!(&sha256(&object), sum, "{name} in S3");
+    }
+}
+
+/// A private host directory for a sidecar's cache volume.
+fn cache_volume() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache");
+    std::fs::create_dir(&path).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn the_image_runs_keepfs() {
+    with_image(|image| {
+        let version = podman_ok(&["run", "--rm", image, "--version"]);
+        assert_eq!(
+            version.trim(),
+            format!("keepfs {}", env!("CARGO_PKG_VERSION"))
+        );
+        let help = podman_ok(&["run", "--rm", image]);
+        assert!(
+            help.contains("mount"),
+            "default command prints help: {help}"
+        );
+        // fusermount3 for unmounting, CA certificates for HTTPS endpoints, tini as PID 1.
+        let tools = podman_ok(&[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "/bin/sh",
+            image,
+            "-c",
+            "command -v fusermount3 tini && test -s /etc/ssl/certs/ca-certificates.crt \
+             && stat -c %a /var/cache/keepfs",
+        ]);
+        assert!(tools.trim_end().ends_with("700"), "{tools}");
+    });
+}
+
+#[test]
+fn an_app_container_reads_and_writes_through_the_sidecars_mount() {
+    with_image(|image| {
+        let s = server();
+        let bucket = s.bucket("sidecar");
+        s.put(&bucket, "seeded/hello.txt", b"from S3\n");
+        let shared = SharedDir::new();
+        let (_keep, cache) = cache_volume();
+        // The app starts first, as it may in a pod: it sees the mount made later.
+        let app = app(image, &shared);
+        let side = sidecar(image, "sidecar", &shared, &cache, &bucket);
+        assert_eq!(app.sh("cat /data/seeded/hello.txt"), "from S3\n");
+        let files = write_files(&app, "out", 4, 3 << 20);
+        check_in_app(&app, &files);
+        // The preStop hook's command: returns when everything is in S3.
+        let flushed = side.sh("keepfs flush /data --timeout 60s 2>&1");
+        assert!(!flushed.is_empty(), "keepfs flush says what it did");
+        check_in_s3(&bucket, &files);
+    });
+}
+
+#[test]
+fn a_killed_sidecar_started_again_on_its_cache_volume_brings_back_every_file() {
+    with_image(|image| {
+        let s = server();
+        let bucket = s.bucket("podrestart");
+        let shared = SharedDir::new();
+        let (_keep, cache) = cache_volume();
+        let app = app(image, &shared);
+        let side = sidecar(image, "killed", &shared, &cache, &bucket);
+        // Nothing reaches S3 before the kill: the files live only in the cache volume.
+        let held = s.refuse_uploads_if_possible(&bucket);
+        let files = write_files(&app, "journal", 3, 2 << 20);
+        podman_ok(&["kill", "--signal", "KILL", &side.name]);
+        drop(side);
+        let dead = app.try_sh("ls /data");
+        assert!(
+            !dead.status.success(),
+            "a dead sidecar's mount answers errors"
+        );
+        if held {
+            for (name, _) in &files {
+                assert!(s.get(&bucket, name).is_none(), "{name} was not uploaded");
+            }
+        }
+        // The restarted sidecar replaces the dead mount; the app, still running, sees it.
+        let side = sidecar(image, "restarted", &shared, &cache, &bucket);
+        check_in_app(&app, &files);
+        if held {
+            s.allow_uploads(&bucket);
+        }
+        side.sh("keepfs flush /data --timeout 60s");
+        check_in_s3(&bucket, &files);
+    });
+}
+
+#[test]
+fn podman_stop_uploads_what_is_pending_unmounts_and_exits_0() {
+    with_image(|image| {
+        let s = server();
+        let bucket = s.bucket("stop");
+        let shared = SharedDir::new();
+        let (_keep, cache) = cache_volume();
+        let app = app(image, &shared);
+        let side = sidecar(image, "stopped", &shared, &cache, &bucket);
+        let held = s.refuse_uploads_if_possible(&bucket);
+        let files = write_files(&app, "pending", 3, 6 << 20);
+        if held {
+            s.allow_uploads(&bucket);
+        }
+        // SIGTERM through tini: keepfs uploads within its grace, unmounts, exits 0.
+        podman_ok(&["stop", "-t", "60", &side.name]);
+        assert_eq!(side.exit_code(), 0, "keepfs exit code:\n{}", side.logs());
+        assert!(!shared.fuse_mounted(), "no mount is left behind");
+        check_in_s3(&bucket, &files);
+        let logs = side.logs();
+        assert!(!logs.contains("panicked"), "{logs}");
+    });
+}
