@@ -59,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         region: Some("us-east-1".into()),
         force_path_style: true,
         allow_other: false,
+        create_mountpoint: false,
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         uid: unsafe { libc::getuid() },
         // SAFETY: as above.

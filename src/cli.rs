@@ -131,6 +131,11 @@ pub struct MountArgs {
     #[arg(long)]
     pub daemon: bool,
 
+    /// Create the mount point (and its parents, mode 0755) if it does not exist: a sidecar
+    /// mounts in a subdirectory of its shared volume, which starts empty.
+    #[arg(long)]
+    pub create_mountpoint: bool,
+
     /// Let users other than the one who mounted access the filesystem (needs root or
     /// user_allow_other in /etc/fuse.conf). Off by default.
     #[arg(long)]
@@ -211,6 +216,7 @@ impl MountArgs {
             region: self.region.clone(),
             force_path_style: self.force_path_style,
             allow_other: self.allow_other,
+            create_mountpoint: self.create_mountpoint,
             uid: self.uid.unwrap_or(uid),
             gid: self.gid.unwrap_or(gid),
             file_mode: parse_mode(&self.file_mode)?,

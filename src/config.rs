@@ -147,6 +147,8 @@ pub struct MountConfig {
     pub region: Option<String>,
     pub force_path_style: bool,
     pub allow_other: bool,
+    /// Create a missing mount point (`--create-mountpoint`).
+    pub create_mountpoint: bool,
     pub uid: u32,
     pub gid: u32,
     pub file_mode: u16,

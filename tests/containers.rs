@@ -143,9 +143,14 @@ impl SharedDir {
         self.dir.path()
     }
 
-    /// Whether a FUSE mount sits on the directory (beside the bind mount itself).
+    /// Where the sidecar mounts, seen from the host: `s3` in the shared directory.
+    fn mountpoint(&self) -> PathBuf {
+        self.path().join("s3")
+    }
+
+    /// Whether a FUSE mount sits on the sidecar's mount point.
     fn fuse_mounted(&self) -> bool {
-        let path = self.path().to_string_lossy().into_owned();
+        let path = self.mountpoint().to_string_lossy().into_owned();
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()
@@ -156,17 +161,22 @@ impl SharedDir {
 impl Drop for SharedDir {
     fn drop(&mut self) {
         // Lazy unmounts: a dead FUSE mount (killed sidecar) answers nothing else.
-        while is_mounted(self.path()) {
-            let status = Command::new("umount").arg("-l").arg(self.path()).status();
-            if !status.is_ok_and(|s| s.success()) {
-                break;
+        for path in [self.mountpoint(), self.path().to_owned()] {
+            while is_mounted(&path) {
+                let status = Command::new("umount").arg("-l").arg(&path).status();
+                if !status.is_ok_and(|s| s.success()) {
+                    break;
+                }
             }
         }
     }
 }
 
-/// The keepfs sidecar: mounts `bucket` at /data (the shared volume, `rshared`) with its cache
-/// directory on the host directory `cache` (its own volume, which outlives the container).
+/// The keepfs sidecar: mounts `bucket` at /data/s3, a subdirectory of the shared volume
+/// (`rshared`), with its cache directory on the host directory `cache` (its own volume, which
+/// outlives the container). Not at the volume's root: a killed sidecar leaves a dead mount
+/// behind, and a dead mount at the root would make the volume itself unusable (podman and
+/// kubelet can't bind-mount it again: ENOTCONN), so no new sidecar could start.
 fn sidecar(image: &str, name: &str, shared: &SharedDir, cache: &Path, bucket: &str) -> Container {
     let s = server();
     let data = format!("{}:/data:rshared", shared.path().display());
@@ -191,7 +201,8 @@ fn sidecar(image: &str, name: &str, shared: &SharedDir, cache: &Path, bucket: &s
             image,
             "mount",
             &format!("s3://{bucket}"),
-            "/data",
+            "/data/s3",
+            "--create-mountpoint",
             "--endpoint-url",
             &s.endpoint,
             "--force-path-style",
@@ -230,12 +241,12 @@ fn app(image: &str, shared: &SharedDir) -> Container {
     )
 }
 
-/// Writes `count` files of `size` random bytes under /data/`dir` in `app`, each with an
-/// fsync; returns their names and sha256 as the app computed them.
+/// Writes `count` files of `size` random bytes into the existing directory /data/s3/`dir` in
+/// `app`, each with an fsync; returns their names and sha256 as the app computed them.
 fn write_files(app: &Container, dir: &str, count: usize, size: usize) -> Vec<(String, String)> {
     let script = format!(
-        "set -e; mkdir -p /data/{dir}; for i in $(seq 1 {count}); do \
-         head -c {size} /dev/urandom > /tmp/f; dd if=/tmp/f of=/data/{dir}/f$i bs=1M conv=fsync status=none; \
+        "set -e; for i in $(seq 1 {count}); do \
+         head -c {size} /dev/urandom > /tmp/f; dd if=/tmp/f of=/data/s3/{dir}/f$i bs=1M conv=fsync status=none; \
          echo \"{dir}/f$i $(sha256sum < /tmp/f | cut -d' ' -f1)\"; done"
     );
     app.sh(&script)
@@ -250,7 +261,7 @@ fn write_files(app: &Container, dir: &str, count: usize, size: usize) -> Vec<(St
 /// Checks in `app` that every file reads back with its sha256.
 fn check_in_app(app: &Container, files: &[(String, String)]) {
     for (name, sum) in files {
-        let got = app.sh(&format!("sha256sum < /data/{name} | cut -d' ' -f1"));
+        let got = app.sh(&format!("sha256sum < /data/s3/{name} | cut -d' ' -f1"));
         assert_eq!(got.trim(), sum, "{name} read back in the app container");
     }
 }
@@ -313,11 +324,12 @@ fn an_app_container_reads_and_writes_through_the_sidecars_mount() {
         // The app starts first, as it may in a pod: it sees the mount made later.
         let app = app(image, &shared);
         let side = sidecar(image, "sidecar", &shared, &cache, &bucket);
-        assert_eq!(app.sh("cat /data/seeded/hello.txt"), "from S3\n");
+        assert_eq!(app.sh("cat /data/s3/seeded/hello.txt"), "from S3\n");
+        app.sh("mkdir /data/s3/out");
         let files = write_files(&app, "out", 4, 3 << 20);
         check_in_app(&app, &files);
         // The preStop hook's command: returns when everything is in S3.
-        let flushed = side.sh("keepfs flush /data --timeout 60s 2>&1");
+        let flushed = side.sh("keepfs flush /data/s3 --timeout 60s 2>&1");
         assert!(!flushed.is_empty(), "keepfs flush says what it did");
         check_in_s3(&bucket, &files);
     });
@@ -332,12 +344,13 @@ fn a_killed_sidecar_started_again_on_its_cache_volume_brings_back_every_file() {
         let (_keep, cache) = cache_volume();
         let app = app(image, &shared);
         let side = sidecar(image, "killed", &shared, &cache, &bucket);
+        app.sh("mkdir /data/s3/journal"); // mkdir goes to S3 at once: before uploads are held
         // Nothing reaches S3 before the kill: the files live only in the cache volume.
         let held = s.refuse_uploads_if_possible(&bucket);
         let files = write_files(&app, "journal", 3, 2 << 20);
         podman_ok(&["kill", "--signal", "KILL", &side.name]);
         drop(side);
-        let dead = app.try_sh("ls /data");
+        let dead = app.try_sh("ls /data/s3");
         assert!(
             !dead.status.success(),
             "a dead sidecar's mount answers errors"
@@ -353,7 +366,7 @@ fn a_killed_sidecar_started_again_on_its_cache_volume_brings_back_every_file() {
         if held {
             s.allow_uploads(&bucket);
         }
-        side.sh("keepfs flush /data --timeout 60s");
+        side.sh("keepfs flush /data/s3 --timeout 60s");
         check_in_s3(&bucket, &files);
     });
 }
@@ -367,17 +380,25 @@ fn podman_stop_uploads_what_is_pending_unmounts_and_exits_0() {
         let (_keep, cache) = cache_volume();
         let app = app(image, &shared);
         let side = sidecar(image, "stopped", &shared, &cache, &bucket);
+        app.sh("mkdir /data/s3/pending");
         let held = s.refuse_uploads_if_possible(&bucket);
         let files = write_files(&app, "pending", 3, 6 << 20);
+        // SIGTERM (what `podman stop` and the kubelet send) through tini while the files are
+        // still waiting; the server takes uploads again only afterwards.
+        podman_ok(&["kill", "--signal", "TERM", &side.name]);
         if held {
+            std::thread::sleep(Duration::from_millis(500));
             s.allow_uploads(&bucket);
         }
-        // SIGTERM through tini: keepfs uploads within its grace, unmounts, exits 0.
-        podman_ok(&["stop", "-t", "60", &side.name]);
-        assert_eq!(side.exit_code(), 0, "keepfs exit code:\n{}", side.logs());
+        // keepfs uploads within its grace (25 s), unmounts and exits 0.
+        podman_ok(&["wait", &side.name]);
+        let logs = side.logs();
+        assert_eq!(side.exit_code(), 0, "keepfs exit code:\n{logs}");
         assert!(!shared.fuse_mounted(), "no mount is left behind");
         check_in_s3(&bucket, &files);
-        let logs = side.logs();
+        if held {
+            assert!(logs.contains("all written files uploaded"), "{logs}");
+        }
         assert!(!logs.contains("panicked"), "{logs}");
     });
 }
