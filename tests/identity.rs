@@ -124,6 +124,96 @@ fn a_renamed_open_file_survives_kill_9_before_its_upload() {
     assert!(s.get(&bucket, "app.log").is_none());
 }
 
+/// An upload running when its file is unlinked or renamed away can land after the unlink
+/// returned. keepfs deletes it again when it sees it finish; if keepfs is killed first, the
+/// tombstone it wrote before the unlink returned makes the next start delete it (only this
+/// file's own upload, never an object another client put there since).
+#[test]
+fn an_upload_landing_after_its_file_went_is_deleted_after_a_kill_9() {
+    let s = server();
+    if s.kind != common::ServerKind::S3sFs {
+        common::skipped("tombstones: needs the in-process server to refuse uploads");
+        return;
+    }
+    let bucket = s.bucket("tombstones");
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    s.refuse_uploads(&bucket);
+    let names = ["gone.txt", "renamed.txt", "replaced.txt"];
+    for name in names {
+        fs::write(m.path().join(name), format!("content of {name}")).unwrap();
+    }
+    // Each upload has started (and been refused) before its name goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !names.iter().all(|n| {
+        m.log()
+            .contains(&format!("upload failed; will retry key=\"{n}\""))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "uploads never started:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs::remove_file(m.path().join("gone.txt")).unwrap();
+    fs::rename(m.path().join("renamed.txt"), m.path().join("moved.txt")).unwrap();
+    fs::remove_file(m.path().join("replaced.txt")).unwrap();
+    // The tombstones name each key and the lineage of the file that was there.
+    let mut origins = std::collections::HashMap::new();
+    for entry in fs::read_dir(cache.path().join("gone")).unwrap() {
+        let bytes = fs::read(entry.unwrap().path()).unwrap();
+        let t: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let origin = format!("{:016x}", t["origin"].as_u64().unwrap());
+        origins.insert(t["key"].as_str().unwrap().to_owned(), origin);
+    }
+    let mut keys: Vec<_> = origins.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["gone.txt", "renamed.txt", "replaced.txt"]);
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    // What the killed mount's uploads would have left had the server finished them after
+    // the kill; and another client's new object under the third name.
+    s.allow_uploads(&bucket);
+    for name in ["gone.txt", "renamed.txt"] {
+        let body = format!("content of {name}");
+        s.put_with_metadata(
+            &bucket,
+            name,
+            body.as_bytes(),
+            &[("keepfs-origin", origins[name].as_str())],
+        );
+    }
+    s.put(&bucket, "replaced.txt", b"another client's");
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    flush(&m);
+    let mut listed = common::names(m.path());
+    listed.sort();
+    assert_eq!(listed, ["moved.txt", "replaced.txt"], "{}", m.log());
+    assert!(
+        s.get(&bucket, "gone.txt").is_none(),
+        "the unlinked file stays gone"
+    );
+    assert!(
+        s.get(&bucket, "renamed.txt").is_none(),
+        "the old name stays gone"
+    );
+    assert_eq!(
+        s.get(&bucket, "moved.txt").as_deref(),
+        Some(&b"content of renamed.txt"[..])
+    );
+    assert_eq!(
+        s.get(&bucket, "replaced.txt").as_deref(),
+        Some(&b"another client's"[..])
+    );
+    assert_eq!(
+        fs::read_dir(cache.path().join("gone")).unwrap().count(),
+        0,
+        "tombstones are cleared once done"
+    );
+}
+
 #[test]
 fn an_unlinked_open_file_lives_until_its_last_close_and_never_reaches_s3() {
     let s = server();

@@ -27,7 +27,9 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_FILE: &str = "FORMAT";
 const FORMAT_PREFIX: &str = "keepfs-cache-format ";
 const LOCK_FILE: &str = "lock";
-const SUBDIRS: [&str; 6] = ["journal", "data", "uploads", "renames", "blocks", "tmp"];
+const SUBDIRS: [&str; 7] = [
+    "journal", "data", "uploads", "renames", "gone", "blocks", "tmp",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheDirError {
@@ -93,6 +95,10 @@ impl CacheDir {
 
     pub fn renames_dir(&self) -> PathBuf {
         self.path.join("renames")
+    }
+
+    pub fn gone_dir(&self) -> PathBuf {
+        self.path.join("gone")
     }
 
     pub fn blocks_dir(&self) -> PathBuf {

@@ -4,6 +4,7 @@ pub mod dirty;
 pub mod local;
 pub mod renames;
 pub mod resume;
+pub mod tombstones;
 pub mod upload;
 
 pub use dirty::{DirtyAttr, DirtyFiles, FileId};

@@ -261,7 +261,11 @@ impl<S: ObjectStore> Uploader<S> {
             Err(UploadError::Store(e) | UploadError::Abandoned(e)) => return Err(e),
         };
         if self.dirty.uploaded(&snapshot, &etag) == UploadOutcome::Removed {
-            delete_if_ours(&*self.store, key, &etag).await;
+            match delete_leftover(&*self.store, key, Some(&etag), None).await {
+                Ok(()) => self.dirty.settled(key),
+                // The tombstone stays; the background task deletes it.
+                Err(_) => self.enqueue(key),
+            }
         }
         Ok(())
     }
@@ -359,7 +363,17 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
     loop {
         let guard = locks.lock(key).await;
         let Some(snapshot) = dirty.snapshot(key) else {
-            // Nothing (more) to upload; an earlier upload of a removed key is over.
+            // Nothing (more) to upload. A tombstone says an upload of a file whose name went
+            // may have landed here (one cut off by a crash, after a restart): it goes first.
+            if let Some(origin) = dirty.tombstone(key)
+                && let Err(e) = clear_tombstone(store, dirty, key, origin).await
+            {
+                drop(guard);
+                tracing::warn!(key, error = %e, retry_in = ?backoff, "could not delete the upload of a removed file; will retry");
+                sender.stats.failed(key, &e);
+                backoff = sender.stats.back_off(backoff).await;
+                continue;
+            }
             dirty.settled(key);
             drop(guard);
             abort_orphaned_uploads(store, dirty).await;
@@ -373,12 +387,23 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
         let outcome = match &result {
             Ok(etag) => {
                 let outcome = dirty.uploaded(&snapshot, etag);
-                if outcome == UploadOutcome::Removed {
-                    // Unlinked during the upload, which put the object back: remove it again.
-                    delete_if_ours(store, key, etag).await;
-                    dirty.settled(key);
+                match outcome {
+                    // Unlinked during the upload, which put the object back: remove it again
+                    // (until that is done, the tombstone keeps the key for a retry).
+                    UploadOutcome::Removed => {
+                        match delete_leftover(store, key, Some(etag), None).await {
+                            Ok(()) => {
+                                dirty.settled(key);
+                                Some(outcome)
+                            }
+                            Err(e) => {
+                                tracing::warn!(key, error = %e, "could not delete the upload of a removed file; will retry");
+                                None
+                            }
+                        }
+                    }
+                    _ => Some(outcome),
                 }
-                Some(outcome)
             }
             Err(_) => None,
         };
@@ -395,7 +420,9 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
                 }
                 Some(UploadOutcome::Removed) => return,
                 // Changed during the upload: go again with the new content.
-                _ => backoff = Duration::from_millis(200),
+                Some(UploadOutcome::Changed) => backoff = Duration::from_millis(200),
+                // Removed, and its upload still to delete.
+                None => backoff = sender.stats.back_off(backoff).await,
             },
             // Unlinked or replaced meanwhile: look again at what the key holds now.
             Err(UploadError::Superseded) => backoff = Duration::from_millis(200),
@@ -413,17 +440,52 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
     }
 }
 
-/// Deletes `key` if it still holds version `etag` (this mount's own upload of a file that was
-/// unlinked meanwhile), and not something a rename or another client put there since.
-async fn delete_if_ours<S: ObjectStore>(store: &S, key: &str, etag: &str) {
-    match store.head(key).await {
-        Ok(meta) if meta.etag == etag => {
-            if let Err(e) = store.delete(key).await {
-                tracing::warn!(key, error = %e, "could not delete object of an unlinked file");
-            }
+/// Makes sure nothing of the file whose name went (lineage `origin`) is or will be at `key`:
+/// after the grace a tombstone from a previous run waits, its recorded multipart uploads to the
+/// key are aborted (a completion still running on the server then fails) and an object of its
+/// lineage is deleted.
+async fn clear_tombstone<S: ObjectStore>(
+    store: &S,
+    dirty: &DirtyFiles,
+    key: &str,
+    origin: u64,
+) -> Result<(), StoreError> {
+    tokio::time::sleep(dirty.tombstone_wait(key)).await;
+    let pending = dirty.pending_uploads();
+    for (id, upload) in pending.all() {
+        if upload.key == key {
+            abort(store, &upload).await;
+            pending.remove(id, key);
         }
-        Ok(_) | Err(StoreError::NotFound) => {}
-        Err(e) => tracing::warn!(key, error = %e, "could not check object of an unlinked file"),
+    }
+    delete_leftover(store, key, None, Some(origin)).await
+}
+
+/// Deletes what an upload of a file whose name went (unlinked, renamed away) left at `key`:
+/// the object if it is version `etag` (the upload just finished) or carries the file's lineage
+/// `origin` (known from a tombstone after a restart). Anything else there was put by a rename
+/// or another client since, and stays.
+async fn delete_leftover<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    etag: Option<&str>,
+    origin: Option<u64>,
+) -> Result<(), StoreError> {
+    let meta = match store.head(key).await {
+        Ok(meta) => meta,
+        Err(StoreError::NotFound) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let lineage = origin.map(|o| format!("{o:016x}"));
+    let ours = etag.is_some_and(|e| meta.etag == e)
+        || lineage.is_some_and(|l| meta.user_metadata.get(ORIGIN) == Some(&l));
+    if !ours {
+        return Ok(());
+    }
+    tracing::debug!(key, "deleting the upload of a removed file");
+    match store.delete(key).await {
+        Ok(()) | Err(StoreError::NotFound) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 mod recovery;
 mod snapshot;
@@ -23,6 +23,7 @@ use table::{DirtyFile, Discard, Journalled, Table, new_fid};
 
 use super::local::{CacheUsage, Coverage, LocalData};
 use super::resume::PendingUploads;
+use super::tombstones::Tombstones;
 use crate::cache::journal::{FileRecord, Journal, RECORD_VERSION, RecordState};
 
 /// What `stat` shows for a dirty file.
@@ -70,17 +71,21 @@ pub struct DirtyFiles {
     /// Keys whose local copy went away while an upload may have been running (see
     /// [`DirtyFiles::is_gone`]).
     gone: Mutex<std::collections::HashSet<String>>,
+    /// The durable side of `gone`, where an upload may have been in flight.
+    tombstones: Tombstones,
 }
 
 impl DirtyFiles {
     /// Files not yet in S3 (uploading, or still open: a close may come any moment, and the
     /// kernel reports it after `close()` has returned), and their bytes.
     pub fn pending(&self) -> (usize, u64) {
-        let files = self.files();
-        files
+        let (files, bytes) = self
+            .files()
             .values()
             .filter(|f| !f.uploaded())
-            .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size))
+            .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size));
+        // A tombstone still to clear: S3 may hold an object that must go.
+        (files + self.tombstones.all().len(), bytes)
     }
 
     /// Files open for writing now (their upload waits for the last close).
@@ -213,6 +218,7 @@ impl DirtyFiles {
                 durable_size: 0,
                 retired: Vec::new(),
                 origin: new_origin(),
+                upload_started: false,
             },
         );
         let discard = old.map(|old| files.unlink(old));
@@ -319,6 +325,7 @@ impl DirtyFiles {
             durable_size: 0,
             retired: Vec::new(),
             origin: new_origin(),
+            upload_started: false,
         };
         self.files().unlinked.insert(fid, file);
         fid
@@ -470,6 +477,11 @@ impl DirtyFiles {
         }
         record.base_etag = data.base_etag();
         self.journal.put(&record)?;
+        // The journal holds a file under this key again: its upload replaces anything an
+        // older file's upload left there.
+        if self.tombstones.get(key).is_some() {
+            self.tombstones.remove(key)?;
+        }
         // The new record is durable: the copies it replaces can go (record first).
         let retired = self
             .with_file(key, |f| {
@@ -509,6 +521,9 @@ impl DirtyFiles {
             file.data.detach_from_base();
             file.generation += 1;
             self.gone().insert(from.to_owned());
+            if file.upload_started {
+                self.bury(from, file.origin);
+            }
             file.data.set_base_etag(base_etag);
             let replaced = files.insert(to.to_owned(), file);
             replaced.map(|old| files.unlink(old))
@@ -525,6 +540,9 @@ impl DirtyFiles {
         let discard = {
             let mut files = self.files();
             let old = files.remove(key);
+            if let Some(f) = old.as_ref().filter(|f| f.upload_started) {
+                self.bury(key, f.origin);
+            }
             old.map(|f| files.unlink(f))
         };
         match discard {
@@ -559,6 +577,30 @@ impl DirtyFiles {
     /// Called by the uploader once no upload of `key` can still be running.
     pub fn settled(&self, key: &str) {
         self.gone().remove(key);
+        if let Err(e) = self.tombstones.remove(key) {
+            tracing::warn!(key, error = %e, "could not remove a tombstone");
+        }
+    }
+
+    /// Durably marks `key` as gone for file lineage `origin`, whose upload may still land there.
+    fn bury(&self, key: &str, origin: u64) {
+        if let Err(e) = self.tombstones.put(key, origin) {
+            // The name goes anyway; only a crash before the racing upload is deleted again
+            // would bring it back.
+            tracing::warn!(key, error = %e, "could not record a tombstone");
+        }
+    }
+
+    /// The lineage of the file a tombstone of `key` was left for: an object of that lineage
+    /// under `key` is an upload that landed after the file's name went, to be deleted.
+    pub fn tombstone(&self, key: &str) -> Option<u64> {
+        self.tombstones.get(key)
+    }
+
+    /// How long the tombstone of `key` waits before its key is checked
+    /// ([`Tombstones::wait`]).
+    pub fn tombstone_wait(&self, key: &str) -> Duration {
+        self.tombstones.wait(key)
     }
 
     /// Deletes a record and its data file; the record goes first, so a crash in between leaves
@@ -604,7 +646,6 @@ fn now_id() -> u64 {
 mod tests {
     use super::*;
     use crate::cache::CacheDir;
-    use std::time::Duration;
 
     fn attr() -> DirtyAttr {
         DirtyAttr::new(

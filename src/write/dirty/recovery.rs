@@ -13,6 +13,7 @@ use crate::cache::CacheDir;
 use crate::cache::journal::Journal;
 use crate::write::local::{CacheUsage, LocalData};
 use crate::write::resume::PendingUploads;
+use crate::write::tombstones::Tombstones;
 
 pub(super) fn to_ns(t: SystemTime) -> i128 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
@@ -79,6 +80,7 @@ impl DirtyFiles {
                     durable_size,
                     retired: Vec::new(),
                     origin: record.origin.unwrap_or_else(new_origin),
+                    upload_started: false,
                 },
             );
             // Records come by id: an older one for the same key is a copy-on-write's
@@ -88,7 +90,19 @@ impl DirtyFiles {
             }
         }
         remove_orphans(&data_dir, &files)?;
-        let keys: Vec<String> = files.keys().cloned().collect();
+        let mut keys: Vec<String> = files.keys().cloned().collect();
+        // A tombstone under a key the journal holds a file for again is obsolete (that file's
+        // upload replaces whatever landed there); the others are for the uploader to clear.
+        let tombstones = Tombstones::open(cache)?;
+        let mut gone = std::collections::HashSet::new();
+        for key in tombstones.all() {
+            if files.get(&key).is_some() {
+                tombstones.remove(&key)?;
+            } else {
+                gone.insert(key.clone());
+                keys.push(key);
+            }
+        }
         if !keys.is_empty() {
             tracing::info!(
                 files = keys.len(),
@@ -103,7 +117,8 @@ impl DirtyFiles {
                 files: Mutex::new(files),
                 next_id: AtomicU64::new(max_id.max(now_id()) + 1),
                 usage,
-                gone: Mutex::default(),
+                gone: Mutex::new(gone),
+                tombstones,
             },
             keys,
         ))

@@ -58,11 +58,14 @@ impl DirtyFiles {
     }
 
     fn take_snapshot(&self, key: &str, even_if_open: bool) -> Option<UploadSnapshot> {
-        let files = self.files();
-        let f = files.get(key).filter(|f| even_if_open || f.writers == 0)?;
+        let mut files = self.files();
+        let f = files
+            .get_mut(key)
+            .filter(|f| even_if_open || f.writers == 0)?;
         if !even_if_open && f.handles > 0 && f.uploaded() {
             return None; // nothing to do until the last handle goes
         }
+        f.upload_started = true;
         Some(UploadSnapshot {
             key: key.to_owned(),
             id: f.id,

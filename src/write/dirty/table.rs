@@ -126,6 +126,9 @@ pub(super) struct DirtyFile {
     pub(super) retired: Vec<u64>,
     /// See [`FileRecord::origin`].
     pub(super) origin: u64,
+    /// An upload of this file may have started (a snapshot was taken for it): when its name
+    /// goes, the upload may still land there (see [`crate::write::tombstones`]).
+    pub(super) upload_started: bool,
 }
 
 impl DirtyFile {
