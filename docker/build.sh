@@ -39,6 +39,11 @@ fi
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 cp "$bin" "$context/keepfs"
+# Debug line tables are most of a release binary (debug = "line-tables-only"); symbols stay,
+# so backtraces still name functions.
+if command -v strip >/dev/null 2>&1; then
+    strip --strip-debug "$context/keepfs"
+fi
 build_args=(--build-arg "BASE=$base" --build-arg "VERSION=$version"
     --build-arg "REVISION=$revision" --build-arg "KEEPFS_BIN=keepfs")
 
