@@ -402,3 +402,144 @@ fn podman_stop_uploads_what_is_pending_unmounts_and_exits_0() {
         assert!(!logs.contains("panicked"), "{logs}");
     });
 }
+
+/// deploy/kubernetes/sidecar-statefulset.yaml as a Pod podman can play, changed only where
+/// podman needs it: a Pod instead of a StatefulSet, the native sidecar as a plain container
+/// (podman has no native sidecars), host directories for the shared and cache volumes (an
+/// emptyDir of podman's does not propagate mounts; there is no volume claim), and the test
+/// server's bucket, endpoint and credentials instead of AWS's (on the host's network).
+fn playable_sidecar_pod(
+    name: &str,
+    image: &str,
+    bucket: &str,
+    shared: &Path,
+    cache: &Path,
+) -> String {
+    use yaml_rust2::yaml::Hash;
+    use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/sidecar-statefulset.yaml");
+    let docs = YamlLoader::load_from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let set = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("StatefulSet"))
+        .expect("a StatefulSet");
+    let s = |v: &str| Yaml::String(v.to_owned());
+    let hash = |y: &Yaml| match y {
+        Yaml::Hash(h) => h.clone(),
+        _ => panic!("not a mapping: {y:?}"),
+    };
+    let mut spec = hash(&set["spec"]["template"]["spec"]);
+    let mut sidecar = hash(&set["spec"]["template"]["spec"]["initContainers"][0]);
+    sidecar.remove(&s("restartPolicy"));
+    sidecar.insert(s("image"), s(image));
+    let mut args: Vec<Yaml> = sidecar[&s("args")].as_vec().unwrap().clone();
+    args[1] = s(&format!("s3://{bucket}"));
+    let server = server();
+    args.extend([
+        s("--endpoint-url"),
+        s(&server.endpoint),
+        s("--force-path-style"),
+    ]);
+    sidecar.insert(s("args"), Yaml::Array(args));
+    let mut env: Vec<Yaml> = Vec::new();
+    for (k, v) in server.env() {
+        let mut var = Hash::new();
+        var.insert(s("name"), s(k));
+        var.insert(s("value"), s(&v));
+        env.push(Yaml::Hash(var));
+    }
+    sidecar.insert(s("env"), Yaml::Array(env));
+    let app = set["spec"]["template"]["spec"]["containers"][0].clone();
+    spec.remove(&s("initContainers"));
+    spec.remove(&s("serviceAccountName"));
+    // The test server listens on the host's loopback.
+    spec.insert(s("hostNetwork"), Yaml::Boolean(true));
+    spec.insert(s("containers"), Yaml::Array(vec![Yaml::Hash(sidecar), app]));
+    let host = |name: &str, dir: &Path| {
+        let mut path = Hash::new();
+        path.insert(s("path"), s(dir.to_str().unwrap()));
+        path.insert(s("type"), s("Directory"));
+        let mut volume = Hash::new();
+        volume.insert(s("name"), s(name));
+        volume.insert(s("hostPath"), Yaml::Hash(path));
+        Yaml::Hash(volume)
+    };
+    spec.insert(
+        s("volumes"),
+        Yaml::Array(vec![host("shared", shared), host("keepfs-cache", cache)]),
+    );
+    let mut metadata = Hash::new();
+    metadata.insert(s("name"), s(name));
+    let mut pod = Hash::new();
+    pod.insert(s("apiVersion"), s("v1"));
+    pod.insert(s("kind"), s("Pod"));
+    pod.insert(s("metadata"), Yaml::Hash(metadata));
+    pod.insert(s("spec"), Yaml::Hash(spec));
+    let mut out = String::new();
+    YamlEmitter::new(&mut out).dump(&Yaml::Hash(pod)).unwrap();
+    out
+}
+
+#[test]
+fn the_sidecar_manifest_runs_under_podman_kube_play() {
+    with_image(|image| {
+        let s = server();
+        let bucket = s.bucket("kubeplay");
+        let shared = SharedDir::new();
+        let (_keep, cache) = cache_volume();
+        let name = format!("keepfs-kube-{}", std::process::id());
+        let yaml = playable_sidecar_pod(&name, image, &bucket, shared.path(), &cache);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &yaml).unwrap();
+        let file_path = file.path().to_str().unwrap().to_owned();
+        struct Down(String, String);
+        impl Drop for Down {
+            fn drop(&mut self) {
+                // keepfs first, so that it unmounts; then the rest of the pod.
+                let _ = podman(&["stop", "-t", "30", &format!("{}-keepfs", self.0)]);
+                let _ = podman(&["kube", "down", &self.1]);
+            }
+        }
+        let _down = Down(name.clone(), file_path.clone());
+        podman_ok(&["kube", "play", &file_path]);
+        let app = Container {
+            name: format!("{name}-app"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !app
+            .try_sh("grep -q ' /shared/data fuse' /proc/mounts")
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the app never saw the mount:\n{yaml}\n{}",
+                String::from_utf8_lossy(&podman(&["logs", &format!("{name}-keepfs")]).stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The application runs as uid 1000: keepfs shows files as its own (--uid/--gid) and
+        // lets it in (--allow-other).
+        assert_eq!(app.sh("id -u").trim(), "1000");
+        app.sh("mkdir /shared/data/app && echo from-the-app > /shared/data/app/hello.txt");
+        assert_eq!(app.sh("cat /shared/data/app/hello.txt"), "from-the-app\n");
+        let keepfs = Container {
+            name: format!("{name}-keepfs"),
+        };
+        keepfs.sh("keepfs flush /shared/data --timeout 30s");
+        std::mem::forget(keepfs); // removed by `kube down`
+        std::mem::forget(app);
+        assert_eq!(
+            s.get(&bucket, "app/hello.txt").as_deref(),
+            Some(&b"from-the-app\n"[..])
+        );
+        assert_eq!(
+            s.metadata(&bucket, "app/hello.txt")
+                .and_then(|m| m.get("uid").cloned())
+                .as_deref(),
+            Some("1000"),
+            "the file is the application's"
+        );
+    });
+}
