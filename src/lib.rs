@@ -14,6 +14,7 @@ pub mod control;
 pub mod error;
 pub mod flush;
 pub mod fs;
+pub mod helper;
 pub mod logging;
 pub mod mount;
 pub mod namespace;

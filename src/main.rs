@@ -12,7 +12,17 @@ use keepfs::mount::{DAEMON_CHILD_ENV, daemonize, run};
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = if keepfs::helper::is_helper_call(&argv) {
+        // mount(8), fstab, mount.fuse3: see src/helper.rs.
+        match keepfs::helper::translate(&argv) {
+            Ok(keepfs::helper::HelperCall::Mount(args)) => Cli::parse_from(args),
+            Ok(keepfs::helper::HelperCall::Fake) => return ExitCode::SUCCESS,
+            Err(e) => return fail(&e.to_string()),
+        }
+    } else {
+        Cli::parse_from(argv)
+    };
     match cli.command {
         Command::Status(args) => status(&args),
         Command::Flush(args) => flush(&args),

@@ -659,8 +659,12 @@ fn lazy_unmount(path: &Path) {
     }
 }
 
-/// Tells a waiting `--daemon` parent that the mount is ready.
+/// Tells whoever waits that the mount is ready: a `--daemon` parent, and systemd (Type=notify).
 fn report_ready() {
+    // systemd's Type=notify (sd_notify(3)): ready once the mount is.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not tell systemd the mount is ready");
+    }
     if std::env::var_os(DAEMON_CHILD_ENV).is_some() {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "{READY_LINE}");

@@ -130,6 +130,9 @@ fn create_private_dir(path: &Path) -> Result<(), CacheDirError> {
     Ok(())
 }
 
+/// How long opening a cache directory waits for another process to let go of it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn lock(dir: &Path) -> Result<File, CacheDirError> {
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
@@ -139,7 +142,15 @@ fn lock(dir: &Path) -> Result<File, CacheDirError> {
         .truncate(false)
         .open(&path)
         .map_err(io_error(&path))?;
-    match file.try_lock() {
+    // A keepfs just unmounted (`umount` returns before its process has finished) lets go
+    // within a second or two: `umount; mount` must not fail for that.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut locked = file.try_lock();
+    while matches!(locked, Err(TryLockError::WouldBlock)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        locked = file.try_lock();
+    }
+    match locked {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
             let mut text = String::new();
