@@ -34,8 +34,7 @@ fn the_demo_walks_through_write_back_and_crash_survival() {
     // ...and reaches the bucket with the flush.
     let last = text
         .lines()
-        .filter(|l| l.contains("in the bucket:"))
-        .last()
+        .rfind(|l| l.contains("in the bucket:"))
         .expect("bucket listing");
     assert!(last.contains("offline.txt"), "{text}");
     assert!(text.contains("demo files removed"), "{text}");
