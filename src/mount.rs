@@ -418,7 +418,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     tracing::info!(source = %config.source, mountpoint = %mountpoint.display(), "mounted");
     report_ready();
 
-    let signal_mountpoint = mountpoint.clone();
+    let (signal_mountpoint, signal_device) = (mountpoint.clone(), device.clone());
     let grace = config.shutdown_grace;
     runtime.spawn(async move {
         let mut signals = StopSignals::new();
@@ -426,6 +426,11 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         if let Some((dirty, stopping)) = draining {
             stopping.store(true, Ordering::Relaxed);
             drain_uploads(&dirty, grace, &mut signals).await;
+        }
+        // Unmounted from outside meanwhile (a systemd mount unit unmounts, then signals):
+        // the session ends by itself, and an unmount would hit what lies beneath.
+        if signal_device.is_none() || mount_device(&signal_mountpoint) != signal_device {
+            return;
         }
         tracing::info!(mountpoint = %signal_mountpoint.display(), "stop signal received; unmounting");
         if let Err(e) = unmount(&signal_mountpoint) {

@@ -182,10 +182,23 @@ fn an_upload_landing_after_its_file_went_is_deleted_after_a_kill_9() {
             &bucket,
             name,
             body.as_bytes(),
-            &[("keepfs-origin", origins[name].as_str())],
+            &[
+                ("keepfs-origin", origins[name].as_str()),
+                ("keepfs-key", &sha256(name.as_bytes())[..16]),
+            ],
         );
     }
-    s.put(&bucket, "replaced.txt", b"another client's");
+    // Another client's copy of this mount's object from another key (CopyObject keeps the
+    // lineage metadata, not the key it was uploaded to).
+    s.put_with_metadata(
+        &bucket,
+        "replaced.txt",
+        b"another client's",
+        &[
+            ("keepfs-origin", origins["replaced.txt"].as_str()),
+            ("keepfs-key", &sha256(b"elsewhere.txt")[..16]),
+        ],
+    );
     let m = Mount::new(&format!("s3://{bucket}"), &args);
     flush(&m);
     let mut listed = common::names(m.path());

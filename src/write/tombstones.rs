@@ -38,10 +38,10 @@ pub struct Tombstones {
     dir: PathBuf,
     /// Key → lineage, for every tombstone on disk.
     keys: Mutex<HashMap<String, u64>>,
-    /// When the tombstones a previous run left were read.
+    /// When the tombstones a previous run left were read (this run's start).
     opened: Instant,
-    /// The keys of those.
-    inherited: std::collections::HashSet<String>,
+    /// Keys the previous run may still have requests for on the server.
+    last_run: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Tombstones {
@@ -67,7 +67,7 @@ impl Tombstones {
         }
         Ok(Tombstones {
             dir,
-            inherited: keys.keys().cloned().collect(),
+            last_run: Mutex::new(keys.keys().cloned().collect()),
             keys: Mutex::new(keys),
             opened: Instant::now(),
         })
@@ -84,9 +84,9 @@ impl Tombstones {
             origin,
         })
         .map_err(std::io::Error::other)?;
-        write_atomically(&self.dir, &self.dir.join(file_name(key)), &bytes)?;
+        // In memory even if the disk fails: this run still deletes the leftover.
         self.keys().insert(key.to_owned(), origin);
-        Ok(())
+        write_atomically(&self.dir, &self.dir.join(file_name(key)), &bytes)
     }
 
     /// The lineage a tombstone for `key` names, if there is one.
@@ -94,14 +94,29 @@ impl Tombstones {
         self.keys().get(key).copied()
     }
 
-    /// How much longer the tombstone of `key` must wait before its key is checked (see
-    /// [`INHERITED_GRACE`]); zero for this run's own.
+    /// How much longer the tombstone of `key` must wait before its key is checked: until
+    /// [`INHERITED_GRACE`] after the start for a key the previous run may have been sending
+    /// requests for (its tombstones and its journalled files); none for others, whose uploads
+    /// are this run's own and over by the time the tombstone is handled.
     pub fn wait(&self, key: &str) -> Duration {
-        if self.inherited.contains(key) {
+        if self
+            .last_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+        {
             INHERITED_GRACE.saturating_sub(self.opened.elapsed())
         } else {
             Duration::ZERO
         }
+    }
+
+    /// Keys of files the previous run left in the journal (see [`Tombstones::wait`]).
+    pub fn from_last_run(&self, keys: impl IntoIterator<Item = String>) {
+        self.last_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(keys);
     }
 
     /// Every key with a tombstone.
@@ -112,14 +127,17 @@ impl Tombstones {
     /// Durably removes the tombstone of `key` (none is fine): nothing of the old file can land
     /// there any more, or the journal holds a newer file under the key.
     pub fn remove(&self, key: &str) -> std::io::Result<()> {
-        if self.keys().remove(key).is_none() {
+        if self.get(key).is_none() {
             return Ok(());
         }
+        // The file first: memory never forgets a tombstone the disk still has.
         match fs::remove_file(self.dir.join(file_name(key))) {
-            Ok(()) => sync_dir(&self.dir),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+            Ok(()) => sync_dir(&self.dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
+        self.keys().remove(key);
+        Ok(())
     }
 }
 

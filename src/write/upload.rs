@@ -279,6 +279,18 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
 
 /// `x-amz-meta-*` key naming the lineage of the local file an object was uploaded from.
 const ORIGIN: &str = "keepfs-origin";
+/// `x-amz-meta-*` key holding [`key_hash`] of the key an object was uploaded to: a copy made
+/// inside S3 (CopyObject keeps user metadata) carries another key's.
+const UPLOADED_TO: &str = "keepfs-key";
+
+/// The first 16 hex digits of the key's sha256 (user metadata must be ASCII; keys need not be).
+fn key_hash(key: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
     let attr = &snapshot.attr;
@@ -288,6 +300,7 @@ fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
         attr.ctime,
     );
     meta.insert(ORIGIN.to_owned(), format!("{:016x}", snapshot.origin));
+    meta.insert(UPLOADED_TO.to_owned(), key_hash(&snapshot.key));
     meta
 }
 
@@ -477,8 +490,11 @@ async fn delete_leftover<S: ObjectStore>(
         Err(e) => return Err(e),
     };
     let lineage = origin.map(|o| format!("{o:016x}"));
+    // By lineage only an object uploaded to this very key: one another client copied here
+    // from a key this file had keeps the lineage, but not the key.
     let ours = etag.is_some_and(|e| meta.etag == e)
-        || lineage.is_some_and(|l| meta.user_metadata.get(ORIGIN) == Some(&l));
+        || (lineage.is_some_and(|l| meta.user_metadata.get(ORIGIN) == Some(&l))
+            && meta.user_metadata.get(UPLOADED_TO) == Some(&key_hash(key)));
     if !ours {
         return Ok(());
     }

@@ -479,8 +479,10 @@ impl DirtyFiles {
         self.journal.put(&record)?;
         // The journal holds a file under this key again: its upload replaces anything an
         // older file's upload left there.
-        if self.tombstones.get(key).is_some() {
-            self.tombstones.remove(key)?;
+        if let Err(e) = self.tombstones.remove(key) {
+            // The record is durable already: the close succeeded. A tombstone left behind is
+            // cleared at the next start (the journal holds the key).
+            tracing::warn!(key, error = %e, "could not remove a tombstone");
         }
         // The new record is durable: the copies it replaces can go (record first).
         let retired = self

@@ -80,7 +80,8 @@ impl DirtyFiles {
                     durable_size,
                     retired: Vec::new(),
                     origin: record.origin.unwrap_or_else(new_origin),
-                    upload_started: false,
+                    // The previous run may have been uploading it when it died.
+                    upload_started: true,
                 },
             );
             // Records come by id: an older one for the same key is a copy-on-write's
@@ -94,6 +95,7 @@ impl DirtyFiles {
         // A tombstone under a key the journal holds a file for again is obsolete (that file's
         // upload replaces whatever landed there); the others are for the uploader to clear.
         let tombstones = Tombstones::open(cache)?;
+        tombstones.from_last_run(files.keys().cloned());
         let mut gone = std::collections::HashSet::new();
         for key in tombstones.all() {
             if files.get(&key).is_some() {
