@@ -381,6 +381,12 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
             if let Some(origin) = dirty.tombstone(key)
                 && let Err(e) = clear_tombstone(store, dirty, key, origin).await
             {
+                if matches!(e, StoreError::AccessDenied(_) | StoreError::NoSuchBucket(_)) {
+                    // Never going to work: don't hold the key (and flush) forever.
+                    tracing::error!(key, error = %e, "cannot delete the upload of a removed file; it may stay in S3");
+                    dirty.settled(key);
+                    return;
+                }
                 drop(guard);
                 tracing::warn!(key, error = %e, retry_in = ?backoff, "could not delete the upload of a removed file; will retry");
                 sender.stats.failed(key, &e);
