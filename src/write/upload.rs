@@ -342,14 +342,19 @@ async fn abort_orphaned_uploads<S: ObjectStore>(store: &S, dirty: &DirtyFiles) {
     }
 }
 
-/// Aborts the recorded uploads to `key` of data files other than `data_id`. Uploads of one key
-/// never run at once (key locks), so such a record belongs to an older version of the file
-/// whose upload was cut off or overtaken.
-async fn abort_replaced<S: ObjectStore>(sender: &Sender<'_, S>, data_id: u64, key: &str) {
-    let pending = sender.dirty.pending_uploads();
+/// Aborts and forgets the recorded multipart uploads to `key`, but that of data file `keep`.
+/// Uploads of one key never run at once (key locks), so another data file's record belongs to
+/// an older version of the file whose upload was cut off or overtaken.
+async fn abort_uploads_to<S: ObjectStore>(
+    store: &S,
+    dirty: &DirtyFiles,
+    key: &str,
+    keep: Option<u64>,
+) {
+    let pending = dirty.pending_uploads();
     for (id, upload) in pending.all() {
-        if id != data_id && upload.key == key {
-            abort(sender.store, &upload).await;
+        if Some(id) != keep && upload.key == key {
+            abort(store, &upload).await;
             pending.remove(id, key);
         }
     }
@@ -470,13 +475,7 @@ async fn clear_tombstone<S: ObjectStore>(
     origin: u64,
 ) -> Result<(), StoreError> {
     tokio::time::sleep(dirty.tombstone_wait(key)).await;
-    let pending = dirty.pending_uploads();
-    for (id, upload) in pending.all() {
-        if upload.key == key {
-            abort(store, &upload).await;
-            pending.remove(id, key);
-        }
-    }
+    abort_uploads_to(store, dirty, key, None).await;
     delete_leftover(store, key, None, Some(origin)).await
 }
 
@@ -653,7 +652,7 @@ async fn upload_to<S: ObjectStore>(
     // Uploads to this key of data this snapshot replaces (an earlier version of the file, cut
     // off or overtaken by a rewrite) are of no use any more: aborted before this one starts,
     // so an incomplete upload never outlives the version it was for.
-    abort_replaced(sender, snapshot.id, key).await;
+    abort_uploads_to(sender.store, sender.dirty, key, Some(snapshot.id)).await;
     if size <= part {
         // A multipart upload of an earlier, larger version is of no use any more.
         if let Some(outdated) = sender.dirty.pending_uploads().get(snapshot.id, key) {
