@@ -41,13 +41,17 @@ pub struct Tombstones {
     /// When the tombstones a previous run left were read (this run's start).
     opened: Instant,
     /// Keys the previous run may still have requests for on the server.
-    last_run: Mutex<std::collections::HashSet<String>>,
+    last_run: std::collections::HashSet<String>,
 }
 
 impl Tombstones {
     /// Reads the tombstones a previous run left; unreadable files are removed (a torn write
-    /// never returned to anyone).
-    pub fn open(cache: &CacheDir) -> std::io::Result<Self> {
+    /// never returned to anyone). `journalled`: the keys of the files that run left in the
+    /// journal (it may have been uploading them, see [`Tombstones::wait`]).
+    pub fn open(
+        cache: &CacheDir,
+        journalled: impl IntoIterator<Item = String>,
+    ) -> std::io::Result<Self> {
         let dir = cache.gone_dir();
         let mut keys = HashMap::new();
         for entry in fs::read_dir(&dir)? {
@@ -67,7 +71,7 @@ impl Tombstones {
         }
         Ok(Tombstones {
             dir,
-            last_run: Mutex::new(keys.keys().cloned().collect()),
+            last_run: keys.keys().cloned().chain(journalled).collect(),
             keys: Mutex::new(keys),
             opened: Instant::now(),
         })
@@ -99,24 +103,16 @@ impl Tombstones {
     /// requests for (its tombstones and its journalled files); none for others, whose uploads
     /// are this run's own and over by the time the tombstone is handled.
     pub fn wait(&self, key: &str) -> Duration {
-        if self
-            .last_run
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
-        {
+        if self.last_run.contains(key) {
             INHERITED_GRACE.saturating_sub(self.opened.elapsed())
         } else {
             Duration::ZERO
         }
     }
 
-    /// Keys of files the previous run left in the journal (see [`Tombstones::wait`]).
-    pub fn from_last_run(&self, keys: impl IntoIterator<Item = String>) {
-        self.last_run
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(keys);
+    /// How many tombstones there are.
+    pub fn count(&self) -> usize {
+        self.keys().len()
     }
 
     /// Every key with a tombstone.
@@ -156,14 +152,14 @@ mod tests {
     fn tombstones_survive_a_restart_until_removed() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = CacheDir::open(&tmp.path().join("c")).unwrap();
-        let t = Tombstones::open(&cache).unwrap();
+        let t = Tombstones::open(&cache, []).unwrap();
         t.put("a/../b\n", 7).unwrap();
         t.put("plain", 8).unwrap();
         t.remove("plain").unwrap();
         t.remove("never").unwrap();
         fs::write(cache.gone_dir().join("torn.json"), b"{\"key\":").unwrap();
         drop(t);
-        let t = Tombstones::open(&cache).unwrap();
+        let t = Tombstones::open(&cache, []).unwrap();
         assert_eq!(t.all(), vec!["a/../b\n".to_owned()]);
         assert_eq!(t.get("a/../b\n"), Some(7));
         assert!(!cache.gone_dir().join("torn.json").exists());

@@ -85,7 +85,7 @@ impl DirtyFiles {
             .filter(|f| !f.uploaded())
             .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.attr.size));
         // A tombstone still to clear: S3 may hold an object that must go.
-        (files + self.tombstones.all().len(), bytes)
+        (files + self.tombstones.count(), bytes)
     }
 
     /// Files open for writing now (their upload waits for the last close).

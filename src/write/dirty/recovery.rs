@@ -94,8 +94,7 @@ impl DirtyFiles {
         let mut keys: Vec<String> = files.keys().cloned().collect();
         // A tombstone under a key the journal holds a file for again is obsolete (that file's
         // upload replaces whatever landed there); the others are for the uploader to clear.
-        let tombstones = Tombstones::open(cache)?;
-        tombstones.from_last_run(files.keys().cloned());
+        let tombstones = Tombstones::open(cache, files.keys().cloned())?;
         let mut gone = std::collections::HashSet::new();
         for key in tombstones.all() {
             if files.get(&key).is_some() {
