@@ -39,8 +39,9 @@ fn fuse_attr<S: ObjectStore>(fs: &Vfs<S>, attr: &Attr) -> FileAttr {
     file_attr(attr, fs.namespace.nlink(attr.ino))
 }
 
-fn file_attr(attr: &Attr, nlink: u32) -> FileAttr {
-    let kind = match attr.kind {
+/// The kernel's file type of `kind`.
+fn file_type(kind: NodeKind) -> FileType {
+    match kind {
         NodeKind::Directory => FileType::Directory,
         NodeKind::File => FileType::RegularFile,
         NodeKind::Symlink => FileType::Symlink,
@@ -50,7 +51,11 @@ fn file_attr(attr: &Attr, nlink: u32) -> FileAttr {
             libc::S_IFCHR => FileType::CharDevice,
             _ => FileType::BlockDevice,
         },
-    };
+    }
+}
+
+fn file_attr(attr: &Attr, nlink: u32) -> FileAttr {
+    let kind = file_type(attr.kind);
     let rdev = match attr.kind {
         NodeKind::Special { rdev, .. } => rdev,
         _ => 0,
@@ -630,7 +635,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         }
         let skip = (offset as usize).saturating_sub(2);
         for (i, entry) in entries.iter().enumerate().skip(skip) {
-            let kind = file_attr(&entry.attr, 1).kind;
+            let kind = file_type(entry.attr.kind);
             if reply.add(INodeNo(entry.attr.ino), i as u64 + 3, kind, &entry.name) {
                 break;
             }
