@@ -261,6 +261,7 @@ fn config(endpoint: &str, mountpoint: &Path, cache_dir: &Path) -> anyhow::Result
         shutdown_grace: Duration::from_secs(5),
         part_size: 8 << 20,
         upload_concurrency: 16,
+        metrics_addr: None,
     })
 }
 

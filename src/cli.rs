@@ -195,6 +195,12 @@ pub struct MountArgs {
     #[arg(long, default_value = "5", value_name = "DURATION")]
     pub connect_timeout: String,
 
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics, with /healthz (the process
+    /// answers) and /readyz (the mount answers), for example 127.0.0.1:9464 or 0.0.0.0:9464 in
+    /// a pod. Off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log level (error, warn, info, debug, trace). RUST_LOG, when set, takes precedence.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -233,6 +239,7 @@ impl MountArgs {
             part_size: parse_size(&self.part_size)?.max(5 << 20),
             max_cache_size: self.max_cache_size.as_deref().map(parse_size).transpose()?,
             upload_concurrency: usize::from(self.upload_concurrency),
+            metrics_addr: self.metrics_addr,
             cache_dir: self.cache_dir.clone().unwrap_or_else(|| {
                 default_cache_dir(self.endpoint_url.as_deref(), &source.bucket, &source.prefix)
             }),

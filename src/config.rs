@@ -175,6 +175,8 @@ pub struct MountConfig {
     pub part_size: u64,
     /// Parts of one file in flight.
     pub upload_concurrency: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: not at all).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[cfg(test)]

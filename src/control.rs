@@ -37,6 +37,9 @@ pub struct Live {
     pub conflicts: u64,
     /// Bytes resumed multipart uploads did not send again.
     pub resumed_bytes: u64,
+    /// Milliseconds the oldest change not yet in S3 has waited (0 when none).
+    #[serde(default)]
+    pub oldest_pending_ms: u64,
     /// The last failed upload attempts, oldest first.
     pub last_errors: Vec<UploadFailure>,
     /// Every closed file is in S3 and no upload task runs (only files open for writing
@@ -48,6 +51,18 @@ impl Live {
     /// Dirty files that are closed, so waiting for (or in) upload.
     pub fn closed_pending(&self) -> usize {
         self.dirty_files.saturating_sub(self.open_for_writing)
+    }
+
+    /// Sets the write-back gauges of `m` from these numbers (`/metrics` and `keepfs status`
+    /// read the same [`Live::now`]).
+    pub fn export(&self, m: &crate::metrics::Metrics) {
+        use crate::metrics::gauge_value;
+        m.dirty_files.set(gauge_value(self.dirty_files));
+        m.dirty_bytes.set(gauge_value(self.bytes_pending));
+        m.open_for_writing.set(gauge_value(self.open_for_writing));
+        m.uploads_in_flight.set(gauge_value(self.uploads_in_flight));
+        m.oldest_dirty_age
+            .set(self.oldest_pending_ms as f64 / 1000.0);
     }
 
     /// The numbers now.
@@ -63,6 +78,9 @@ impl Live {
             uploads_in_flight,
             conflicts: crate::write::upload::conflicts(),
             resumed_bytes: crate::write::upload::resumed_bytes(),
+            oldest_pending_ms: dirty
+                .oldest_pending()
+                .map_or(0, |age| age.as_millis().try_into().unwrap_or(u64::MAX)),
             last_errors: stats.failures(),
             flushed: dirty_files <= open_for_writing && uploads_in_flight == 0,
         }

@@ -12,8 +12,10 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::cache::{CacheDir, CacheDirError, DiskCache, MemoryCache};
 use crate::config::MountConfig;
-use crate::control::{self, MountRecord};
+use crate::control::{self, Live, MountRecord};
 use crate::fs::KeepFs;
+use crate::metrics::http::{Readiness, ReadyCheck};
+use crate::metrics::{self, gauge_value};
 use crate::namespace::{Defaults, Namespace};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::{ObjectStore, S3Store, S3StoreConfig, StoreError};
@@ -65,6 +67,11 @@ pub enum MountError {
     #[error("cannot read the journal in {path}: {source}")]
     Journal {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics at {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error("could not start the async runtime: {0}")]
@@ -272,6 +279,14 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         .thread_name("keepfs-io")
         .build()
         .map_err(MountError::Runtime)?;
+    // Bound before mounting: a taken port fails here, before anything is mounted.
+    let readiness = Readiness::default();
+    if let Some(addr) = config.metrics_addr {
+        let bound = runtime
+            .block_on(metrics::http::serve(addr, readiness.clone()))
+            .map_err(|source| MountError::Metrics { addr, source })?;
+        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+    }
 
     let store = runtime.block_on(async {
         let store = S3Store::new(&S3StoreConfig {
@@ -318,6 +333,20 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         fetcher = fetcher.with_disk_cache(Arc::clone(disk));
     }
     let fetcher = Arc::new(fetcher);
+    if config.metrics_addr.is_some() {
+        let (fetcher, disk) = (Arc::clone(&fetcher), disk_cache.clone());
+        metrics::on_scrape(move |m| {
+            let (_, (memory, _)) = fetcher.usage();
+            m.cache_size
+                .get_or_create(&metrics::MEMORY)
+                .set(gauge_value(memory));
+            if let Some(disk) = &disk {
+                m.cache_size
+                    .get_or_create(&metrics::DISK)
+                    .set(gauge_value(disk.usage().0));
+            }
+        });
+    }
     let prefetch = PrefetchConfig {
         max_window: config.max_prefetch,
         ..PrefetchConfig::default()
@@ -360,6 +389,10 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         };
         if let Err(e) = record.save(cache_dir.path()) {
             tracing::warn!(error = %e, "could not record the mount in the cache directory; keepfs flush without a mount won't work");
+        }
+        if config.metrics_addr.is_some() {
+            let (dirty, stats) = (Arc::clone(&dirty), uploader.stats());
+            metrics::on_scrape(move |m| Live::now(&dirty, &stats).export(m));
         }
         {
             let _runtime = runtime.enter();
@@ -416,6 +449,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         tune_read_ahead(device);
     }
     tracing::info!(source = %config.source, mountpoint = %mountpoint.display(), "mounted");
+    readiness.set(mounted_check(&mountpoint, device.clone()));
     report_ready();
 
     let (signal_mountpoint, signal_device) = (mountpoint.clone(), device.clone());
@@ -465,6 +499,20 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         }
         Err(e) => Err(MountError::Fuse(e)),
     }
+}
+
+/// `/readyz`'s check: the mount at `mountpoint` is still this one (`device`) and answers a
+/// `stat` of its root through the kernel.
+fn mounted_check(mountpoint: &Path, device: Option<String>) -> ReadyCheck {
+    let mountpoint = mountpoint.to_owned();
+    Arc::new(move || {
+        if device.is_none() || mount_device(&mountpoint) != device {
+            return Err(format!("{} is no longer mounted", mountpoint.display()));
+        }
+        std::fs::metadata(&mountpoint)
+            .map(|_| ())
+            .map_err(|e| format!("stat {}: {e}", mountpoint.display()))
+    })
 }
 
 /// Logs cache and fetch usage periodically (debug level), for diagnosing memory use.

@@ -11,21 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Mount, pattern, server, sha256};
-
-/// Runs `keepfs flush` on the mount: every closed file is in S3 when it returns.
-fn flush(m: &Mount) {
-    let out = std::process::Command::new(common::keepfs_bin())
-        .args(["flush", m.path().to_str().unwrap(), "--timeout", "60s"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "flush failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        m.log()
-    );
-}
+use common::{Mount, flush, pattern, server, sha256};
 
 /// Flushes `m`, unmounts it and mounts `bucket` again on an empty cache directory: what the
 /// new mount shows comes from S3 alone. Keep the directory alive as long as the mount.

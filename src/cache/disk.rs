@@ -227,6 +227,8 @@ impl DiskCache {
         match oldest {
             Some(name) => {
                 self.forget(&name);
+                let m = crate::metrics::get();
+                m.cache_evictions.get_or_create(&crate::metrics::DISK).inc();
                 true
             }
             None => false,

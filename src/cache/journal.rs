@@ -87,13 +87,15 @@ impl Journal {
     /// Durably writes `record`, replacing any previous record with its id.
     pub fn put(&self, record: &FileRecord) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        write_atomically(&self.dir, &self.record_path(record.id), &bytes)
+        crate::metrics::time_journal_sync(|| {
+            write_atomically(&self.dir, &self.record_path(record.id), &bytes)
+        })
     }
 
     /// Durably removes the record `id` (absent is fine).
     pub fn remove(&self, id: u64) -> std::io::Result<()> {
         match fs::remove_file(self.record_path(id)) {
-            Ok(()) => sync_dir(&self.dir),
+            Ok(()) => crate::metrics::time_journal_sync(|| sync_dir(&self.dir)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }

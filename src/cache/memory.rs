@@ -100,6 +100,14 @@ impl MemoryCache {
             // Plain LRU: a re-read of what was just read sequentially must hit, which TinyLFU's
             // admission filter would refuse for blocks seen only once.
             .eviction_policy(EvictionPolicy::lru())
+            .eviction_listener(|_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    let m = crate::metrics::get();
+                    m.cache_evictions
+                        .get_or_create(&crate::metrics::MEMORY)
+                        .inc();
+                }
+            })
             .build();
         Self { blocks }
     }

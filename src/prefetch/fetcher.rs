@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cache::{BLOCK_SIZE, Block, BlockId, DiskCache, MemoryCache};
+use crate::metrics;
 use crate::store::{ObjectStore, StoreError};
 
 /// One object version being read.
@@ -135,14 +136,19 @@ impl<S: ObjectStore> BlockFetcher<S> {
             if let Some(slot) = inflight.get(&id).filter(|slot| slot.has_changed().is_ok()) {
                 slots.push(slot.clone());
             } else if let Some(data) = self.cache.get(&id) {
+                count_hit(metrics::MEMORY, data.len());
                 slots.push(watch::channel(Some(Ok(data))).1);
             } else {
+                count_miss(metrics::MEMORY);
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(id.clone(), rx.clone());
                 slots.push(rx);
-                if self.disk.as_ref().is_some_and(|d| d.contains(&id)) {
-                    on_disk.push((id, tx));
-                    continue;
+                if let Some(disk) = &self.disk {
+                    if disk.contains(&id) {
+                        on_disk.push((id, tx));
+                        continue;
+                    }
+                    count_miss(metrics::DISK);
                 }
                 // Only contiguous missing blocks share a GET.
                 if run.last().is_some_and(|(last, _)| last.index + 1 != index)
@@ -198,8 +204,14 @@ async fn load_from_disk<S: ObjectStore>(obj: ObjectVersion, mut guard: RunGuard<
             break;
         };
         match block {
-            Some(block) => guard.fetcher.deliver(id, tx, Ok(Arc::new(block)), false),
-            None => missing.push((id, tx)),
+            Some(block) => {
+                count_hit(metrics::DISK, block.len());
+                guard.fetcher.deliver(id, tx, Ok(Arc::new(block)), false)
+            }
+            None => {
+                count_miss(metrics::DISK);
+                missing.push((id, tx))
+            }
         }
     }
     // Anything not read (the blocking task failed) is fetched too.
@@ -217,6 +229,16 @@ async fn load_from_disk<S: ObjectStore>(obj: ObjectVersion, mut guard: RunGuard<
     if !run.is_empty() {
         guard.fetcher.spawn_run(&obj, run);
     }
+}
+
+fn count_hit(cache: metrics::CacheLabels, bytes: usize) {
+    let m = metrics::get();
+    m.cache_hits.get_or_create(&cache).inc();
+    m.cache_hit_bytes.get_or_create(&cache).inc_by(bytes as u64);
+}
+
+fn count_miss(cache: metrics::CacheLabels) {
+    metrics::get().cache_misses.get_or_create(&cache).inc();
 }
 
 /// GETs one contiguous run of blocks and publishes each as soon as it is complete.

@@ -57,16 +57,23 @@ impl S3Store {
         if let Some(url) = &config.endpoint_url {
             builder = builder.endpoint_url(url);
         }
+        builder = builder.interceptor(crate::metrics::S3Metrics);
         Self {
             client: Client::from_conf(builder.build()),
             bucket: config.bucket.clone(),
         }
     }
 
-    /// A store over an already configured SDK client (tests and benchmarks build their own).
+    /// A store over an already configured SDK client (tests and benchmarks build their own),
+    /// with keepfs's request metrics added.
     pub fn from_client(client: Client, bucket: &str) -> Self {
+        let config = client
+            .config()
+            .to_builder()
+            .interceptor(crate::metrics::S3Metrics)
+            .build();
         Self {
-            client,
+            client: Client::from_conf(config),
             bucket: bucket.to_owned(),
         }
     }
@@ -274,6 +281,9 @@ impl ObjectStore for S3Store {
                 DisplayErrorContext(&e)
             ))
         })? {
+            crate::metrics::get()
+                .s3_received_bytes
+                .inc_by(chunk.len() as u64);
             let take = (wanted - received).min(chunk.len() as u64) as usize;
             received += take as u64;
             if take > 0 {
@@ -300,6 +310,7 @@ impl ObjectStore for S3Store {
         precondition: &Precondition,
     ) -> Result<String, StoreError> {
         let (if_none_match, if_match) = condition_headers(precondition);
+        let len = body.len() as u64;
         let out = self
             .client
             .put_object()
@@ -312,6 +323,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
+        crate::metrics::get().uploaded_bytes.inc_by(len);
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 
@@ -341,6 +353,7 @@ impl ObjectStore for S3Store {
         number: i32,
         body: Bytes,
     ) -> Result<String, StoreError> {
+        let len = body.len() as u64;
         let out = self
             .client
             .upload_part()
@@ -352,6 +365,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
+        crate::metrics::get().uploaded_bytes.inc_by(len);
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 

@@ -719,13 +719,10 @@ async fn upload_to<S: ObjectStore>(
     })
 }
 
-/// Bytes sent before a restart or failure that resumed uploads did not send again, since the
-/// process started.
-static RESUMED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many bytes resumed uploads did not need to send again.
+/// How many bytes sent before a restart or failure resumed uploads did not send again, since
+/// the process started (the `keepfs_resumed_bytes_total` metric).
 pub fn resumed_bytes() -> u64 {
-    RESUMED_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    crate::metrics::get().resumed_bytes.get()
 }
 
 /// The multipart upload for this snapshot: the one in progress if it uploads exactly these
@@ -750,7 +747,7 @@ async fn start_multipart<S: ObjectStore>(
                     size.saturating_sub(start).min(part)
                 })
                 .sum();
-            RESUMED_BYTES.fetch_add(done, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::get().resumed_bytes.inc_by(done);
             tracing::info!(
                 key,
                 parts_done = upload.parts.len(),
@@ -793,7 +790,7 @@ async fn upload_conflict_copy<S: ObjectStore>(
         );
     }
     let etag = upload_to(sender, snapshot, &copy, &Precondition::None, Base::Gone).await?;
-    CONFLICTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::metrics::get().conflicts.inc();
     tracing::warn!(
         key = snapshot.key,
         conflict_copy = copy,
@@ -802,12 +799,10 @@ async fn upload_conflict_copy<S: ObjectStore>(
     Ok(etag)
 }
 
-/// Conflicts resolved by a conflict copy since the process started.
-static CONFLICTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many conflict copies this process has uploaded.
+/// How many conflict copies this process has uploaded (the `keepfs_conflict_copies_total`
+/// metric).
 pub fn conflicts() -> u64 {
-    CONFLICTS.load(std::sync::atomic::Ordering::Relaxed)
+    crate::metrics::get().conflicts.get()
 }
 
 /// The multipart upload parts go to.

@@ -24,6 +24,8 @@ pub struct Traffic {
     pub copies: u64,
     /// UploadPart requests (with data) accepted.
     pub parts: u64,
+    /// GET requests for an object (GetObject), answered with any status.
+    pub gets: u64,
 }
 
 static TRAFFIC: Mutex<Option<HashMap<String, Traffic>>> = Mutex::new(None);
@@ -57,6 +59,15 @@ pub static PART_BUDGET: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
 fn bucket_of(path: &str) -> &str {
     let path = path.trim_start_matches('/');
     path.split('/').next().unwrap_or(path)
+}
+
+/// Whether a path-style request names an object (`/bucket/key`), not a bucket.
+fn is_object_request(req: &hyper::Request<hyper::body::Incoming>) -> bool {
+    req.uri()
+        .path()
+        .trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(_, key)| !key.is_empty())
 }
 
 fn is_upload_part(req: &hyper::Request<hyper::body::Incoming>) -> bool {
@@ -214,6 +225,9 @@ async fn serve(root: PathBuf, listener: tokio::net::TcpListener) {
                 let method = req.method().clone();
                 let bucket = bucket_of(req.uri().path()).to_owned();
                 let refused = refuses(&req);
+                if method == hyper::Method::GET && is_object_request(&req) {
+                    count(&bucket, |t| t.gets += 1);
+                }
                 let headers = req.headers();
                 if !refused && (method == hyper::Method::PUT || method == hyper::Method::POST) {
                     if headers.contains_key("x-amz-copy-source") {

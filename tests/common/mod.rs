@@ -773,3 +773,17 @@ pub fn names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Runs `keepfs flush` on the mount: every closed file is in S3 when it returns.
+pub fn flush(m: &Mount) {
+    let out = std::process::Command::new(keepfs_bin())
+        .args(["flush", m.path().to_str().unwrap(), "--timeout", "60s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flush failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+}

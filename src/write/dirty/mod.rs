@@ -88,6 +88,15 @@ impl DirtyFiles {
         (files + self.tombstones.count(), bytes)
     }
 
+    /// How long the oldest change not yet in S3 has waited (`None` when S3 holds every file).
+    pub fn oldest_pending(&self) -> Option<std::time::Duration> {
+        self.files()
+            .values()
+            .filter(|f| !f.uploaded())
+            .map(|f| f.dirty_since.elapsed())
+            .max()
+    }
+
     /// Files open for writing now (their upload waits for the last close).
     pub fn open_for_writing(&self) -> usize {
         self.files()
@@ -219,6 +228,7 @@ impl DirtyFiles {
                 retired: Vec::new(),
                 origin: new_origin(),
                 upload_started: false,
+                dirty_since: std::time::Instant::now(),
             },
         );
         let discard = old.map(|old| files.unlink(old));
@@ -326,6 +336,7 @@ impl DirtyFiles {
             retired: Vec::new(),
             origin: new_origin(),
             upload_started: false,
+            dirty_since: std::time::Instant::now(),
         };
         self.files().unlinked.insert(fid, file);
         fid
@@ -398,7 +409,7 @@ impl DirtyFiles {
             f.attr.size = f.attr.size.max(offset + bytes.len() as u64);
             f.attr.mtime = SystemTime::now();
             f.attr.ctime = f.attr.mtime;
-            f.generation += 1;
+            f.changed();
             Ok(())
         })
     }
@@ -441,7 +452,7 @@ impl DirtyFiles {
             f.attr.uid = uid.unwrap_or(f.attr.uid);
             f.attr.gid = gid.unwrap_or(f.attr.gid);
             f.attr.mtime = mtime.unwrap_or(f.attr.mtime);
-            f.generation += 1;
+            f.changed();
             Ok(f.attr.clone())
         })
     }
@@ -521,7 +532,7 @@ impl DirtyFiles {
                 ));
             }
             file.data.detach_from_base();
-            file.generation += 1;
+            file.changed();
             self.gone().insert(from.to_owned());
             if file.upload_started {
                 self.bury(from, file.origin);

@@ -82,6 +82,7 @@ impl DirtyFiles {
                     origin: record.origin.unwrap_or_else(new_origin),
                     // The previous run may have been uploading it when it died.
                     upload_started: true,
+                    dirty_since: std::time::Instant::now(),
                 },
             );
             // Records come by id: an older one for the same key is a copy-on-write's

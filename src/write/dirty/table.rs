@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::{DirtyAttr, FileId};
 use crate::cache::journal::FileRecord;
@@ -129,9 +130,20 @@ pub(super) struct DirtyFile {
     /// An upload of this file may have started (a snapshot was taken for it): when its name
     /// goes, the upload may still land there (see [`crate::write::tombstones`]).
     pub(super) upload_started: bool,
+    /// When the oldest change S3 doesn't hold yet was made (this process's start, for files
+    /// the journal brought back).
+    pub(super) dirty_since: Instant,
 }
 
 impl DirtyFile {
+    /// Counts a change to content or attributes (see [`DirtyFile::generation`]).
+    pub(super) fn changed(&mut self) {
+        if self.uploaded() {
+            self.dirty_since = Instant::now();
+        }
+        self.generation += 1;
+    }
+
     /// S3 holds exactly this content; the local copy stays only for its open handles.
     pub(super) fn uploaded(&self) -> bool {
         self.in_s3 == Some(self.generation)

@@ -11,18 +11,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::{
-    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    BsdFileFlags, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle as RuntimeHandle;
 
+mod reply;
+
 use crate::error::FsError;
-use crate::namespace::{Attr, Namespace, NodeKind, ROOT_INO};
+use crate::metrics::FuseOp;
+use crate::namespace::{Namespace, NodeKind, ROOT_INO};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::ObjectStore;
 use crate::vfs::{BufferPool, Detached, Handle, Vfs, Writes, lock};
+use reply::{
+    errno, file_type, fuse_attr, reply_attr, reply_data, reply_entry, reply_unit, reply_written,
+};
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO_SIZE: u32 = 1024 * 1024;
@@ -32,85 +38,6 @@ pub struct KeepFs<S> {
     runtime: RuntimeHandle,
     /// Told through the root's `user.keepfs.cache_dir` attribute (`keepfs flush MOUNTPOINT`).
     cache_dir: Option<std::path::PathBuf>,
-}
-
-/// The kernel's view of `attr`, with its link count from the inode table.
-fn fuse_attr<S: ObjectStore>(fs: &Vfs<S>, attr: &Attr) -> FileAttr {
-    file_attr(attr, fs.namespace.nlink(attr.ino))
-}
-
-/// The kernel's file type of `kind`.
-fn file_type(kind: NodeKind) -> FileType {
-    match kind {
-        NodeKind::Directory => FileType::Directory,
-        NodeKind::File => FileType::RegularFile,
-        NodeKind::Symlink => FileType::Symlink,
-        NodeKind::Special { file_type, .. } => match file_type {
-            libc::S_IFIFO => FileType::NamedPipe,
-            libc::S_IFSOCK => FileType::Socket,
-            libc::S_IFCHR => FileType::CharDevice,
-            _ => FileType::BlockDevice,
-        },
-    }
-}
-
-fn file_attr(attr: &Attr, nlink: u32) -> FileAttr {
-    let kind = file_type(attr.kind);
-    let rdev = match attr.kind {
-        NodeKind::Special { rdev, .. } => rdev,
-        _ => 0,
-    };
-    FileAttr {
-        ino: INodeNo(attr.ino),
-        size: attr.size,
-        blocks: attr.size.div_ceil(512),
-        atime: attr.atime,
-        mtime: attr.mtime,
-        ctime: attr.ctime,
-        crtime: attr.mtime,
-        kind,
-        perm: attr.perm,
-        nlink,
-        uid: attr.uid,
-        gid: attr.gid,
-        rdev,
-        blksize: MAX_IO_SIZE,
-        flags: 0,
-    }
-}
-
-fn errno(e: &FsError) -> Errno {
-    match e {
-        FsError::NotFound | FsError::NameTooLong => {
-            tracing::debug!(error = %e, "request failed")
-        }
-        _ => tracing::warn!(error = %e, "request failed"),
-    }
-    Errno::from_i32(e.errno())
-}
-
-/// Replies with a new directory entry (lookup, mkdir) or the error.
-fn reply_entry<S: ObjectStore>(reply: ReplyEntry, fs: &Vfs<S>, result: Result<Attr, FsError>) {
-    match result {
-        Ok(attr) => reply.entry(&fs.ttl(), &fuse_attr(fs, &attr), Generation(0)),
-        Err(e) => reply.error(errno(&e)),
-    }
-}
-
-/// Replies with attributes (getattr, setattr) or the error.
-fn reply_attr<S: ObjectStore>(reply: ReplyAttr, fs: &Vfs<S>, result: Result<Attr, FsError>) {
-    match result {
-        Ok(attr) => reply.attr(&fs.ttl(), &fuse_attr(fs, &attr)),
-        Err(e) => reply.error(errno(&e)),
-    }
-}
-
-/// Replies to a request that returns nothing but success or an error.
-fn reply_unit(reply: ReplyEmpty, result: Result<(), FsError>) {
-    match result {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e)),
-    }
 }
 
 impl<S: ObjectStore> KeepFs<S> {
@@ -179,41 +106,46 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let op = FuseOp::start("lookup");
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             let result = fs.namespace.lookup(parent.0, &name).await;
-            reply_entry(reply, &fs, result);
+            reply_entry(&op, reply, &fs, result);
         });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _op = FuseOp::start("forget");
         self.inner.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let op = FuseOp::start("getattr");
         self.spawn(move |fs| async move {
             let result = fs.getattr(ino.0, fh.map(|fh| fh.0)).await;
             match result {
                 Ok(attr) => reply.attr(&fs.ttl(), &fuse_attr(&fs, &attr)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&op, &e)),
             }
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let op = FuseOp::start("readlink");
         self.spawn(move |fs| async move {
             match fs.readlink(ino.0).await {
                 Ok(target) => reply.data(&target),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&op, &e)),
             }
         });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let op = FuseOp::start("open");
         self.spawn(move |fs| async move {
             match fs.open_file(ino.0, flags).await {
                 Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&op, &e)),
             }
         });
     }
@@ -228,6 +160,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let op = FuseOp::start("create");
         let fs = &self.inner;
         let perm = mode & !umask & 0o7777;
         match fs.create_empty(req.uid(), req.gid(), parent.0, name, perm) {
@@ -237,7 +170,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     .and_then(|w| w.dirty.id_of(&key).ok_or(FsError::NotFound));
                 let fh = match opened.and_then(|fid| fs.local_handle(attr.ino, fid, true)) {
                     Ok(fh) => fh,
-                    Err(e) => return reply.error(errno(&e)),
+                    Err(e) => return reply.error(errno(&op, &e)),
                 };
                 reply.created(
                     &fs.ttl(),
@@ -247,7 +180,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     FopenFlags::empty(),
                 );
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&op, &e)),
         }
     }
 
@@ -261,6 +194,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let op = FuseOp::start("mknod");
         let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
         let perm = mode & !umask & 0o7777;
         if let Some(kind) = NodeKind::special(mode, rdev) {
@@ -268,11 +202,11 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 let result = fs
                     .mknod_special(uid, gid, parent.0, &name, kind, perm)
                     .await;
-                reply_entry(reply, &fs, result);
+                reply_entry(&op, reply, &fs, result);
             });
         }
         if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            return reply.error(Errno::EINVAL);
+            return reply.error(op.fail(libc::EINVAL));
         }
         // A regular file: an empty written file, durable (journalled) when mknod returns.
         let fs = &self.inner;
@@ -282,7 +216,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                 fs.persist_and_queue(&key)?;
                 Ok(attr)
             });
-        reply_entry(reply, fs, result);
+        reply_entry(&op, reply, fs, result);
     }
 
     fn write(
@@ -297,6 +231,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let op = FuseOp::start("write");
         tracing::trace!(fh = fh.0, offset, len = data.len(), "write");
         let fs = &self.inner;
         let handle = match fs.handle_file(fh.0) {
@@ -316,8 +251,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                         Err(e) => Err(e),
                     };
                     match result {
-                        Ok(()) => reply.written(data.len() as u32),
-                        Err(e) => reply.error(errno(&e)),
+                        Ok(()) => reply_written(reply, data.len()),
+                        Err(e) => reply.error(errno(&op, &e)),
                     }
                 });
             }
@@ -326,8 +261,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             (_, Err(e)) => Err(e),
         };
         match result {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(errno(&e)),
+            Ok(()) => reply_written(reply, data.len()),
+            Err(e) => reply.error(errno(&op, &e)),
         }
     }
 
@@ -339,11 +274,12 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let op = FuseOp::start("fsync");
         tracing::trace!(fh = fh.0, "fsync");
         let Some((fid, _)) = self.inner.handle_file(fh.0) else {
             return reply.ok(); // nothing local to sync
         };
-        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(fid).await) });
+        self.spawn(move |fs| async move { reply_unit(&op, reply, fs.persist(fid).await) });
     }
 
     fn setattr(
@@ -364,6 +300,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let op = FuseOp::start("setattr");
         let time = |t: TimeOrNow| match t {
             TimeOrNow::SpecificTime(t) => t,
             TimeOrNow::Now => std::time::SystemTime::now(),
@@ -374,15 +311,16 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             let result = fs
                 .setattr(ino.0, fh, mode, uid, gid, size, mtime, atime)
                 .await;
-            reply_attr(reply, &fs, result);
+            reply_attr(&op, reply, &fs, result);
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = FuseOp::start("unlink");
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             let result = fs.unlink(parent.0, &name).await;
-            reply_unit(reply, result);
+            reply_unit(&op, reply, result);
         });
     }
 
@@ -396,8 +334,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let op = FuseOp::start("rename");
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            return reply.error(Errno::EINVAL);
+            return reply.error(op.fail(libc::EINVAL));
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
@@ -405,7 +344,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             let result = fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace)
                 .await;
-            reply_unit(reply, result);
+            reply_unit(&op, reply, result);
         });
     }
 
@@ -418,18 +357,20 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let op = FuseOp::start("mkdir");
         let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
         self.spawn(move |fs| async move {
             let result = fs.mkdir(uid, gid, parent.0, &name, mode & !umask).await;
-            reply_entry(reply, &fs, result);
+            reply_entry(&op, reply, &fs, result);
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = FuseOp::start("rmdir");
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             let result = fs.rmdir(parent.0, &name).await;
-            reply_unit(reply, result);
+            reply_unit(&op, reply, result);
         });
     }
 
@@ -441,11 +382,12 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        let op = FuseOp::start("symlink");
         let (uid, gid) = (req.uid(), req.gid());
         let (name, target) = (link_name.to_owned(), target.to_owned());
         self.spawn(move |fs| async move {
             let result = fs.symlink(uid, gid, parent.0, &name, &target).await;
-            reply_entry(reply, &fs, result);
+            reply_entry(&op, reply, &fs, result);
         });
     }
 
@@ -459,14 +401,16 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let op = FuseOp::start("fallocate");
         let result = match self.inner.handle_file(fh.0) {
             Some((fid, true)) => self.inner.fallocate(fid, ino.0, offset, length, mode),
             Some((_, false)) | None => Err(FsError::BadHandle(fh.0)),
         };
-        reply_unit(reply, result);
+        reply_unit(&op, reply, result);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let op = FuseOp::start("getxattr");
         // The one attribute keepfs has: the root names the cache directory (not listed, so
         // tools that copy attributes don't copy it).
         let cache_dir = self
@@ -474,21 +418,22 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             .as_ref()
             .filter(|_| ino.0 == ROOT_INO && name == crate::flush::CACHE_DIR_XATTR);
         let Some(dir) = cache_dir else {
-            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            reply.error(op.fail(libc::EOPNOTSUPP));
             return;
         };
         let value = dir.as_os_str().as_encoded_bytes();
         if size == 0 {
             reply.size(value.len() as u32);
         } else if (size as usize) < value.len() {
-            reply.error(Errno::from_i32(libc::ERANGE));
+            reply.error(op.fail(libc::ERANGE));
         } else {
             reply.data(value);
         }
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        let op = FuseOp::start("listxattr");
+        reply.error(op.fail(libc::EOPNOTSUPP));
     }
 
     fn setxattr(
@@ -501,11 +446,13 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        let op = FuseOp::start("setxattr");
+        reply.error(op.fail(libc::EOPNOTSUPP));
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        let op = FuseOp::start("removexattr");
+        reply.error(op.fail(libc::EOPNOTSUPP));
     }
 
     fn link(
@@ -516,8 +463,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let op = FuseOp::start("link");
         // S3 objects can't share content under two keys.
-        reply.error(Errno::EPERM);
+        reply.error(op.fail(libc::EPERM));
     }
 
     fn read(
@@ -531,13 +479,14 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let op = FuseOp::start("read");
         tracing::trace!(fh = fh.0, offset, size, "read");
         let local = match lock(&self.inner.files).get(&fh.0) {
             Some(Handle::Remote(file)) => match file.detached.get() {
                 Some(Detached::Copy(local)) => {
                     return match local.read(offset, u64::from(size)) {
-                        Ok(data) => reply.data(&data),
-                        Err(e) => reply.error(errno(&FsError::from(e))),
+                        Ok(data) => reply_data(reply, &data),
+                        Err(e) => reply.error(errno(&op, &FsError::from(e))),
                     };
                 }
                 Some(Detached::Written(fid, data)) => (*fid, data.clone()),
@@ -546,28 +495,28 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     return self.spawn(move |fs| async move {
                         let mut buf = fs.buffers.take();
                         match file.reader.read_into(offset, size, &mut buf).await {
-                            Ok(()) => reply.data(&buf),
-                            Err(e) => reply.error(errno(&e)),
+                            Ok(()) => reply_data(reply, &buf),
+                            Err(e) => reply.error(errno(&op, &e)),
                         }
                         fs.buffers.give(buf);
                     });
                 }
             },
             Some(Handle::Local { fid, data, .. }) => (*fid, data.clone()),
-            None => return reply.error(Errno::EBADF),
+            None => return reply.error(op.fail(libc::EBADF)),
         };
         let (fid, data) = local;
         let end = offset + u64::from(size);
         if data.missing(offset..end).is_empty() {
             return match data.read(offset, u64::from(size)) {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&FsError::from(e))),
+                Ok(data) => reply_data(reply, &data),
+                Err(e) => reply.error(errno(&op, &FsError::from(e))),
             };
         }
         self.spawn(move |fs| async move {
             match fs.read_local(fid, &data, offset, size).await {
-                Ok(bytes) => reply.data(&bytes),
-                Err(e) => reply.error(errno(&e)),
+                Ok(bytes) => reply_data(reply, &bytes),
+                Err(e) => reply.error(errno(&op, &e)),
             }
         });
     }
@@ -582,6 +531,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = FuseOp::start("release");
         let handle = lock(&self.inner.files).remove(&fh.0);
         let local = match handle {
             Some(Handle::Local { fid, writer, .. }) => Some((fid, writer)),
@@ -600,6 +550,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let op = FuseOp::start("opendir");
         self.spawn(move |fs| async move {
             match fs.namespace.list_for_readdir(ino.0).await {
                 Ok(entries) => {
@@ -607,7 +558,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     lock(&fs.dirs).insert(fh, Arc::new(entries));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(errno(&op, &e)),
             }
         });
     }
@@ -620,10 +571,11 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let op = FuseOp::start("readdir");
         let fs = &self.inner;
         let entries = match fs.listing(fh.0) {
             Ok(entries) => entries,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(errno(&op, &e)),
         };
         // Offsets: 1 is ".", 2 is "..", 3.. are the listing; an entry's offset is the next one's.
         let parent = fs.namespace.parent_of(ino.0);
@@ -651,10 +603,11 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let op = FuseOp::start("readdirplus");
         let fs = &self.inner;
         let entries = match fs.listing(fh.0) {
             Ok(entries) => entries,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(errno(&op, &e)),
         };
         let ttl = fs.ttl();
         let parent = fs.namespace.parent_of(ino.0);
@@ -678,7 +631,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         for (i, entry) in entries.iter().enumerate().skip(skip) {
             let attr = match fs.namespace.remember(ino.0, entry) {
                 Ok(attr) => attr,
-                Err(e) => return reply.error(errno(&e)),
+                Err(e) => return reply.error(errno(&op, &e)),
             };
             let fattr = fuse_attr(fs, &attr);
             // The kernel looks up (HEADs) a listed object that may be a symlink before
@@ -712,12 +665,13 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let op = FuseOp::start("flush");
         tracing::trace!(fh = fh.0, "flush");
         // close(): a written file becomes durable on the cache disk before close returns.
         let Some((fid, true)) = self.inner.handle_file(fh.0) else {
             return reply.ok();
         };
-        self.spawn(move |fs| async move { reply_unit(reply, fs.persist(fid).await) });
+        self.spawn(move |fs| async move { reply_unit(&op, reply, fs.persist(fid).await) });
     }
 
     fn releasedir(
@@ -728,11 +682,13 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = FuseOp::start("releasedir");
         lock(&self.inner.dirs).remove(&fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let op = FuseOp::start("statfs");
         const BLOCK: u32 = 4096;
         let space = self.inner.writes.as_ref().map(|w| w.space());
         match space {
@@ -751,7 +707,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
                     BLOCK,
                 );
             }
-            Some(Err(e)) => reply.error(errno(&FsError::from(e))),
+            Some(Err(e)) => reply.error(errno(&op, &FsError::from(e))),
             // Read-only: S3 has no capacity limit, so a large constant size, nothing free.
             None => {
                 const BLOCKS: u64 = (1u64 << 50) / BLOCK as u64; // 1 PiB
