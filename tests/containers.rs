@@ -414,6 +414,7 @@ fn playable_sidecar_pod(
     bucket: &str,
     shared: &Path,
     cache: &Path,
+    metrics_addr: &str,
 ) -> String {
     use yaml_rust2::yaml::Hash;
     use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
@@ -436,6 +437,12 @@ fn playable_sidecar_pod(
     let mut args: Vec<Yaml> = sidecar[&s("args")].as_vec().unwrap().clone();
     args[1] = s(&format!("s3://{bucket}"));
     let server = server();
+    // The pod shares the host's network: the metrics port must be a free one of the host's.
+    let metrics = args
+        .iter_mut()
+        .find(|a| a.as_str().is_some_and(|a| a.starts_with("--metrics-addr=")))
+        .expect("the sidecar serves metrics (its probes' endpoints)");
+    *metrics = s(&format!("--metrics-addr={metrics_addr}"));
     args.extend([
         s("--endpoint-url"),
         s(&server.endpoint),
@@ -489,7 +496,12 @@ fn the_sidecar_manifest_runs_under_podman_kube_play() {
         let shared = SharedDir::new();
         let (_keep, cache) = cache_volume();
         let name = format!("keepfs-kube-{}", std::process::id());
-        let yaml = playable_sidecar_pod(&name, image, &bucket, shared.path(), &cache);
+        let metrics_addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        };
+        let yaml =
+            playable_sidecar_pod(&name, image, &bucket, shared.path(), &cache, &metrics_addr);
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), &yaml).unwrap();
         let file_path = file.path().to_str().unwrap().to_owned();
@@ -528,6 +540,18 @@ fn the_sidecar_manifest_runs_under_podman_kube_play() {
             name: format!("{name}-keepfs"),
         };
         keepfs.sh("keepfs flush /shared/data --timeout 30s");
+        // The probes' endpoints answer, and the metrics count what the app did.
+        let http = |path: &str| common::http_get(&metrics_addr, path);
+        assert_eq!(http("/readyz"), (200, "ready\n".to_owned()));
+        assert_eq!(http("/healthz"), (200, "ok\n".to_owned()));
+        let (status, text) = http("/metrics");
+        assert_eq!(status, 200);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("keepfs_s3_requests_total{") && l.contains("PutObject")),
+            "{text}"
+        );
+        assert!(text.lines().any(|l| l == "keepfs_dirty_files 0"), "{text}");
         std::mem::forget(keepfs); // removed by `kube down`
         std::mem::forget(app);
         assert_eq!(

@@ -219,6 +219,25 @@ fn manifests_follow_the_rules_schemas_cannot_express() {
                         ["claim", "persistentVolumeClaim", "hostPath"].contains(&kind),
                         "{what}/{name}: the cache directory is on a {kind} volume, lost with the pod"
                     );
+                    // Probes ask keepfs's own endpoints, on the port --metrics-addr serves.
+                    let metrics = flag(&a, "--metrics-addr").unwrap_or_else(|| {
+                        panic!("{what}/{name}: no --metrics-addr for the probes")
+                    });
+                    let port = metrics.rsplit(':').next().unwrap().to_owned();
+                    let named = list(&c["ports"])
+                        .iter()
+                        .find(|p| {
+                            p["containerPort"].as_i64().map(|n| n.to_string()) == Some(port.clone())
+                        })
+                        .map(|p| str_of(&p["name"]).to_owned())
+                        .unwrap_or_else(|| panic!("{what}/{name}: port {port} is not declared"));
+                    for (probe, path) in
+                        [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]
+                    {
+                        let get = &c[probe]["httpGet"];
+                        assert_eq!(str_of(&get["path"]), path, "{what}/{name}: {probe}");
+                        assert_eq!(str_of(&get["port"]), named, "{what}/{name}: {probe} port");
+                    }
                     // Time to flush and then to drain.
                     let grace = pod.spec["terminationGracePeriodSeconds"]
                         .as_i64()

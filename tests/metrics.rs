@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Mount, flush, pattern, server, sha256, sha256_file};
+use common::{Mount, flush, http_get as get, pattern, server, sha256, sha256_file};
 
 /// The address keepfs logged it serves metrics at (`--metrics-addr 127.0.0.1:0` picks a port).
 fn metrics_addr(m: &Mount) -> String {
@@ -33,21 +33,6 @@ fn metrics_addr(m: &Mount) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// GET `http://addr/path`: (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let mut response = agent
-        .get(format!("http://{addr}{path}"))
-        .call()
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let status = response.status().as_u16();
-    (status, response.body_mut().read_to_string().unwrap())
 }
 
 /// A scrape: each sample line `name{labels} value`, keyed by everything before the value.

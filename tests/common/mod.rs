@@ -657,21 +657,11 @@ impl Mount {
     /// Sends `signal` and waits for the process to exit; returns its exit code.
     pub fn stop_with(&mut self, signal: i32) -> Option<i32> {
         let mut child = self.child.take()?;
-        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                lazy_unmount(self.dir.path());
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let code = signal_and_wait(&mut child, signal, Duration::from_secs(10));
+        if code.is_err() {
+            lazy_unmount(self.dir.path());
         }
+        code.ok().flatten()
     }
 
     /// Waits for the process to exit on its own (after an external unmount).
@@ -786,4 +776,74 @@ pub fn flush(m: &Mount) {
         String::from_utf8_lossy(&out.stderr),
         m.log()
     );
+}
+
+/// A privileged helper's part, as `mount.fuse3` or a CSI driver plays it: opens `/dev/fuse`
+/// as descriptor 3, mounts it at `mountpoint` (`fd=3`, type `fuse.keepfs`, source `fsname`),
+/// then execs `program` with `args`, which serves the connection through `/dev/fd/3`.
+/// `mount -i`: the descriptor must reach `program`, so mount(8) may not call keepfs's own
+/// helper. `stderr` receives everything's error output.
+pub fn spawn_with_fuse_fd(
+    mountpoint: &Path,
+    fsname: &str,
+    program: &str,
+    args: &[String],
+    envs: &[(String, String)],
+    stderr: std::fs::File,
+) -> Child {
+    let script = r#"set -e
+mnt=$1 fsname=$2; shift 2
+exec 3<>/dev/fuse
+mount -i -t fuse.keepfs -o nosuid,nodev,default_permissions,fd=3,rootmode=40000,user_id=0,group_id=0 "$fsname" "$mnt"
+exec "$@""#;
+    Command::new("bash")
+        .args(["-c", script, "bash"])
+        .arg(mountpoint)
+        .arg(fsname)
+        .arg(program)
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn bash")
+}
+
+/// Sends `signal` to `child` (0: none) and waits up to `timeout` for it to exit: its exit code
+/// (`None` when a signal ended it), or `Err` if it had to be killed after the timeout.
+pub fn signal_and_wait(
+    child: &mut Child,
+    signal: i32,
+    timeout: Duration,
+) -> Result<Option<i32>, ()> {
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Ok(status.code());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GET `http://addr/path` (the metrics endpoint): its status and body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut response = agent
+        .get(format!("http://{addr}{path}"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
 }

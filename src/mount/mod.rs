@@ -10,6 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
+mod point;
+
+pub use point::check_mountpoint;
+use point::{lazy_unmount, mount_device, tune_read_ahead, unmount};
+
 use crate::cache::{CacheDir, CacheDirError, DiskCache, MemoryCache};
 use crate::config::MountConfig;
 use crate::control::{self, Live, MountRecord};
@@ -69,6 +74,10 @@ pub enum MountError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "/dev/fd/{fd} is not a FUSE connection: {reason} (a privileged helper opens /dev/fuse, mounts it with fd=N and passes the descriptor)"
+    )]
+    FuseFd { fd: i32, reason: String },
     #[error("cannot serve metrics at {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -114,87 +123,6 @@ fn check_cache_source(cache_dir: &CacheDir, config: &MountConfig) -> Result<(), 
         });
     }
     Ok(())
-}
-
-/// Checks that `path` can be mounted on: an existing directory with no live FUSE filesystem
-/// mounted on it. Other mounts are fine to mount over: a container's volume (the sidecar's
-/// shared `emptyDir`) is a bind mount at the mount point.
-pub fn check_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(MountError::MountpointMissing(path.to_owned()));
-        }
-        // A dead FUSE mount answers ENOTCONN. One of keepfs's own, left by a keepfs that was
-        // killed (a pod restart: the container's namespace went, the propagated mount stayed),
-        // is detached so the new keepfs can take its place; any other is in use.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            // The parent resolved (symlinks too), as the mount table names mount points.
-            let absolute = match (path.parent(), path.file_name()) {
-                (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => parent
-                    .canonicalize()
-                    .map(|p| p.join(name))
-                    .unwrap_or_else(|_| path.to_owned()),
-                _ => std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
-            };
-            if !is_keepfs_mount(&absolute) {
-                return Err(MountError::MountpointInUse(path.to_owned()));
-            }
-            tracing::warn!(
-                mountpoint = %absolute.display(),
-                "detaching the dead mount of a keepfs that was killed, to mount in its place"
-            );
-            lazy_unmount(&absolute);
-            match std::fs::metadata(path) {
-                Ok(meta) => meta,
-                Err(_) => return Err(MountError::MountpointInUse(path.to_owned())),
-            }
-        }
-        Err(source) => {
-            return Err(MountError::MountpointAccess {
-                path: path.to_owned(),
-                source,
-            });
-        }
-    };
-    if !meta.is_dir() {
-        return Err(MountError::MountpointNotDirectory(path.to_owned()));
-    }
-    let canonical = path
-        .canonicalize()
-        .map_err(|source| MountError::MountpointAccess {
-            path: path.to_owned(),
-            source,
-        })?;
-    if topmost_mount(&canonical).is_some_and(|(fs_type, _)| is_fuse_type(&fs_type)) {
-        return Err(MountError::MountpointInUse(canonical));
-    }
-    Ok(canonical)
-}
-
-/// FUSE filesystem types: `fuse`, `fuseblk` and `fuse.NAME` (proc_pid_mountinfo(5)).
-fn is_fuse_type(fs_type: &str) -> bool {
-    fs_type == "fuse" || fs_type == "fuseblk" || fs_type.starts_with("fuse.")
-}
-
-/// Mount tables escape space, tab, newline and backslash as octal (`\040`).
-fn unescape_mount_path(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs the pre-mount bucket check, translating failures into [`MountError`]s.
@@ -254,10 +182,11 @@ fn fuse_config(config: &MountConfig) -> Config {
     fuse
 }
 
-/// Mounts and serves until unmounted (by a signal or from outside). Returns once the
-/// filesystem is unmounted.
-pub fn run(config: MountConfig) -> Result<(), MountError> {
-    // Only a missing one: a dead keepfs mount there answers ENOTCONN, and is dealt with below.
+/// Checks the mount point (creating a missing one with `--create-mountpoint`) and returns its
+/// canonical path.
+fn prepare_mountpoint(config: &MountConfig) -> Result<PathBuf, MountError> {
+    // Only a missing one: a dead keepfs mount there answers ENOTCONN, and is dealt with by
+    // check_mountpoint.
     let missing = matches!(std::fs::metadata(&config.mountpoint),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound);
     if config.create_mountpoint && missing {
@@ -270,7 +199,17 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
                 source,
             })?;
     }
-    let mountpoint = check_mountpoint(&config.mountpoint)?;
+    check_mountpoint(&config.mountpoint)
+}
+
+/// Mounts and serves until unmounted (by a signal or from outside). Returns once the
+/// filesystem is unmounted.
+pub fn run(config: MountConfig) -> Result<(), MountError> {
+    // A connection handed over open (`/dev/fd/N`) is served as it is: the mount exists already.
+    let (mountpoint, handed_over) = match point::fuse_fd_number(&config.mountpoint) {
+        Some(fd) => (config.mountpoint.clone(), Some(point::take_fuse_fd(fd)?)),
+        None => (prepare_mountpoint(&config)?, None),
+    };
     // Held (and locked) for as long as the mount lives.
     let cache_dir = CacheDir::open(&config.cache_dir)?;
     tracing::debug!(cache_dir = %cache_dir.path().display(), "cache directory locked");
@@ -442,14 +381,44 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         std::path::absolute(cache_dir.path()).unwrap_or_else(|_| cache_dir.path().to_owned()),
     );
 
-    let session = Session::new(fs, &mountpoint, &fuse_config(&config)).map_err(MountError::Fuse)?;
-    // This mount's device number, to know it again when the session ends.
-    let device = mount_device(&mountpoint);
-    if let Some(device) = &device {
-        tune_read_ahead(device);
-    }
-    tracing::info!(source = %config.source, mountpoint = %mountpoint.display(), "mounted");
-    readiness.set(mounted_check(&mountpoint, device.clone()));
+    // Cleared when the session ends: what /readyz asks of a handed-over connection.
+    let serving = Arc::new(AtomicBool::new(true));
+    let handed = handed_over.is_some();
+    let (session, device) = match handed_over {
+        Some(fd) => {
+            let mut fuse = fuse_config(&config);
+            // Who may use the mount is the mounter's choice (its allow_other / user_id
+            // options, which the kernel enforces); keepfs's own check would compare with
+            // keepfs's uid, which a container's needn't share.
+            // Extra descriptors for parallel reads are clones made by opening /dev/fuse, which
+            // an unprivileged container may not have: one shared descriptor then.
+            fuse.clone_fd = std::fs::File::open("/dev/fuse").is_ok();
+            let session =
+                Session::from_fd(fs, fd, SessionACL::All, fuse).map_err(MountError::Fuse)?;
+            tracing::info!(source = %config.source, connection = %mountpoint.display(), "serving a FUSE connection mounted by another process");
+            let serving = Arc::clone(&serving);
+            readiness.set(Arc::new(move || {
+                if serving.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("the FUSE connection ended".to_owned())
+                }
+            }));
+            (session, None)
+        }
+        None => {
+            let session =
+                Session::new(fs, &mountpoint, &fuse_config(&config)).map_err(MountError::Fuse)?;
+            // This mount's device number, to know it again when the session ends.
+            let device = mount_device(&mountpoint);
+            if let Some(device) = &device {
+                tune_read_ahead(device);
+            }
+            tracing::info!(source = %config.source, mountpoint = %mountpoint.display(), "mounted");
+            readiness.set(mounted_check(&mountpoint, device.clone()));
+            (session, device)
+        }
+    };
     report_ready();
 
     let (signal_mountpoint, signal_device) = (mountpoint.clone(), device.clone());
@@ -460,6 +429,12 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         if let Some((dirty, stopping)) = draining {
             stopping.store(true, Ordering::Relaxed);
             drain_uploads(&dirty, grace, &mut signals).await;
+        }
+        if handed {
+            // keepfs can't unmount what another process mounted: it ends its side of the
+            // connection (the mount then answers ENOTCONN until its owner unmounts it).
+            tracing::info!("stop signal received; closing the FUSE connection");
+            std::process::exit(0);
         }
         // Unmounted from outside meanwhile (a systemd mount unit unmounts, then signals):
         // the session ends by itself, and an unmount would hit what lies beneath.
@@ -480,6 +455,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     while !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
     }
+    serving.store(false, Ordering::Relaxed);
     // fuser unmounts the mount point when the session handle goes, even when keepfs's mount is
     // gone already: it takes the dead connection for a live one (fuser 0.18), and the unmount
     // then removes whatever lies beneath — a container's volume, or a keepfs mounted there
@@ -613,105 +589,6 @@ impl StopSignals {
     }
 }
 
-/// Raises the kernel's read-ahead for this mount to the FUSE request size.
-///
-/// The kernel caps FUSE read-ahead at the device default (128 KiB) whatever the filesystem asks
-/// for, so sequential reads would arrive as 128 KiB requests. Writing the mount's backing-device
-/// setting lifts that; it needs root (or a writable /sys), so failure only costs speed.
-/// `device` is the mount's `major:minor` from the mount table (a stat of the mountpoint would
-/// be a FUSE request that nobody serves yet).
-fn tune_read_ahead(device: &str) {
-    let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
-    let kib = crate::fs::MAX_IO_SIZE / 1024;
-    match std::fs::write(&knob, kib.to_string()) {
-        Ok(()) => tracing::debug!(knob, kib, "raised kernel read-ahead"),
-        Err(e) => tracing::info!(
-            knob,
-            error = %e,
-            "could not raise kernel read-ahead (needs root); sequential reads use 128 KiB requests"
-        ),
-    }
-}
-
-/// The `major:minor` of the filesystem mounted at `path` (canonical), from the mount table.
-fn mount_device(path: &Path) -> Option<String> {
-    mountinfo_line(path)?.split(' ').nth(2).map(str::to_owned)
-}
-
-/// Whether the topmost mount at `path` is a keepfs mount: type `fuse` or `fuse.keepfs`, with
-/// the source `keepfs:s3://...` keepfs gives its mounts.
-fn is_keepfs_mount(path: &Path) -> bool {
-    topmost_mount(path).is_some_and(|(fs_type, source)| {
-        matches!(fs_type.as_str(), "fuse" | "fuse.keepfs") && source.starts_with("keepfs:")
-    })
-}
-
-/// Filesystem type and source of the topmost mount at `path`, if it is a mount point.
-fn topmost_mount(path: &Path) -> Option<(String, String)> {
-    let line = mountinfo_line(path)?;
-    let (_, after) = line.split_once(" - ")?;
-    let mut fields = after.split(' ');
-    let fs_type = fields.next()?.to_owned();
-    Some((fs_type, fields.next().unwrap_or_default().to_owned()))
-}
-
-/// The line of `/proc/self/mountinfo` for the topmost mount at `path`.
-fn mountinfo_line(path: &Path) -> Option<String> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    table
-        .lines()
-        // The last entry is the topmost mount: ours.
-        .rev()
-        .find(|line| {
-            line.split(' ')
-                .nth(4)
-                .is_some_and(|mp| Path::new(&unescape_mount_path(mp)) == path)
-        })
-        .map(str::to_owned)
-}
-
-/// Unmounts keepfs's own mount at `path` (`umount`; `fusermount3 -u` where unprivileged).
-/// Fails while it is busy.
-fn unmount(path: &Path) -> std::io::Result<()> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(std::io::Error::other)?;
-    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
-    if unsafe { libc::umount2(c_path.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EPERM) {
-        return Err(e);
-    }
-    let out = std::process::Command::new("fusermount3")
-        .args(["-u", "-q"])
-        .arg(path)
-        .output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "fusermount3 -u: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
-/// Detaches the mount even while files are open (`umount -l`).
-fn lazy_unmount(path: &Path) {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
-    let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-    if rc != 0 {
-        let _ = std::process::Command::new("fusermount3")
-            .args(["-u", "-z"])
-            .arg(path)
-            .status();
-    }
-}
-
 /// Tells whoever waits that the mount is ready: a `--daemon` parent, and systemd (Type=notify).
 fn report_ready() {
     // systemd's Type=notify (sd_notify(3)): ready once the mount is.
@@ -749,35 +626,4 @@ pub fn daemonize() -> std::io::Result<i32> {
     }
     let status = child.wait()?;
     Ok(status.code().unwrap_or(1).max(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mount_table_paths_are_unescaped() {
-        assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape_mount_path("/plain"), "/plain");
-        assert_eq!(unescape_mount_path("/x\\134y"), "/x\\y");
-    }
-
-    #[test]
-    fn mountpoint_checks() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("missing");
-        assert!(matches!(
-            check_mountpoint(&missing),
-            Err(MountError::MountpointMissing(_))
-        ));
-        let file = dir.path().join("file");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(
-            check_mountpoint(&file),
-            Err(MountError::MountpointNotDirectory(_))
-        ));
-        assert!(check_mountpoint(dir.path()).is_ok());
-        // Another filesystem's mount point (a container volume, here procfs) is mounted over.
-        assert!(check_mountpoint(Path::new("/proc")).is_ok());
-    }
 }
