@@ -567,3 +567,117 @@ fn the_sidecar_manifest_runs_under_podman_kube_play() {
         );
     });
 }
+
+#[test]
+fn a_container_with_every_capability_dropped_serves_a_connection_mounted_for_it() {
+    with_image(|image| {
+        let s = server();
+        let bucket = s.bucket("capdrop");
+        let dir = tempfile::tempdir().unwrap();
+        let mountpoint = dir.path().join("mnt");
+        std::fs::create_dir(&mountpoint).unwrap();
+        let (_keep, cache) = cache_volume();
+        let name = format!("keepfs-test-capdrop-{}", std::process::id());
+        let log = dir.path().join("podman.log");
+        // No --device /dev/fuse, no SYS_ADMIN: the container gets the open connection as its
+        // descriptor 3 and nothing else.
+        let mut args: Vec<String> = [
+            "run",
+            "--rm",
+            "--name",
+            &name,
+            "--network",
+            "host",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--preserve-fds",
+            "1",
+            "-v",
+            &format!("{}:/var/cache/keepfs", cache.display()),
+        ]
+        .map(String::from)
+        .to_vec();
+        for (k, v) in s.env() {
+            args.extend(["-e".to_owned(), format!("{k}={v}")]);
+        }
+        args.extend(
+            [
+                image,
+                "mount",
+                &format!("s3://{bucket}"),
+                "/dev/fd/3",
+                "--cache-dir",
+                "/var/cache/keepfs/data",
+                "--endpoint-url",
+                &s.endpoint,
+                "--force-path-style",
+            ]
+            .map(String::from),
+        );
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/containers.conf");
+        let envs = [("CONTAINERS_CONF".to_owned(), conf.display().to_string())];
+        let mut child = common::spawn_with_fuse_fd(
+            &mountpoint,
+            &format!("keepfs:s3://{bucket}"),
+            "podman",
+            &args,
+            &envs,
+            std::fs::File::create(&log).unwrap(),
+        );
+        struct Cleanup(String, PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = podman(&["rm", "-f", "-t", "0", &self.0]);
+                let _ = Command::new("umount").arg("-l").arg(&self.1).status();
+            }
+        }
+        let _cleanup = Cleanup(name.clone(), mountpoint.clone());
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !read_log().contains("serving a FUSE connection mounted by another process") {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("podman exited ({status}):\n{}", read_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not serving in 60 s:\n{}",
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // keepfs holds no capability at all.
+        let caps = podman_ok(&["top", &name, "comm", "capeff"]);
+        assert!(
+            caps.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["keepfs", "none"]),
+            "{caps}"
+        );
+        // The host (root, like the helper) reads and writes through the mount.
+        let data = common::pattern((9 << 20) + 7, 4);
+        std::fs::write(mountpoint.join("from-host.bin"), &data).unwrap();
+        assert_eq!(
+            common::sha256_file(&mountpoint.join("from-host.bin")),
+            sha256(&data)
+        );
+        podman_ok(&[
+            "exec",
+            &name,
+            "keepfs",
+            "flush",
+            "--cache-dir",
+            "/var/cache/keepfs/data",
+        ]);
+        assert_eq!(
+            s.get(&bucket, "from-host.bin").map(|b| sha256(&b)),
+            Some(sha256(&data))
+        );
+        // podman stop: SIGTERM, uploads drained, exit 0.
+        std::fs::write(mountpoint.join("last.txt"), b"last").unwrap();
+        podman_ok(&["stop", "-t", "30", &name]);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{}", read_log());
+        assert_eq!(s.get(&bucket, "last.txt").as_deref(), Some(&b"last"[..]));
+    });
+}
