@@ -8,16 +8,16 @@ use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use fuser::{
-    BsdFileFlags, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    BsdFileFlags, FileHandle, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use tokio::runtime::Handle as RuntimeHandle;
 
+mod listing;
 mod reply;
 
 use crate::error::FsError;
@@ -26,9 +26,7 @@ use crate::namespace::{Namespace, NodeKind, ROOT_INO};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::ObjectStore;
 use crate::vfs::{BufferPool, Detached, Handle, Vfs, Writes, lock};
-use reply::{
-    errno, file_type, fuse_attr, reply_attr, reply_data, reply_entry, reply_unit, reply_written,
-};
+use reply::{errno, fuse_attr, reply_attr, reply_data, reply_entry, reply_unit, reply_written};
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO_SIZE: u32 = 1024 * 1024;
@@ -569,30 +567,10 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let op = FuseOp::start("readdir");
-        let fs = &self.inner;
-        let entries = match fs.listing(fh.0) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(errno(&op, &e)),
-        };
-        // Offsets: 1 is ".", 2 is "..", 3.. are the listing; an entry's offset is the next one's.
-        let parent = fs.namespace.parent_of(ino.0);
-        let dots = [(ino.0, "."), (parent, "..")];
-        for (i, (dot_ino, name)) in dots.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*dot_ino), i as u64 + 1, FileType::Directory, name) {
-                return reply.ok();
-            }
-        }
-        let skip = (offset as usize).saturating_sub(2);
-        for (i, entry) in entries.iter().enumerate().skip(skip) {
-            let kind = file_type(entry.attr.kind);
-            if reply.add(INodeNo(entry.attr.ino), i as u64 + 3, kind, &entry.name) {
-                break;
-            }
-        }
-        reply.ok();
+        listing::readdir(&op, &self.inner, ino.0, fh.0, offset, reply);
     }
 
     fn readdirplus(
@@ -601,60 +579,10 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
         let op = FuseOp::start("readdirplus");
-        let fs = &self.inner;
-        let entries = match fs.listing(fh.0) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(errno(&op, &e)),
-        };
-        let ttl = fs.ttl();
-        let parent = fs.namespace.parent_of(ino.0);
-        let defaults = fs.namespace.defaults();
-        // "." and ".." carry no lookup reference (the kernel does not count them).
-        let dots = [(ino.0, "."), (parent, "..")];
-        for (i, (dot_ino, name)) in dots.iter().enumerate().skip(offset as usize) {
-            let attr = fuse_attr(fs, &defaults.directory(*dot_ino));
-            if reply.add(
-                INodeNo(*dot_ino),
-                i as u64 + 1,
-                name,
-                &ttl,
-                &attr,
-                Generation(0),
-            ) {
-                return reply.ok();
-            }
-        }
-        let skip = (offset as usize).saturating_sub(2);
-        for (i, entry) in entries.iter().enumerate().skip(skip) {
-            let attr = match fs.namespace.remember(ino.0, entry) {
-                Ok(attr) => attr,
-                Err(e) => return reply.error(errno(&op, &e)),
-            };
-            let fattr = fuse_attr(fs, &attr);
-            // The kernel looks up (HEADs) a listed object that may be a symlink before
-            // trusting its type.
-            let entry_ttl = if entry.may_be_symlink() {
-                Duration::ZERO
-            } else {
-                ttl
-            };
-            if reply.add(
-                INodeNo(attr.ino),
-                i as u64 + 3,
-                &entry.name,
-                &entry_ttl,
-                &fattr,
-                Generation(0),
-            ) {
-                // Not sent: the kernel holds no reference for it.
-                fs.forget(attr.ino, 1);
-                break;
-            }
-        }
-        reply.ok();
+        listing::readdirplus(&op, &self.inner, ino.0, fh.0, offset, reply);
     }
 
     fn flush(
