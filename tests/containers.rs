@@ -407,7 +407,8 @@ fn podman_stop_uploads_what_is_pending_unmounts_and_exits_0() {
 /// podman needs it: a Pod instead of a StatefulSet, the native sidecar as a plain container
 /// (podman has no native sidecars), host directories for the shared and cache volumes (an
 /// emptyDir of podman's does not propagate mounts; there is no volume claim), and the test
-/// server's bucket, endpoint and credentials instead of AWS's (on the host's network).
+/// server's bucket, endpoint and credentials instead of AWS's (on the host's network, so the
+/// metrics port is a free one of the host's, not declared as a container port).
 fn playable_sidecar_pod(
     name: &str,
     image: &str,
@@ -443,6 +444,16 @@ fn playable_sidecar_pod(
         .find(|a| a.as_str().is_some_and(|a| a.starts_with("--metrics-addr=")))
         .expect("the sidecar serves metrics (its probes' endpoints)");
     *metrics = s(&format!("--metrics-addr={metrics_addr}"));
+    // With the host's network podman refuses declared ports: the probes name the number.
+    sidecar.remove(&s("ports"));
+    let port: i64 = metrics_addr.rsplit(':').next().unwrap().parse().unwrap();
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let mut p = hash(&sidecar[&s(probe)]);
+        let mut get = hash(&p[&s("httpGet")]);
+        get.insert(s("port"), Yaml::Integer(port));
+        p.insert(s("httpGet"), Yaml::Hash(get));
+        sidecar.insert(s(probe), Yaml::Hash(p));
+    }
     args.extend([
         s("--endpoint-url"),
         s(&server.endpoint),
