@@ -602,6 +602,18 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         self.spawn(move |fs| async move { reply_unit(&op, reply, fs.persist(fid).await) });
     }
 
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let op = FuseOp::start("fsyncdir");
+        self.spawn(move |fs| async move { reply_unit(&op, reply, fs.sync_dir(ino.0).await) });
+    }
+
     fn releasedir(
         &self,
         _req: &Request,

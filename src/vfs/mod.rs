@@ -489,6 +489,36 @@ impl<S: ObjectStore> Vfs<S> {
     }
 
     /// Makes `key` durable locally and, when nobody writes it, queues its upload.
+    /// `fsync` of directory `ino`: the names created and renamed in it become durable. Names
+    /// of files not closed or fsync'd yet are journalled now (with their current content);
+    /// everything else a directory holds is durable when its call returns already (journal
+    /// records, tombstones, directory markers in S3).
+    pub(crate) async fn sync_dir(self: Arc<Self>, ino: u64) -> Result<(), FsError> {
+        let Ok(writes) = self.writes() else {
+            return Ok(()); // read-only: nothing local
+        };
+        let prefix = self.namespace.marker_of(ino)?;
+        let keys = writes.dirty.unjournalled_in(&prefix);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let vfs = Arc::clone(&self);
+        tokio::task::spawn_blocking(move || {
+            let writes = vfs.writes()?;
+            for key in keys {
+                match writes.dirty.persist(&key) {
+                    Ok(()) => {}
+                    // Unlinked or renamed away meanwhile: its new directory's fsync covers it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(FsError::from(e)),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))
+    }
+
     pub(crate) fn persist_and_queue(&self, key: &str) -> Result<(), FsError> {
         let writes = self.writes()?;
         writes.dirty.persist(key)?;

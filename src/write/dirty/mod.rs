@@ -97,6 +97,26 @@ impl DirtyFiles {
             .max()
     }
 
+    /// Keys of the files directly in directory `dir_prefix` (`""` or ending in `/`) that have
+    /// no journal record yet: created (or opened for writing) and neither closed nor fsync'd.
+    /// What a directory fsync must make durable.
+    pub fn unjournalled_in(&self, dir_prefix: &str) -> Vec<String> {
+        self.files()
+            .iter()
+            .filter(|(key, _)| {
+                key.strip_prefix(dir_prefix)
+                    .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+            })
+            .filter(|(_, f)| {
+                matches!(
+                    *f.record.lock().unwrap_or_else(|e| e.into_inner()),
+                    Journalled::Nothing
+                )
+            })
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
     /// Files open for writing now (their upload waits for the last close).
     pub fn open_for_writing(&self) -> usize {
         self.files()
