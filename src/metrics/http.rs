@@ -176,7 +176,7 @@ mod tests {
         let (status, body) = get(addr, "/metrics");
         assert_eq!(status, 200);
         assert!(
-            body.contains("# TYPE keepfs_fuse_requests_total counter"),
+            body.contains("# TYPE keepfs_read_bytes_total counter"),
             "{body}"
         );
         assert_eq!(get(addr, "/other").0, 404);
