@@ -101,19 +101,25 @@ impl DirtyFiles {
     /// no journal record yet: created (or opened for writing) and neither closed nor fsync'd.
     /// What a directory fsync must make durable.
     pub fn unjournalled_in(&self, dir_prefix: &str) -> Vec<String> {
-        self.files()
+        let in_dir: Vec<(String, Arc<Mutex<Journalled>>)> = self
+            .files()
             .iter()
             .filter(|(key, _)| {
                 key.strip_prefix(dir_prefix)
                     .is_some_and(|name| !name.is_empty() && !name.contains('/'))
             })
-            .filter(|(_, f)| {
+            .map(|(key, f)| (key.clone(), f.record.clone()))
+            .collect();
+        // The table's lock is released first: `persist` takes a record's lock, then the table's.
+        in_dir
+            .into_iter()
+            .filter(|(_, record)| {
                 matches!(
-                    *f.record.lock().unwrap_or_else(|e| e.into_inner()),
+                    *record.lock().unwrap_or_else(|e| e.into_inner()),
                     Journalled::Nothing
                 )
             })
-            .map(|(key, _)| key.clone())
+            .map(|(key, _)| key)
             .collect()
     }
 
