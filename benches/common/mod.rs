@@ -7,6 +7,7 @@ mod data;
 #[path = "../../tests/common/embedded.rs"]
 mod embedded;
 
+#[allow(unused_imports)] // not every benchmark writes patterns
 pub use data::pattern;
 
 use std::path::{Path, PathBuf};
