@@ -54,6 +54,9 @@ fn check(db: &Path, recorded: &BTreeSet<u64>, what: &str) -> u64 {
 /// each commit are collected in `acknowledged`.
 struct Writer {
     child: Child,
+    /// What the shell printed on stderr before the kill (an error while keepfs was alive).
+    errors: Arc<Mutex<Vec<String>>>,
+    killing: Arc<std::sync::atomic::AtomicBool>,
     feeder: std::thread::JoinHandle<()>,
     reader: std::thread::JoinHandle<()>,
 }
@@ -71,11 +74,19 @@ impl Writer {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                println!("writer: {line}");
-            }
-        });
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let killing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (errors, killing) = (errors.clone(), killing.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    println!("writer: {line}");
+                    if !killing.load(std::sync::atomic::Ordering::SeqCst) {
+                        errors.lock().unwrap().push(line);
+                    }
+                }
+            });
+        }
         let mut stdin = child.stdin.take().unwrap();
         let feeder = std::thread::spawn(move || {
             // FULL: a commit in WAL mode is durable when it returns, as in rollback mode.
@@ -105,6 +116,8 @@ impl Writer {
         });
         Writer {
             child,
+            errors,
+            killing,
             feeder,
             reader,
         }
@@ -161,6 +174,21 @@ fn crash_rounds(journal_mode: &str) {
             reads += 1;
         }
         // keepfs and the writer die together, mid-transaction or between two.
+        writer
+            .killing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let early = writer.errors.lock().unwrap().clone();
+        if !early.is_empty() {
+            // SQLite failed while keepfs was alive: show what keepfs said meanwhile.
+            println!("{journal_mode} round {round}: writer failed before the kill: {early:?}");
+            for line in m
+                .log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            {
+                println!("  keepfs: {line}");
+            }
+        }
         m.stop_with(libc::SIGKILL);
         writer.kill();
         m = Mount::new(&source, &["--cache-dir", &cache_arg]);
