@@ -7,6 +7,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,12 @@ pub struct FileRecord {
     /// records: a new one is drawn on load).
     #[serde(default)]
     pub origin: Option<u64>,
+    /// When the record was written, in the journal's order (see [`Journal::put`]): of two
+    /// records for one key, the one with the higher `seq` is the file (a rename over a file
+    /// writes the moved file's record before it removes the replaced one's; a copy-on-write
+    /// writes the copy's before it removes the original's). Absent (0) in older records.
+    #[serde(default)]
+    pub seq: u64,
     pub state: RecordState,
 }
 
@@ -70,6 +77,16 @@ pub struct Journal {
     dir: PathBuf,
     /// Whether loading may remove what a crash left behind (only the directory's owner).
     clean: bool,
+    /// The next record's [`FileRecord::seq`]: above every record loaded, and starting from
+    /// the wall clock (ns) so that a journal that never loaded still writes newer records.
+    next_seq: AtomicU64,
+}
+
+/// A starting point for [`Journal::next_seq`]: ns since the epoch.
+fn clock_seq() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
 }
 
 impl Journal {
@@ -77,6 +94,7 @@ impl Journal {
         Journal {
             dir: cache.journal_dir(),
             clean: true,
+            next_seq: AtomicU64::new(clock_seq()),
         }
     }
 
@@ -86,7 +104,11 @@ impl Journal {
 
     /// Durably writes `record`, replacing any previous record with its id.
     pub fn put(&self, record: &FileRecord) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        let record = FileRecord {
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            ..record.clone()
+        };
+        let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         crate::metrics::time_journal_sync(|| {
             write_atomically(&self.dir, &self.record_path(record.id), &bytes)
         })
@@ -107,10 +129,11 @@ impl Journal {
         Journal {
             dir: dir.join("journal"),
             clean: false,
+            next_seq: AtomicU64::new(clock_seq()),
         }
     }
 
-    /// Reads every record, sorted by id; removes temporary files a crash left behind (unless
+    /// Reads every record, oldest first (by seq, then id); removes temporary files a crash left behind (unless
     /// opened [`Journal::read_only`]).
     pub fn load(&self) -> std::io::Result<Loaded> {
         let mut loaded = Loaded::default();
@@ -153,7 +176,13 @@ impl Journal {
                 }
             }
         }
-        loaded.records.sort_by_key(|r| r.id);
+        // Oldest first: for one key the last record is the file (see FileRecord::seq); records
+        // of older versions without a seq fall back to their id, which only grows.
+        loaded.records.sort_by_key(|r| (r.seq, r.id));
+        if let Some(newest) = loaded.records.iter().map(|r| r.seq).max() {
+            self.next_seq
+                .fetch_max(newest.saturating_add(1), Ordering::Relaxed);
+        }
         Ok(loaded)
     }
 }
@@ -206,8 +235,17 @@ mod tests {
             base_etag: Some("\"abc\"".into()),
             coverage: Coverage::default(),
             origin: Some(7),
+            seq: 0,
             state: RecordState::Dirty,
         }
+    }
+
+    /// The records without the numbers the journal gave them.
+    fn unnumbered(records: Vec<FileRecord>) -> Vec<FileRecord> {
+        records
+            .into_iter()
+            .map(|r| FileRecord { seq: 0, ..r })
+            .collect()
     }
 
     #[test]
@@ -221,10 +259,42 @@ mod tests {
         updated.size = 7;
         journal.put(&updated).unwrap();
         let loaded = journal.load().unwrap();
-        assert_eq!(loaded.records, vec![record(1, "a"), updated]);
+        assert_eq!(unnumbered(loaded.records), vec![record(1, "a"), updated]);
         journal.remove(1).unwrap();
         journal.remove(1).unwrap();
         assert_eq!(journal.load().unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn for_one_key_the_record_written_last_comes_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let journal = Journal::new(&cache);
+        // A rename over a file: the moved file (older data file, lower id) is journalled under
+        // the key after the replaced one.
+        journal.put(&record(9, "k")).unwrap();
+        journal.put(&record(4, "k")).unwrap();
+        journal.put(&record(6, "other")).unwrap();
+        let loaded = journal.load().unwrap();
+        let for_k: Vec<u64> = loaded
+            .records
+            .iter()
+            .filter(|r| r.key == "k")
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(for_k, [9, 4]);
+        // A journal opened later numbers its records after every loaded one.
+        let again = Journal::new(&cache);
+        again.load().unwrap();
+        again.put(&record(1, "k")).unwrap();
+        let last = again
+            .load()
+            .unwrap()
+            .records
+            .into_iter()
+            .filter(|r| r.key == "k")
+            .last();
+        assert_eq!(last.map(|r| r.id), Some(1));
     }
 
     #[test]
@@ -239,7 +309,7 @@ mod tests {
         let corrupt = cache.journal_dir().join("0000000000000009.rec");
         fs::write(&corrupt, b"not json").unwrap();
         let loaded = journal.load().unwrap();
-        assert_eq!(loaded.records, vec![record(1, "kept")]);
+        assert_eq!(unnumbered(loaded.records), vec![record(1, "kept")]);
         assert!(!stray.exists());
         assert_eq!(loaded.unreadable.len(), 1);
         assert!(corrupt.exists(), "corrupt records are left for an operator");

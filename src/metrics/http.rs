@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -23,31 +24,54 @@ pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// What `/readyz` asks; "not mounted yet" until the mount sets a check.
 #[derive(Clone)]
-pub struct Readiness(Arc<RwLock<Option<ReadyCheck>>>);
+pub struct Readiness {
+    check: Arc<RwLock<Option<ReadyCheck>>>,
+    /// A check is running: a hung mount keeps its thread, so at most one is ever stuck and
+    /// probes (or anyone reaching the port) can't use up the blocking threads keepfs's own
+    /// fsyncs need.
+    running: Arc<AtomicBool>,
+}
 
 impl Default for Readiness {
     fn default() -> Self {
-        Readiness(Arc::new(RwLock::new(None)))
+        Readiness {
+            check: Arc::new(RwLock::new(None)),
+            running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Clears [`Readiness::running`] when the check's thread ends.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
 impl Readiness {
     /// From now on `/readyz` answers with `check`.
     pub fn set(&self, check: ReadyCheck) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(check);
+        *self.check.write().unwrap_or_else(|e| e.into_inner()) = Some(check);
     }
 
     async fn check(&self) -> Result<(), String> {
-        let check = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let check = self.check.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(check) = check else {
             return Err("not mounted yet".to_owned());
         };
-        match tokio::time::timeout(
-            READY_CHECK_TIMEOUT,
-            tokio::task::spawn_blocking(move || check()),
-        )
-        .await
-        {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return Err(
+                "the previous check has not finished (the mount is slow or hung)".to_owned(),
+            );
+        }
+        let running = Running(Arc::clone(&self.running));
+        let task = tokio::task::spawn_blocking(move || {
+            let _running = running;
+            check()
+        });
+        match tokio::time::timeout(READY_CHECK_TIMEOUT, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(format!("readiness check failed: {e}")),
             Err(_) => Err(format!(

@@ -488,37 +488,50 @@ impl<S: ObjectStore> Vfs<S> {
         Ok(())
     }
 
-    /// Makes `key` durable locally and, when nobody writes it, queues its upload.
     /// `fsync` of directory `ino`: the names created and renamed in it become durable. Names
     /// of files not closed or fsync'd yet are journalled now (with their current content);
     /// everything else a directory holds is durable when its call returns already (journal
-    /// records, tombstones, directory markers in S3).
+    /// records, tombstones, directory markers in S3). With `--durability remote` it returns
+    /// once those files are in S3, as a file's fsync does.
     pub(crate) async fn sync_dir(self: Arc<Self>, ino: u64) -> Result<(), FsError> {
         let Ok(writes) = self.writes() else {
             return Ok(()); // read-only: nothing local
         };
         let prefix = self.namespace.marker_of(ino)?;
-        let keys = writes.dirty.unjournalled_in(&prefix);
-        if keys.is_empty() {
-            return Ok(());
-        }
         let vfs = Arc::clone(&self);
-        tokio::task::spawn_blocking(move || {
+        // Blocking: finding the files waits on their record locks, which a persist holds
+        // through its fsyncs.
+        let persisted = tokio::task::spawn_blocking(move || {
             let writes = vfs.writes()?;
-            for key in keys {
+            let mut persisted = Vec::new();
+            for key in writes.dirty.unjournalled_in(&prefix) {
                 match writes.dirty.persist(&key) {
-                    Ok(()) => {}
+                    Ok(()) => persisted.push(key),
                     // Unlinked or renamed away meanwhile: its new directory's fsync covers it.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(FsError::from(e)),
                 }
             }
-            Ok(())
+            Ok(persisted)
         })
         .await
-        .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))
+        .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))?;
+        if writes.durability == Durability::Remote {
+            for key in persisted {
+                writes
+                    .uploader
+                    .upload_now(&key)
+                    .await
+                    .map_err(|source| FsError::Upload {
+                        key: key.clone(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
+    /// Makes `key` durable locally and, when nobody writes it, queues its upload.
     pub(crate) fn persist_and_queue(&self, key: &str) -> Result<(), FsError> {
         let writes = self.writes()?;
         writes.dirty.persist(key)?;

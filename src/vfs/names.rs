@@ -232,11 +232,14 @@ impl<S: ObjectStore> Vfs<S> {
                 writes.uploader.enqueue(&new_key);
             }
         } else {
-            // A local copy at the target goes; no upload of it runs (the lock), so none can
-            // land on top of the copy.
-            writes.dirty.remove(&new_key);
+            // The copy first, then the local copy at the target goes: a crash in between keeps
+            // the target's acknowledged version (its upload replaces the copy), never neither.
+            // No upload of the target runs meanwhile (the lock), so none lands on the copy.
             let copied = self.store.copy_object(&old_key, &new_key).await;
-            writes.dirty.settled(&new_key);
+            if copied.is_ok() {
+                writes.dirty.remove(&new_key);
+                writes.dirty.settled(&new_key);
+            }
             drop(upload);
             copied.map_err(|e| FsError::store(&old_key, e))?;
         }

@@ -503,6 +503,7 @@ impl DirtyFiles {
                     base_etag: None,
                     coverage: Coverage::default(),
                     origin: Some(f.origin),
+                    seq: 0, // the journal numbers it
                     state: RecordState::Dirty,
                 },
             ))
@@ -567,10 +568,14 @@ impl DirtyFiles {
             let replaced = files.insert(to.to_owned(), file);
             replaced.map(|old| files.unlink(old))
         };
+        // The moved file's record first (it is the newer record for `to`: see
+        // [`FileRecord::seq`]), then the replaced file's goes: a crash in between shows the
+        // rename done, never the target without either version.
+        let persisted = self.persist(to);
         if let Some(discard) = replaced {
             self.discard(discard);
         }
-        self.persist(to)?;
+        persisted?;
         Ok(true)
     }
 

@@ -85,8 +85,9 @@ impl DirtyFiles {
                     dirty_since: std::time::Instant::now(),
                 },
             );
-            // Records come by id: an older one for the same key is a copy-on-write's
-            // predecessor whose removal a crash interrupted (its data file goes as an orphan).
+            // Records come oldest first: an older one for the same key is a copy-on-write's
+            // predecessor, or the file a rename replaced, whose removal a crash interrupted
+            // (its data file goes as an orphan).
             if let Some(older) = older {
                 journal.remove(older.id)?;
             }
