@@ -293,7 +293,7 @@ mod tests {
             .records
             .into_iter()
             .filter(|r| r.key == "k")
-            .last();
+            .next_back();
         assert_eq!(last.map(|r| r.id), Some(1));
     }
 
