@@ -292,8 +292,7 @@ mod tests {
             .unwrap()
             .records
             .into_iter()
-            .filter(|r| r.key == "k")
-            .next_back();
+            .rfind(|r| r.key == "k");
         assert_eq!(last.map(|r| r.id), Some(1));
     }
 
