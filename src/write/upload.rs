@@ -244,6 +244,11 @@ impl<S: ObjectStore> Uploader<S> {
     /// dirty and is uploaded in the background later.
     pub async fn upload_now(&self, key: &str) -> Result<(), StoreError> {
         let _guard = self.locks.lock(key).await;
+        // As in the background: an older file's upload must not be able to land over this one.
+        if let Some(origin) = self.dirty.tombstone(key) {
+            clear_tombstone(&*self.store, &self.dirty, key, origin).await?;
+            self.dirty.settled(key);
+        }
         let Some(snapshot) = self.dirty.snapshot_open(key) else {
             tracing::debug!(key, "upload_now: not dirty");
             return Ok(()); // not dirty: S3 has it
@@ -380,25 +385,28 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
     let mut backoff = Duration::from_millis(200);
     loop {
         let guard = locks.lock(key).await;
-        let Some(snapshot) = dirty.snapshot(key) else {
-            // Nothing (more) to upload. A tombstone says an upload of a file whose name went
-            // may have landed here (one cut off by a crash, after a restart): it goes first.
-            if let Some(origin) = dirty.tombstone(key)
-                && let Err(e) = clear_tombstone(store, dirty, key, origin).await
-            {
-                if matches!(e, StoreError::AccessDenied(_) | StoreError::NoSuchBucket(_)) {
-                    // Never going to work: don't hold the key (and flush) forever.
+        // A tombstone says an upload of a file whose name went may land here (one cut off by
+        // a crash, after a restart): it goes first, also before a new file under the key is
+        // uploaded, so that the old upload can't land over the new one.
+        if let Some(origin) = dirty.tombstone(key) {
+            match clear_tombstone(store, dirty, key, origin).await {
+                Ok(()) => dirty.settled(key),
+                // Never going to work: don't hold the key (and flush) forever.
+                Err(e @ (StoreError::AccessDenied(_) | StoreError::NoSuchBucket(_))) => {
                     tracing::error!(key, error = %e, "cannot delete the upload of a removed file; it may stay in S3");
                     dirty.settled(key);
-                    return;
                 }
-                drop(guard);
-                tracing::warn!(key, error = %e, retry_in = ?backoff, "could not delete the upload of a removed file; will retry");
-                sender.stats.failed(key, &e);
-                backoff = sender.stats.back_off(backoff).await;
-                continue;
+                Err(e) => {
+                    drop(guard);
+                    tracing::warn!(key, error = %e, retry_in = ?backoff, "could not delete the upload of a removed file; will retry");
+                    sender.stats.failed(key, &e);
+                    backoff = sender.stats.back_off(backoff).await;
+                    continue;
+                }
             }
-            dirty.settled(key);
+        }
+        let Some(snapshot) = dirty.snapshot(key) else {
+            // Nothing (more) to upload.
             drop(guard);
             abort_orphaned_uploads(store, dirty).await;
             return;

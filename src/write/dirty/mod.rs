@@ -236,7 +236,10 @@ impl DirtyFiles {
     }
 
     fn install(&self, key: &str, (id, data): (u64, LocalData), attr: DirtyAttr) -> DirtyAttr {
-        self.settled(key);
+        // The name is back; a tombstone of the key stays until the uploader has made sure the
+        // old file's upload can't land any more (before this file's upload starts): cleared
+        // now, a crash would let that upload land over or instead of this file.
+        self.gone().remove(key);
         let mut files = self.files();
         let old = files.insert(
             key.to_owned(),
@@ -515,13 +518,6 @@ impl DirtyFiles {
         }
         record.base_etag = data.base_etag();
         self.journal.put(&record)?;
-        // The journal holds a file under this key again: its upload replaces anything an
-        // older file's upload left there.
-        if let Err(e) = self.tombstones.remove(key) {
-            // The record is durable already: the close succeeded. A tombstone left behind is
-            // cleared at the next start (the journal holds the key).
-            tracing::warn!(key, error = %e, "could not remove a tombstone");
-        }
         // The new record is durable: the copies it replaces can go (record first).
         let retired = self
             .with_file(key, |f| {

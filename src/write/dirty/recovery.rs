@@ -94,14 +94,13 @@ impl DirtyFiles {
         }
         remove_orphans(&data_dir, &files)?;
         let mut keys: Vec<String> = files.keys().cloned().collect();
-        // A tombstone under a key the journal holds a file for again is obsolete (that file's
-        // upload replaces whatever landed there); the others are for the uploader to clear.
+        // Tombstones stay also under keys the journal holds a file for again: the uploader
+        // clears them (after the grace) before that file's upload, so that an upload of the
+        // older file the killed process may have started can't land over it.
         let tombstones = Tombstones::open(cache, files.keys().cloned())?;
         let mut gone = std::collections::HashSet::new();
         for key in tombstones.all() {
-            if files.get(&key).is_some() {
-                tombstones.remove(&key)?;
-            } else {
+            if files.get(&key).is_none() {
                 gone.insert(key.clone());
                 keys.push(key);
             }
