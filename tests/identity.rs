@@ -126,7 +126,7 @@ fn an_upload_landing_after_its_file_went_is_deleted_after_a_kill_9() {
     let args = ["--cache-dir", cache.path().to_str().unwrap()];
     let mut m = Mount::new(&format!("s3://{bucket}"), &args);
     s.refuse_uploads(&bucket);
-    let names = ["gone.txt", "renamed.txt", "replaced.txt"];
+    let names = ["gone.txt", "renamed.txt", "replaced.txt", "recreated.txt"];
     for name in names {
         fs::write(m.path().join(name), format!("content of {name}")).unwrap();
     }
@@ -146,6 +146,7 @@ fn an_upload_landing_after_its_file_went_is_deleted_after_a_kill_9() {
     fs::remove_file(m.path().join("gone.txt")).unwrap();
     fs::rename(m.path().join("renamed.txt"), m.path().join("moved.txt")).unwrap();
     fs::remove_file(m.path().join("replaced.txt")).unwrap();
+    fs::remove_file(m.path().join("recreated.txt")).unwrap();
     // The tombstones name each key and the lineage of the file that was there.
     let mut origins = std::collections::HashMap::new();
     for entry in fs::read_dir(cache.path().join("gone")).unwrap() {
@@ -156,13 +157,19 @@ fn an_upload_landing_after_its_file_went_is_deleted_after_a_kill_9() {
     }
     let mut keys: Vec<_> = origins.keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["gone.txt", "renamed.txt", "replaced.txt"]);
+    assert_eq!(
+        keys,
+        ["gone.txt", "recreated.txt", "renamed.txt", "replaced.txt"]
+    );
+    // A new file under an unlinked name (as SQLite makes its rollback journal at every
+    // transaction), durable before the kill.
+    fs::write(m.path().join("recreated.txt"), b"the new file").unwrap();
     m.stop_with(libc::SIGKILL);
     drop(m);
     // What the killed mount's uploads would have left had the server finished them after
     // the kill; and another client's new object under the third name.
     s.allow_uploads(&bucket);
-    for name in ["gone.txt", "renamed.txt"] {
+    for name in ["gone.txt", "renamed.txt", "recreated.txt"] {
         let body = format!("content of {name}");
         s.put_with_metadata(
             &bucket,
@@ -189,7 +196,21 @@ fn an_upload_landing_after_its_file_went_is_deleted_after_a_kill_9() {
     flush(&m);
     let mut listed = common::names(m.path());
     listed.sort();
-    assert_eq!(listed, ["moved.txt", "replaced.txt"], "{}", m.log());
+    assert_eq!(
+        listed,
+        ["moved.txt", "recreated.txt", "replaced.txt"],
+        "{}",
+        m.log()
+    );
+    // The old file's late upload went; the new file is there, in the mount and in S3.
+    assert_eq!(
+        fs::read(m.path().join("recreated.txt")).unwrap(),
+        b"the new file"
+    );
+    assert_eq!(
+        s.get(&bucket, "recreated.txt").as_deref(),
+        Some(&b"the new file"[..])
+    );
     assert!(
         s.get(&bucket, "gone.txt").is_none(),
         "the unlinked file stays gone"
