@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use fuser::{FopenFlags, OpenFlags};
 
-use crate::config::Durability;
 use crate::error::FsError;
 use crate::namespace::{
     Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, stored_metadata_of, with_times,
@@ -472,20 +471,10 @@ impl<S: ObjectStore> Vfs<S> {
             .await
             .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))?;
         let writes = self.writes()?;
-        let Some(key) = writes.dirty.key_of(fid) else {
-            return Ok(());
-        };
-        if writes.durability == Durability::Remote {
-            writes
-                .uploader
-                .upload_now(&key)
-                .await
-                .map_err(|source| FsError::Upload {
-                    key: key.clone(),
-                    source,
-                })?;
+        match writes.dirty.key_of(fid) {
+            Some(key) => writes.upload_if_remote(&key).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// `fsync` of directory `ino`: the names created and renamed in it become durable. Names
@@ -516,17 +505,8 @@ impl<S: ObjectStore> Vfs<S> {
         })
         .await
         .unwrap_or_else(|e| Err(FsError::Local(e.to_string(), None)))?;
-        if writes.durability == Durability::Remote {
-            for key in persisted {
-                writes
-                    .uploader
-                    .upload_now(&key)
-                    .await
-                    .map_err(|source| FsError::Upload {
-                        key: key.clone(),
-                        source,
-                    })?;
-            }
+        for key in persisted {
+            writes.upload_if_remote(&key).await?;
         }
         Ok(())
     }

@@ -28,6 +28,23 @@ const DISK_RESERVE: u64 = 1 << 20;
 /// How long a write waits for uploads to free cache space before failing with ENOSPC.
 const CACHE_FULL_WAIT: Duration = Duration::from_secs(30);
 
+impl<S: crate::store::ObjectStore> Writes<S> {
+    /// With `--durability remote`, uploads `key` now and returns the upload's error: what a
+    /// file's or a directory's fsync waits for after making the file durable locally.
+    pub(crate) async fn upload_if_remote(&self, key: &str) -> Result<(), FsError> {
+        if self.durability != Durability::Remote {
+            return Ok(());
+        }
+        self.uploader
+            .upload_now(key)
+            .await
+            .map_err(|source| FsError::Upload {
+                key: key.to_owned(),
+                source,
+            })
+    }
+}
+
 impl<S> Writes<S> {
     /// Writes through an open handle of file `fid`.
     pub(crate) fn write(&self, fid: FileId, offset: u64, bytes: &[u8]) -> Result<(), FsError> {
