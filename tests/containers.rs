@@ -172,42 +172,41 @@ impl Drop for SharedDir {
     }
 }
 
+/// `podman run` arguments after `run`: `options`, the test server's credentials as `-e`,
+/// `image`, then `keepfs mount` with `mount_args` and the test server's endpoint.
+fn podman_keepfs_args(options: &[&str], image: &str, mount_args: &[&str]) -> Vec<String> {
+    let s = server();
+    let mut args: Vec<String> = options.iter().map(|a| a.to_string()).collect();
+    for (k, v) in s.env() {
+        args.extend(["-e".to_owned(), format!("{k}={v}")]);
+    }
+    args.extend([image.to_owned(), "mount".to_owned()]);
+    args.extend(mount_args.iter().map(|a| a.to_string()));
+    args.extend(["--endpoint-url", &s.endpoint, "--force-path-style"].map(String::from));
+    args
+}
+
 /// The keepfs sidecar: mounts `bucket` at /data/s3, a subdirectory of the shared volume
 /// (`rshared`), with its cache directory on the host directory `cache` (its own volume, which
 /// outlives the container). Not at the volume's root: a killed sidecar leaves a dead mount
 /// behind, and a dead mount at the root would make the volume itself unusable (podman and
 /// kubelet can't bind-mount it again: ENOTCONN), so no new sidecar could start.
 fn sidecar(image: &str, name: &str, shared: &SharedDir, cache: &Path, bucket: &str) -> Container {
-    let s = server();
     let data = format!("{}:/data:rshared", shared.path().display());
     let cache = format!("{}:/var/cache/keepfs", cache.display());
-    let mut args: Vec<String> = [
-        "--device",
-        "/dev/fuse",
-        "--cap-add",
-        "SYS_ADMIN",
-        "-v",
-        &data,
-        "-v",
-        &cache,
-    ]
-    .map(String::from)
-    .to_vec();
-    for (k, v) in s.env() {
-        args.extend(["-e".to_owned(), format!("{k}={v}")]);
-    }
-    args.extend(
-        [
-            image,
-            "mount",
-            &format!("s3://{bucket}"),
-            "/data/s3",
-            "--create-mountpoint",
-            "--endpoint-url",
-            &s.endpoint,
-            "--force-path-style",
-        ]
-        .map(String::from),
+    let args = podman_keepfs_args(
+        &[
+            "--device",
+            "/dev/fuse",
+            "--cap-add",
+            "SYS_ADMIN",
+            "-v",
+            &data,
+            "-v",
+            &cache,
+        ],
+        image,
+        &[&format!("s3://{bucket}"), "/data/s3", "--create-mountpoint"],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let c = Container::run(name, &args);
@@ -592,41 +591,31 @@ fn a_container_with_every_capability_dropped_serves_a_connection_mounted_for_it(
         let log = dir.path().join("podman.log");
         // No --device /dev/fuse, no SYS_ADMIN: the container gets the open connection as its
         // descriptor 3 and nothing else.
-        let mut args: Vec<String> = [
-            "run",
-            "--rm",
-            "--name",
-            &name,
-            "--network",
-            "host",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges",
-            "--preserve-fds",
-            "1",
-            "-v",
-            &format!("{}:/var/cache/keepfs", cache.display()),
-        ]
-        .map(String::from)
-        .to_vec();
-        for (k, v) in s.env() {
-            args.extend(["-e".to_owned(), format!("{k}={v}")]);
-        }
-        args.extend(
-            [
-                image,
-                "mount",
+        let volume = format!("{}:/var/cache/keepfs", cache.display());
+        let mut args = vec!["run".to_owned(), "--rm".to_owned()];
+        args.extend(podman_keepfs_args(
+            &[
+                "--name",
+                &name,
+                "--network",
+                "host",
+                "--cap-drop",
+                "ALL",
+                "--security-opt",
+                "no-new-privileges",
+                "--preserve-fds",
+                "1",
+                "-v",
+                &volume,
+            ],
+            image,
+            &[
                 &format!("s3://{bucket}"),
                 "/dev/fd/3",
                 "--cache-dir",
                 "/var/cache/keepfs/data",
-                "--endpoint-url",
-                &s.endpoint,
-                "--force-path-style",
-            ]
-            .map(String::from),
-        );
+            ],
+        ));
         let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/containers.conf");
         let envs = [("CONTAINERS_CONF".to_owned(), conf.display().to_string())];
         let mut child = common::spawn_with_fuse_fd(
