@@ -12,18 +12,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::pg::pg_bin;
 use common::{KeepfsMount, env_or, target};
-
-fn pg_bin() -> Option<PathBuf> {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|bin| bin.join("initdb").exists() && bin.join("pgbench").exists())
-        .collect();
-    versions.sort();
-    versions.pop()
-}
 
 /// Runs `args` as the `postgres` user; its standard output (panics with the output on failure).
 fn as_postgres(args: &[&str]) -> String {

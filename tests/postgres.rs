@@ -9,20 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::pg::pg_bin;
 use common::{Mount, server};
-
-/// The directory holding `initdb`, `pg_ctl` and `pgbench`, if PostgreSQL is installed.
-fn pg_bin() -> Option<PathBuf> {
-    let root = Path::new("/usr/lib/postgresql");
-    let mut versions: Vec<PathBuf> = std::fs::read_dir(root)
-        .ok()?
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|bin| bin.join("initdb").exists() && bin.join("pgbench").exists())
-        .collect();
-    versions.sort();
-    versions.pop()
-}
 
 /// Runs `args` as the `postgres` user; panics with the output (and keepfs's log) on failure.
 fn as_postgres(m: &Mount, args: &[&str]) -> Output {

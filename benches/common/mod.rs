@@ -6,6 +6,8 @@
 mod data;
 #[path = "../../tests/common/embedded.rs"]
 mod embedded;
+#[path = "../../tests/common/pg.rs"]
+pub mod pg;
 
 #[allow(unused_imports)] // not every benchmark writes patterns
 pub use data::pattern;

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 pub mod data;
 pub mod embedded;
+pub mod pg;
 
 #[allow(unused_imports)] // not every test file uses it
 pub use data::pattern;
