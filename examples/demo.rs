@@ -262,6 +262,7 @@ fn config(endpoint: &str, mountpoint: &Path, cache_dir: &Path) -> anyhow::Result
         part_size: 8 << 20,
         upload_concurrency: 16,
         metrics_addr: None,
+        snapshot: None,
     })
 }
 

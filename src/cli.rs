@@ -35,6 +35,85 @@ pub enum Command {
     /// Upload everything pending in a cache directory and wait (for a Kubernetes preStop hook).
     /// Asks the running mount, or uploads from the journal itself when none runs.
     Flush(FlushArgs),
+    /// Take, list, delete and restore snapshots: point-in-time, crash-consistent copies of a
+    /// mount kept in its bucket under PREFIX/.keepfs/snapshots/ (see docs/BACKUP.md).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take snapshot NAME. Through a running mount (MOUNTPOINT, or --cache-dir of a running
+    /// mount), writes are held at a barrier while what was closed or fsync'd before it is
+    /// uploaded, then the bucket is recorded while writes go on. With --cache-dir and no mount
+    /// running, the journal is uploaded first; with s3://, the bucket is recorded as it is.
+    Create {
+        /// 1 to 100 letters, digits, '.', '_' or '-'.
+        name: String,
+        #[command(flatten)]
+        at: SnapshotLocation,
+        /// Give up after this long if what was written can't be uploaded (for example 30s, 5m).
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// List the snapshots of a mount or prefix.
+    List {
+        #[command(flatten)]
+        at: SnapshotLocation,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshot NAME (its manifest, then its copies).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        at: SnapshotLocation,
+    },
+    /// Restore snapshot NAME with server-side copies: into its own prefix, or into --to. The
+    /// target must be empty unless --force, which makes it equal to the snapshot (objects the
+    /// snapshot lacks are deleted). Stop the mount of the target first.
+    Restore {
+        name: String,
+        #[command(flatten)]
+        at: SnapshotLocation,
+        /// Where to restore (same endpoint and credentials): s3://BUCKET[/PREFIX].
+        #[arg(long, value_name = "s3://BUCKET[/PREFIX]")]
+        to: Option<String>,
+        /// Restore into a non-empty target, replacing its contents.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Which mount or prefix a snapshot command is about.
+#[derive(Debug, Args)]
+pub struct SnapshotLocation {
+    /// A keepfs mount point, or s3://BUCKET[/PREFIX] (then give --endpoint-url and the like as
+    /// to `keepfs mount`).
+    #[arg(
+        value_name = "MOUNTPOINT|s3://BUCKET[/PREFIX]",
+        required_unless_present = "cache_dir",
+        conflicts_with = "cache_dir"
+    )]
+    pub target: Option<String>,
+
+    /// The cache directory of a mount (running or not): its mount.json says where the bucket
+    /// is.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// S3 endpoint, with an s3:// target (also read from AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// AWS region, with an s3:// target.
+    #[arg(long)]
+    pub region: Option<String>,
+
+    /// Path-style addressing, with an s3:// target.
+    #[arg(long)]
+    pub force_path_style: bool,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +280,11 @@ pub struct MountArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
+    /// Mount snapshot NAME of the source (see `keepfs snapshot`) read-only instead of the
+    /// source itself. Its default cache directory is its own.
+    #[arg(long, value_name = "NAME", conflicts_with = "read_write")]
+    pub snapshot: Option<String>,
+
     /// Log level (error, warn, info, debug, trace). RUST_LOG, when set, takes precedence.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -234,15 +318,21 @@ impl MountArgs {
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
             shutdown_grace: parse_duration(&self.shutdown_grace)?,
-            read_write: !self.read_only,
+            read_write: !self.read_only && self.snapshot.is_none(),
             durability: self.durability,
             part_size: parse_size(&self.part_size)?.max(5 << 20),
             max_cache_size: self.max_cache_size.as_deref().map(parse_size).transpose()?,
             upload_concurrency: usize::from(self.upload_concurrency),
             metrics_addr: self.metrics_addr,
             cache_dir: self.cache_dir.clone().unwrap_or_else(|| {
-                default_cache_dir(self.endpoint_url.as_deref(), &source.bucket, &source.prefix)
+                // A snapshot's blocks are not the live prefix's: a directory of its own.
+                let prefix = match &self.snapshot {
+                    Some(name) => crate::snapshot::snapshot_prefix(&source.prefix, name),
+                    None => source.prefix.clone(),
+                };
+                default_cache_dir(self.endpoint_url.as_deref(), &source.bucket, &prefix)
             }),
+            snapshot: self.snapshot.clone(),
             source,
         })
     }

@@ -177,6 +177,9 @@ pub struct MountConfig {
     pub upload_concurrency: usize,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: not at all).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve this snapshot of the source read-only instead of the source itself
+    /// (`--snapshot`; `read_write` is then false).
+    pub snapshot: Option<String>,
 }
 
 #[cfg(test)]

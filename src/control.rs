@@ -5,6 +5,9 @@
 //! - `status`: one [`Live`] line.
 //! - `flush`: uploads waiting to retry try again at once; a [`Live`] line every half second
 //!   until everything closed is in S3 (the last line has `flushed: true`) or the client goes.
+//! - `snapshot NAME TIMEOUT_MS`: takes snapshot NAME ([`crate::snapshot::Barrier::take`]);
+//!   a `{"progress": ...}` line every half second, then `{"snapshot": SUMMARY, "held_ms": N}`
+//!   or `{"error": "..."}`.
 //!
 //! The mount also records how it reaches S3 (`DIR/mount.json`, no secrets) so that
 //! `keepfs flush` can upload from the journal itself when no mount is running.
@@ -116,7 +119,12 @@ impl MountRecord {
 
 /// Listens on `DIR/control.sock` (replacing a socket a dead process left behind: the caller
 /// holds the directory's lock) and answers requests on the current runtime.
-pub fn serve(dir: &Path, dirty: Arc<DirtyFiles>, stats: Arc<UploadStats>) -> std::io::Result<()> {
+pub fn serve(
+    dir: &Path,
+    dirty: Arc<DirtyFiles>,
+    stats: Arc<UploadStats>,
+    snapshots: Option<Arc<crate::snapshot::Barrier>>,
+) -> std::io::Result<()> {
     let path = dir.join(SOCKET);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
@@ -135,9 +143,9 @@ pub fn serve(dir: &Path, dirty: Arc<DirtyFiles>, stats: Arc<UploadStats>) -> std
                     continue;
                 }
             };
-            let (dirty, stats) = (dirty.clone(), stats.clone());
+            let (dirty, stats, snapshots) = (dirty.clone(), stats.clone(), snapshots.clone());
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &dirty, &stats).await {
+                if let Err(e) = answer(stream, &dirty, &stats, snapshots).await {
                     tracing::debug!(error = %e, "control connection ended");
                 }
             });
@@ -150,6 +158,7 @@ async fn answer(
     stream: tokio::net::UnixStream,
     dirty: &DirtyFiles,
     stats: &UploadStats,
+    snapshots: Option<Arc<crate::snapshot::Barrier>>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut request = String::new();
@@ -181,11 +190,73 @@ async fn answer(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+        request if request.starts_with("snapshot ") => {
+            let mut words = request.split_whitespace().skip(1);
+            let (Some(name), Some(timeout)) = (words.next(), words.next()) else {
+                let reply = serde_json::json!({ "error": "usage: snapshot NAME TIMEOUT_MS" });
+                return write.write_all(format!("{reply}\n").as_bytes()).await;
+            };
+            let timeout = Duration::from_millis(timeout.parse().unwrap_or(600_000));
+            match snapshots {
+                Some(barrier) => snapshot(&mut write, barrier, name.to_owned(), timeout).await,
+                None => {
+                    let reply = serde_json::json!({ "error": "this mount can't take snapshots (read-only)" });
+                    write.write_all(format!("{reply}\n").as_bytes()).await
+                }
+            }
+        }
         other => {
             let reply = serde_json::json!({ "error": format!("unknown request {other:?}") });
             write.write_all(format!("{reply}\n").as_bytes()).await
         }
     }
+}
+
+/// Takes a snapshot for a client, reporting progress every half second. The snapshot goes on
+/// if the client leaves.
+async fn snapshot(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    barrier: Arc<crate::snapshot::Barrier>,
+    name: String,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let latest = Arc::new(std::sync::Mutex::new(None));
+    let reported = Arc::clone(&latest);
+    let mut task = tokio::spawn(async move {
+        let report = move |p: crate::snapshot::Progress| {
+            *reported.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        };
+        tracing::info!(snapshot = name, "snapshot asked for");
+        barrier.take(&name, timeout, &report).await
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let done = loop {
+        tokio::select! {
+            done = &mut task => break done,
+            _ = tick.tick() => {
+                let progress = latest.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(progress) = progress {
+                    let line = serde_json::json!({ "progress": progress });
+                    write.write_all(format!("{line}\n").as_bytes()).await?;
+                }
+            }
+        }
+    };
+    let reply = match done {
+        Ok(Ok(taken)) => {
+            tracing::info!(snapshot = taken.manifest.name, objects = taken.manifest.entries.len(), held_ms = taken.held.as_millis() as u64, "snapshot taken");
+            serde_json::json!({
+                "snapshot": crate::snapshot::restore::Summary::from(&taken.manifest),
+                "held_ms": taken.held.as_millis() as u64,
+            })
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "snapshot failed");
+            serde_json::json!({ "error": e.to_string() })
+        }
+        Err(e) => serde_json::json!({ "error": format!("snapshot task failed: {e}") }),
+    };
+    write.write_all(format!("{reply}\n").as_bytes()).await
 }
 
 /// The control socket of cache directory `dir`.

@@ -28,6 +28,9 @@ pub enum FsError {
     Exists,
     #[error("directory not empty")]
     NotEmpty,
+    /// A name keepfs keeps for itself (`.keepfs` at the root: snapshots live there).
+    #[error("name reserved for keepfs (snapshots)")]
+    Reserved,
     #[error("operation not supported yet: {0}")]
     NotSupported(&'static str),
     #[error("local cache: {0}")]
@@ -80,6 +83,7 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::Exists => libc::EEXIST,
             FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Reserved => libc::EPERM,
             FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::Local(_, errno) => errno.unwrap_or(libc::EIO),
             FsError::Upload { .. } => libc::EIO,

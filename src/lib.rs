@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod mount;
 pub mod namespace;
 pub mod prefetch;
+pub mod snapshot;
 pub mod status;
 pub mod store;
 pub mod vfs;

@@ -4,6 +4,8 @@ use clap::Parser;
 use keepfs::cli::{Cli, Command};
 use keepfs::mount::{DAEMON_CHILD_ENV, daemonize, run};
 
+mod snapshot_cli;
+
 // Cache blocks are allocated on one thread and freed on another, 256 KiB at a time. With
 // glibc's default malloc, 4 readers through a full 1 GiB block cache ran at 390 MB/s with 5.4 s
 // of system time per 4 GiB (fresh pages faulted in for every block); jemalloc reuses the memory
@@ -26,6 +28,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Status(args) => status(&args),
         Command::Flush(args) => flush(&args),
+        Command::Snapshot(command) => {
+            keepfs::logging::init("warn", keepfs::config::LogFormat::Text);
+            match snapshot_cli::run(&command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("snapshot: {e:#}")),
+            }
+        }
         Command::Mount(args) => {
             let config = match args.to_config() {
                 Ok(config) => config,

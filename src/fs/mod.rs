@@ -81,6 +81,25 @@ impl<S: ObjectStore> KeepFs<S> {
     {
         self.runtime.spawn(op(Arc::clone(&self.inner)));
     }
+
+    /// Runs `op` like [`KeepFs::spawn`], once it has entered the write barrier: an operation
+    /// that changes the filesystem (see [`crate::write::barrier`]).
+    fn spawn_change<F, Fut>(&self, op: F)
+    where
+        F: FnOnce(Arc<Vfs<S>>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let barrier = self.inner.barrier();
+        // Futures do nothing until polled: the operation starts inside the barrier.
+        let task = op(Arc::clone(&self.inner));
+        self.runtime.spawn(async move {
+            let _held = match &barrier {
+                Some(barrier) => Some(barrier.enter().await),
+                None => None,
+            };
+            task.await;
+        });
+    }
 }
 
 impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
@@ -140,12 +159,19 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let op = FuseOp::start("open");
-        self.spawn(move |fs| async move {
+        // Opening for writing or truncating may change the file.
+        let changes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let run = |fs: Arc<Vfs<S>>| async move {
             match fs.open_file(ino.0, flags).await {
                 Ok((fh, flags)) => reply.opened(FileHandle(fh), flags),
                 Err(e) => reply.error(errno(&op, &e)),
             }
-        });
+        };
+        if changes {
+            self.spawn_change(run);
+        } else {
+            self.spawn(run);
+        }
     }
 
     fn create(
@@ -160,6 +186,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     ) {
         let op = FuseOp::start("create");
         let fs = &self.inner;
+        let _held = fs.enter_blocking();
         let perm = mode & !umask & 0o7777;
         match fs.create_empty(req.uid(), req.gid(), parent.0, name, perm) {
             Ok((key, attr)) => {
@@ -196,7 +223,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
         let perm = mode & !umask & 0o7777;
         if let Some(kind) = NodeKind::special(mode, rdev) {
-            return self.spawn(move |fs| async move {
+            return self.spawn_change(move |fs| async move {
                 let result = fs
                     .mknod_special(uid, gid, parent.0, &name, kind, perm)
                     .await;
@@ -208,6 +235,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         }
         // A regular file: an empty written file, durable (journalled) when mknod returns.
         let fs = &self.inner;
+        let _held = fs.enter_blocking();
         let result = fs
             .create_empty(uid, gid, parent.0, &name, perm)
             .and_then(|(key, attr)| {
@@ -232,6 +260,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let op = FuseOp::start("write");
         tracing::trace!(fh = fh.0, offset, len = data.len(), "write");
         let fs = &self.inner;
+        let held = fs.enter_blocking();
         let handle = match fs.handle_file(fh.0) {
             Some((fid, true)) => Some(fid),
             _ => None,
@@ -240,7 +269,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             (Some(fid), Ok(w)) if !w.has_room(data.len() as u64) => {
                 // Over --max-cache-size: wait for uploads off the FUSE thread.
                 let data = data.to_vec();
-                return self.spawn(move |fs| async move {
+                drop(held); // entered again by the task
+                return self.spawn_change(move |fs| async move {
                     let result = match fs.writes() {
                         Ok(w) => match w.wait_for_room(data.len() as u64).await {
                             Ok(()) => w.write(fid, offset, &data),
@@ -277,7 +307,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let Some((fid, _)) = self.inner.handle_file(fh.0) else {
             return reply.ok(); // nothing local to sync
         };
-        self.spawn(move |fs| async move { reply_unit(&op, reply, fs.persist(fid).await) });
+        self.spawn_change(move |fs| async move { reply_unit(&op, reply, fs.persist(fid).await) });
     }
 
     fn setattr(
@@ -304,7 +334,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             TimeOrNow::Now => std::time::SystemTime::now(),
         };
         let (mtime, atime) = (mtime.map(time), atime.map(time));
-        self.spawn(move |fs| async move {
+        self.spawn_change(move |fs| async move {
             let fh = fh.map(|fh| fh.0);
             let result = fs
                 .setattr(ino.0, fh, mode, uid, gid, size, mtime, atime)
@@ -316,7 +346,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let op = FuseOp::start("unlink");
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn_change(move |fs| async move {
             let result = fs.unlink(parent.0, &name).await;
             reply_unit(&op, reply, result);
         });
@@ -338,7 +368,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
-        self.spawn(move |fs| async move {
+        self.spawn_change(move |fs| async move {
             let result = fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace)
                 .await;
@@ -357,7 +387,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     ) {
         let op = FuseOp::start("mkdir");
         let (uid, gid, name) = (req.uid(), req.gid(), name.to_owned());
-        self.spawn(move |fs| async move {
+        self.spawn_change(move |fs| async move {
             let result = fs.mkdir(uid, gid, parent.0, &name, mode & !umask).await;
             reply_entry(&op, reply, &fs, result);
         });
@@ -366,7 +396,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let op = FuseOp::start("rmdir");
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn_change(move |fs| async move {
             let result = fs.rmdir(parent.0, &name).await;
             reply_unit(&op, reply, result);
         });
@@ -383,7 +413,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let op = FuseOp::start("symlink");
         let (uid, gid) = (req.uid(), req.gid());
         let (name, target) = (link_name.to_owned(), target.to_owned());
-        self.spawn(move |fs| async move {
+        self.spawn_change(move |fs| async move {
             let result = fs.symlink(uid, gid, parent.0, &name, &target).await;
             reply_entry(&op, reply, &fs, result);
         });
@@ -400,6 +430,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyEmpty,
     ) {
         let op = FuseOp::start("fallocate");
+        let _held = self.inner.enter_blocking();
         let result = match self.inner.handle_file(fh.0) {
             Some((fid, true)) => self.inner.fallocate(fid, ino.0, offset, length, mode),
             Some((_, false)) | None => Err(FsError::BadHandle(fh.0)),
@@ -599,7 +630,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         let Some((fid, true)) = self.inner.handle_file(fh.0) else {
             return reply.ok();
         };
-        self.spawn(move |fs| async move { reply_unit(&op, reply, fs.persist(fid).await) });
+        self.spawn_change(move |fs| async move { reply_unit(&op, reply, fs.persist(fid).await) });
     }
 
     fn fsyncdir(
@@ -611,7 +642,7 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyEmpty,
     ) {
         let op = FuseOp::start("fsyncdir");
-        self.spawn(move |fs| async move { reply_unit(&op, reply, fs.sync_dir(ino.0).await) });
+        self.spawn_change(move |fs| async move { reply_unit(&op, reply, fs.sync_dir(ino.0).await) });
     }
 
     fn releasedir(

@@ -26,7 +26,8 @@ use crate::prefetch::{BlockFetcher, PrefetchConfig};
 use crate::store::{ObjectStore, S3Store, S3StoreConfig, StoreError};
 use crate::vfs::Writes;
 use crate::write::renames::DirRenames;
-use crate::write::{DirtyFiles, UploadConfig, Uploader};
+use crate::snapshot::{self, Manifest, SnapshotView};
+use crate::write::{DirtyFiles, UploadConfig, Uploader, WriteBarrier};
 
 /// Environment variable through which a `--daemon` parent tells its child to report readiness
 /// on stdout.
@@ -83,6 +84,8 @@ pub enum MountError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("snapshot: {0}")]
+    Snapshot(crate::snapshot::SnapshotError),
     #[error("could not start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error(
@@ -236,7 +239,18 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             connect_timeout: config.connect_timeout,
         })
         .await;
-        check_bucket(&store, &config).await.map(|()| store)
+        check_bucket(&store, &config).await?;
+        match &config.snapshot {
+            None => Ok::<_, MountError>(store),
+            Some(name) => {
+                let manifest = Manifest::load(&store, &config.source.prefix, name)
+                    .await
+                    .map_err(MountError::Snapshot)?;
+                tracing::info!(snapshot = name, objects = manifest.entries.len(), "serving a snapshot read-only");
+                let view = SnapshotView::new(manifest, &config.source.bucket, &config.source.prefix);
+                Ok(store.with_view(Arc::new(view)))
+            }
+        }
     })?;
     let store = Arc::new(store);
 
@@ -333,9 +347,22 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             let (dirty, stats) = (Arc::clone(&dirty), uploader.stats());
             metrics::on_scrape(move |m| Live::now(&dirty, &stats).export(m));
         }
+        let barrier = WriteBarrier::default();
+        let snapshots = Arc::new(snapshot::Barrier {
+            writes: barrier.clone(),
+            store: (*store).clone(),
+            dirty: Arc::clone(&dirty),
+            uploader: uploader.clone(),
+            source: config.source.clone(),
+        });
         {
             let _runtime = runtime.enter();
-            if let Err(e) = control::serve(cache_dir.path(), dirty.clone(), uploader.stats()) {
+            if let Err(e) = control::serve(
+                cache_dir.path(),
+                dirty.clone(),
+                uploader.stats(),
+                Some(snapshots),
+            ) {
                 tracing::warn!(error = %e, "no control socket; keepfs flush and status can't reach this mount");
             }
         }
@@ -353,6 +380,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             stopping,
             disk_cache,
             renames,
+            barrier,
         };
         (namespace, Some(writes))
     } else {

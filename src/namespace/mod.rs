@@ -19,7 +19,7 @@ pub use attr::{
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen};
 pub use names::normalize_prefix;
-use names::{InvalidName, check_component, dir_key, join};
+use names::{InvalidName, check_component, dir_key, is_reserved, join};
 
 use crate::error::FsError;
 use crate::store::{ObjectMeta, ObjectStore};
@@ -163,6 +163,9 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::NotDirectory);
         }
         let name = name.to_str().ok_or(FsError::InvalidArgument)?;
+        if is_reserved(&dir, name) {
+            return Err(FsError::Reserved);
+        }
         match check_component(name) {
             Ok(()) => Ok(join(&dir, name)),
             Err(InvalidName::TooLong) => Err(FsError::NameTooLong),
@@ -319,6 +322,7 @@ impl<S: ObjectStore> Namespace<S> {
         }
         let name = name.to_str().ok_or(FsError::NotFound)?;
         match check_component(name) {
+            Ok(()) if is_reserved(&dir, name) => return Err(FsError::NotFound),
             Ok(()) => {}
             Err(InvalidName::TooLong) => return Err(FsError::NameTooLong),
             Err(_) => return Err(FsError::NotFound),
@@ -577,6 +581,9 @@ impl<S: ObjectStore> Namespace<S> {
                     self.skip_key(sub, why);
                     continue;
                 }
+                if is_reserved(&dir, name) {
+                    continue;
+                }
                 let seen = self.seen_directory();
                 entries.insert(name.to_owned(), self.listed(&dir, name, seen));
             }
@@ -589,6 +596,9 @@ impl<S: ObjectStore> Namespace<S> {
                 }
                 if let Err(why) = check_component(name) {
                     self.skip_key(key, why);
+                    continue;
+                }
+                if is_reserved(&dir, name) {
                     continue;
                 }
                 if entries.contains_key(name) || gone.contains(key) {

@@ -37,6 +37,12 @@ pub fn check_component(name: &str) -> Result<(), InvalidName> {
     }
 }
 
+/// Whether `name` in directory `dir` (`""` for the root) is keepfs's own (the snapshots under
+/// `.keepfs/`): never shown, never created.
+pub fn is_reserved(dir: &str, name: &str) -> bool {
+    dir.is_empty() && name == crate::snapshot::RESERVED_DIR
+}
+
 /// Joins a directory path (relative to the mount root, `""` for the root) and a child name.
 pub fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {

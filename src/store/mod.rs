@@ -5,6 +5,7 @@
 //! implementation is [`S3Store`] on `aws-sdk-s3`; tests run it against real servers.
 
 mod s3;
+mod tree;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,6 +14,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub use s3::{S3Store, S3StoreConfig};
+pub use tree::{CopyFrom, MAX_COPY_OBJECT, TreeObject};
 
 /// What HEAD (or a listing) tells about one object version.
 #[derive(Debug, Clone, PartialEq, Eq)]

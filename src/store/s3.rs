@@ -1,6 +1,9 @@
 //! [`ObjectStore`] on `aws-sdk-s3`, with credentials and region from `aws-config`'s default chain.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
@@ -14,6 +17,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 use super::{ListPage, ObjectMeta, ObjectStore, Precondition, StoreError};
+use crate::snapshot::SnapshotView;
 
 /// Where and how to reach the bucket.
 #[derive(Debug, Clone, Default)]
@@ -32,8 +36,16 @@ pub struct S3StoreConfig {
 /// The aws-sdk-s3 implementation of [`ObjectStore`].
 #[derive(Debug, Clone)]
 pub struct S3Store {
-    client: Client,
-    bucket: String,
+    pub(super) client: Client,
+    pub(super) bucket: String,
+    /// Held shared by every request that changes what the bucket shows (PutObject,
+    /// CompleteMultipartUpload, CopyObject, DeleteObject); a snapshot holds it exclusively to
+    /// stop the mount's changes reaching S3 while it records the bucket. Clones share it;
+    /// `None` in the snapshot's own [`S3Store::ungated`] copy.
+    gate: Option<Arc<RwLock<()>>>,
+    /// A read-only view of a snapshot (`mount --snapshot`): listings, HEAD and GET are answered
+    /// from its manifest, every change is refused.
+    view: Option<Arc<SnapshotView>>,
 }
 
 impl S3Store {
@@ -58,9 +70,15 @@ impl S3Store {
             builder = builder.endpoint_url(url);
         }
         builder = builder.interceptor(crate::metrics::S3Metrics);
+        Self::over(Client::from_conf(builder.build()), &config.bucket)
+    }
+
+    fn over(client: Client, bucket: &str) -> Self {
         Self {
-            client: Client::from_conf(builder.build()),
-            bucket: config.bucket.clone(),
+            client,
+            bucket: bucket.to_owned(),
+            gate: Some(Arc::default()),
+            view: None,
         }
     }
 
@@ -72,10 +90,43 @@ impl S3Store {
             .to_builder()
             .interceptor(crate::metrics::S3Metrics)
             .build();
+        Self::over(Client::from_conf(config), bucket)
+    }
+
+    /// The gate this store's changes pass (see [`S3Store::ungated`]); `None` for an ungated
+    /// copy.
+    pub fn mutation_gate(&self) -> Option<Arc<RwLock<()>>> {
+        self.gate.clone()
+    }
+
+    /// A copy on the same client whose changes don't wait for the mutation gate: what a
+    /// snapshot writes with while it holds the gate.
+    pub fn ungated(&self) -> Self {
         Self {
-            client: Client::from_conf(config),
-            bucket: bucket.to_owned(),
+            gate: None,
+            ..self.clone()
         }
+    }
+
+    /// This store, answering reads from snapshot `view` and refusing every change.
+    pub fn with_view(self, view: Arc<SnapshotView>) -> Self {
+        Self {
+            view: Some(view),
+            ..self
+        }
+    }
+
+    /// Waits for the mutation gate (shared) before a change; a snapshot view refuses it.
+    pub(super) async fn hold(&self) -> Result<Option<OwnedRwLockReadGuard<()>>, StoreError> {
+        if self.view.is_some() {
+            return Err(StoreError::AccessDenied(
+                "a snapshot is read-only".to_owned(),
+            ));
+        }
+        Ok(match &self.gate {
+            Some(gate) => Some(Arc::clone(gate).read_owned().await),
+            None => None,
+        })
     }
 
     /// CopyObject `from` → `to`; with `metadata`, the copy gets it instead of the source's.
@@ -85,12 +136,13 @@ impl S3Store {
         to: &str,
         metadata: Option<&HashMap<String, String>>,
     ) -> Result<String, StoreError> {
+        let _held = self.hold().await?;
         let mut req = self
             .client
             .copy_object()
             .bucket(&self.bucket)
             .key(to)
-            .copy_source(format!("{}/{}", self.bucket, percent_encode(from)));
+            .copy_source(copy_source(&self.bucket, from, None));
         if let Some(metadata) = metadata {
             req = req
                 .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
@@ -115,7 +167,7 @@ fn condition_headers(precondition: &Precondition) -> (Option<String>, Option<Str
 }
 
 /// Turns an SDK error into a [`StoreError`], keeping the server's code and message.
-fn classify<E>(err: SdkError<E, HttpResponse>, bucket: &str) -> StoreError
+pub(super) fn classify<E>(err: SdkError<E, HttpResponse>, bucket: &str) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -152,6 +204,19 @@ where
     }
 }
 
+/// `x-amz-copy-source` for `key` in `bucket`, at `version` if given
+/// (<https://docs.aws.amazon.com/AmazonS3/latest/API/API_CopyObject.html>).
+pub(super) fn copy_source(bucket: &str, key: &str, version: Option<&str>) -> String {
+    match version {
+        Some(version) => format!(
+            "{bucket}/{}?versionId={}",
+            percent_encode(key),
+            percent_encode(version)
+        ),
+        None => format!("{bucket}/{}", percent_encode(key)),
+    }
+}
+
 /// URL-encodes a key for `x-amz-copy-source` (everything but unreserved characters and `/`).
 fn percent_encode(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
@@ -165,22 +230,25 @@ fn percent_encode(key: &str) -> String {
     out
 }
 
-fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
+pub(super) fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
     t.and_then(|t| SystemTime::try_from(*t).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-impl ObjectStore for S3Store {
-    fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
-    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+/// Reads of the bucket itself, under the snapshot view's routing in [`ObjectStore`].
+impl S3Store {
+    /// HEAD of `key`, or of its version `version` (a snapshot's).
+    pub(crate) async fn head_at(
+        &self,
+        key: &str,
+        version: Option<&str>,
+    ) -> Result<ObjectMeta, StoreError> {
         let out = self
             .client
             .head_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_version_id(version.map(str::to_owned))
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
@@ -199,7 +267,8 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn list_page(
+    /// One page of a `/`-delimited ListObjectsV2 (what [`ObjectStore::list_page`] sends).
+    pub(crate) async fn list_delimited(
         &self,
         prefix: &str,
         token: Option<String>,
@@ -247,9 +316,12 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn get_range(
+    /// [`ObjectStore::get_range`] of `key`, or of its version `version` (a snapshot's).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn get_at(
         &self,
         key: &str,
+        version: Option<&str>,
         etag: &str,
         start: u64,
         end: u64,
@@ -261,6 +333,7 @@ impl ObjectStore for S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_version_id(version.map(str::to_owned))
             .if_match(etag)
             .range(format!("bytes={}-{}", start, end - 1))
             .send()
@@ -297,6 +370,45 @@ impl ObjectStore for S3Store {
         }
         Ok(())
     }
+}
+
+impl ObjectStore for S3Store {
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        match &self.view {
+            Some(view) => view.head(self, key).await,
+            None => self.head_at(key, None).await,
+        }
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage, StoreError> {
+        match &self.view {
+            Some(view) => Ok(view.list_page(prefix, token, max_keys)),
+            None => self.list_delimited(prefix, token, max_keys).await,
+        }
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        etag: &str,
+        start: u64,
+        end: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> Result<(), StoreError> {
+        match &self.view {
+            Some(view) => view.get_range(self, key, etag, start, end, sink).await,
+            None => self.get_at(key, None, etag, start, end, sink).await,
+        }
+    }
 
     async fn check_access(&self, prefix: &str) -> Result<(), StoreError> {
         self.list_page(prefix, None, Some(1)).await.map(|_| ())
@@ -311,6 +423,7 @@ impl ObjectStore for S3Store {
     ) -> Result<String, StoreError> {
         let (if_none_match, if_match) = condition_headers(precondition);
         let len = body.len() as u64;
+        let _held = self.hold().await?;
         let out = self
             .client
             .put_object()
@@ -386,7 +499,7 @@ impl ObjectStore for S3Store {
             .key(key)
             .upload_id(upload_id)
             .part_number(number)
-            .copy_source(format!("{}/{}", self.bucket, percent_encode(source)))
+            .copy_source(copy_source(&self.bucket, source, None))
             .copy_source_if_match(source_etag)
             .copy_source_range(format!("bytes={start}-{}", end - 1))
             .send()
@@ -411,6 +524,7 @@ impl ObjectStore for S3Store {
             .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
             .collect();
         let (if_none_match, if_match) = condition_headers(precondition);
+        let _held = self.hold().await?;
         let out = self
             .client
             .complete_multipart_upload()
@@ -459,6 +573,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let _held = self.hold().await?;
         match self
             .client
             .delete_object()

@@ -106,6 +106,19 @@ pub(crate) struct Vfs<S> {
     pub(crate) buffers: BufferPool,
 }
 
+impl<S> Vfs<S> {
+    /// The write barrier changes enter (`None` on read-only mounts, which change nothing).
+    pub(crate) fn barrier(&self) -> Option<crate::write::WriteBarrier> {
+        self.writes.as_ref().map(|w| w.barrier.clone())
+    }
+
+    /// Enters the write barrier from a FUSE thread, for an operation that changes the
+    /// filesystem and runs there; held until dropped.
+    pub(crate) fn enter_blocking(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        self.writes.as_ref().map(|w| w.barrier.enter_blocking())
+    }
+}
+
 impl<S: ObjectStore> Vfs<S> {
     pub(crate) fn ttl(&self) -> Duration {
         self.namespace.ttl()

@@ -19,6 +19,8 @@ pub struct Writes<S> {
     pub disk_cache: Option<Arc<crate::cache::DiskCache>>,
     /// Directory renames in progress, finished by the next start after a crash.
     pub renames: crate::write::renames::DirRenames,
+    /// What every change enters; a snapshot closes it (see [`crate::write::barrier`]).
+    pub barrier: crate::write::WriteBarrier,
 }
 
 /// Space kept free on the cache disk for journal records, so that acknowledging what was

@@ -51,6 +51,20 @@ pub struct Uploader<S> {
     stats: Arc<UploadStats>,
 }
 
+// By hand: a derive would ask `S: Clone`, and the store is shared, not cloned.
+impl<S> Clone for Uploader<S> {
+    fn clone(&self) -> Self {
+        Uploader {
+            queue: self.queue.clone(),
+            store: Arc::clone(&self.store),
+            dirty: Arc::clone(&self.dirty),
+            config: self.config,
+            locks: self.locks.clone(),
+            stats: Arc::clone(&self.stats),
+        }
+    }
+}
+
 /// Upload failures remembered for `keepfs status`.
 const FAILURES_KEPT: usize = 10;
 
