@@ -141,7 +141,7 @@ pub fn run(command: &SnapshotCommand) -> Result<()> {
                     let store = runtime.block_on(S3Store::new(&located.config));
                     let manifest = runtime.block_on(async {
                         take::check_absent(&store, &located.source.prefix, name).await?;
-                        take::record(&store, &located.source, name, 0, &report).await
+                        take::record(&store, &located.source, name, 0, Vec::new(), &report).await
                     })?;
                     Summary::from(&manifest)
                 }
@@ -231,10 +231,9 @@ pub fn run(command: &SnapshotCommand) -> Result<()> {
             ))?;
             drop(bar);
             eprintln!(
-                "keepfs snapshot: {name} restored into {target}: {} copied ({:.1} MiB), {} unchanged, {} deleted; {:.1} s",
+                "keepfs snapshot: {name} restored into {target}: {} copied ({:.1} MiB), {} deleted; {:.1} s",
                 done.copied,
                 done.bytes as f64 / MIB,
-                done.unchanged,
                 done.deleted,
                 started.elapsed().as_secs_f64()
             );

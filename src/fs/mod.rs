@@ -561,6 +561,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyEmpty,
     ) {
         let _op = FuseOp::start("release");
+        // A writer's last release lets its upload start: not while a snapshot's barrier holds
+        // the open files' acknowledged versions still.
+        let _held = self.inner.enter_blocking();
         let handle = lock(&self.inner.files).remove(&fh.0);
         let local = match handle {
             Some(Handle::Local { fid, writer, .. }) => Some((fid, writer)),

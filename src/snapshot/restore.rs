@@ -126,8 +126,6 @@ pub(crate) async fn delete_copies(store: &S3Store, prefix: &str, name: &str) {
 pub struct Restored {
     /// Objects copied from the snapshot.
     pub copied: usize,
-    /// Objects already identical in the target (same ETag), left alone.
-    pub unchanged: usize,
     /// Objects of the target not in the snapshot, deleted (only with `force`).
     pub deleted: usize,
     pub bytes: u64,
@@ -135,9 +133,9 @@ pub struct Restored {
 
 /// Restores snapshot `name` of `source` into `target` (same endpoint; the store of `target`'s
 /// bucket is `into`) with server-side copies. An empty target gets every object; a non-empty
-/// one is refused unless `force`, and then made equal to the snapshot: objects already
-/// identical stay, others are copied over, and objects the snapshot doesn't have are deleted
-/// (keepfs's own `.keepfs/` excepted). The mount of `target` must not run meanwhile.
+/// one is refused unless `force`, and then made equal to the snapshot: every object is copied
+/// over, and objects the snapshot doesn't have are deleted (keepfs's own `.keepfs/`
+/// excepted). The mount of `target` must not run meanwhile.
 pub async fn restore(
     from: &S3Store,
     source: &S3Url,
@@ -165,10 +163,6 @@ pub async fn restore(
             count: existing.len(),
         });
     }
-    let present: HashSet<(String, String)> = existing
-        .iter()
-        .map(|o| (o.key.clone(), o.etag.clone()))
-        .collect();
     let mut done = Restored::default();
     let mut progress = Progress {
         stage: "copying".into(),
@@ -182,13 +176,9 @@ pub async fn restore(
     loop {
         while tasks.len() < COPIES_IN_FLIGHT {
             let Some(e) = entries.next() else { break };
+            // Every object is copied, also one whose listed ETag matches: listings of some
+            // servers (s3s-fs) don't carry the ETag HEAD gives.
             let to = format!("{}{}", target.prefix, e.key);
-            if present.contains(&(to.clone(), e.etag.clone())) {
-                done.unchanged += 1;
-                progress.done += 1;
-                progress.done_bytes += e.size;
-                continue;
-            }
             let full = format!("{}{}", source.prefix, e.key);
             let copy_key = manifest.copy_key(&source.prefix, e);
             let (into, bucket, e) = (into.clone(), source.bucket.clone(), e.clone());

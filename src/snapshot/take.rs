@@ -9,7 +9,8 @@ use super::manifest::{FORMAT, unix_ms};
 use super::{Entry, Manifest, SnapshotError, check_name, is_reserved, manifest_key};
 use crate::config::S3Url;
 use crate::control::Live;
-use crate::store::{CopyFrom, ObjectStore, S3Store, StoreError};
+use crate::store::{CopyFrom, ObjectStore, Precondition, S3Store, StoreError};
+use crate::write::dirty::UploadSnapshot;
 use crate::write::{DirtyFiles, Uploader, WriteBarrier};
 
 /// Server-side copies in flight at once.
@@ -44,12 +45,15 @@ pub async fn check_absent(store: &S3Store, prefix: &str, name: &str) -> Result<(
 /// Records snapshot `name` of `source` as the bucket is now: lists it (current versions on a
 /// versioned bucket), copies every object under the snapshot's `data/` on an unversioned one,
 /// and writes the manifest last. `store` must not wait for the mutation gate (the caller may
-/// hold it: see [`S3Store::ungated`]). On failure, the copies made are deleted again.
+/// hold it: see [`S3Store::ungated`]). `kept` are entries copied under `data/` already (the
+/// acknowledged versions of files open at the barrier): they stand for their keys. On
+/// failure, the copies made are deleted again.
 pub async fn record(
     store: &S3Store,
     source: &S3Url,
     name: &str,
     barrier_ms: u64,
+    kept: Vec<Entry>,
     report: Report<'_>,
 ) -> Result<Manifest, SnapshotError> {
     check_name(name)?;
@@ -85,6 +89,12 @@ pub async fn record(
             copy_etag: None,
         })
         .collect();
+    for e in kept {
+        match entries.binary_search_by(|x| x.key.cmp(&e.key)) {
+            Ok(i) => entries[i] = e,
+            Err(i) => entries.insert(i, e),
+        }
+    }
     let bytes = entries.iter().map(|e| e.size).sum();
     let mut manifest = Manifest {
         format: FORMAT,
@@ -96,19 +106,17 @@ pub async fn record(
         bytes,
         entries: Vec::new(),
     };
-    if !versioned {
-        if let Err(e) = copy_all(store, source, &manifest, &mut entries, report).await {
-            super::restore::delete_copies(store, prefix, name).await;
-            return Err(e);
-        }
+    if let Err(e) = copy_all(store, source, &manifest, &mut entries, report).await {
+        super::restore::delete_copies(store, prefix, name).await;
+        return Err(e);
     }
     manifest.entries = entries;
     manifest.save(store, prefix).await?;
     Ok(manifest)
 }
 
-/// Copies every entry under the snapshot's `data/`, each only if it is still the version
-/// listed, and notes the copies' ETags.
+/// Copies every entry that has neither a version nor a copy yet under the snapshot's
+/// `data/`, each only if it is still the version listed, and notes the copies' ETags.
 async fn copy_all(
     store: &S3Store,
     source: &S3Url,
@@ -117,10 +125,11 @@ async fn copy_all(
     report: Report<'_>,
 ) -> Result<(), SnapshotError> {
     let prefix = source.prefix.as_str();
+    let todo = |e: &Entry| e.version_id.is_none() && e.copy_etag.is_none();
     let total = Progress {
         stage: "copying".into(),
-        objects: entries.len() as u64,
-        bytes: manifest.bytes,
+        objects: entries.iter().filter(|e| todo(e)).count() as u64,
+        bytes: entries.iter().filter(|e| todo(e)).map(|e| e.size).sum(),
         ..Progress::default()
     };
     report(total.clone());
@@ -130,6 +139,10 @@ async fn copy_all(
     loop {
         while tasks.len() < COPIES_IN_FLIGHT && next < entries.len() {
             let e = &entries[next];
+            if !todo(e) {
+                next += 1;
+                continue;
+            }
             let (store, bucket) = (store.clone(), source.bucket.clone());
             let (from, to) = (format!("{prefix}{}", e.key), manifest.copy_key(prefix, e));
             let (etag, size, index) = (e.etag.clone(), e.size, next);
@@ -160,6 +173,63 @@ async fn copy_all(
         report(progress.clone());
     }
 }
+
+/// Uploads `version` (a file's acknowledged version) as its copy in snapshot `name`, with the
+/// metadata its own upload would carry; returns its manifest entry.
+async fn keep_acknowledged(
+    store: &S3Store,
+    source: &S3Url,
+    name: &str,
+    version: &UploadSnapshot,
+) -> Result<Entry, SnapshotError> {
+    let prefix = source.prefix.as_str();
+    let rel = version.key.strip_prefix(prefix).unwrap_or(&version.key);
+    let to = super::data_key(prefix, name, rel);
+    let metadata = crate::write::upload::metadata(version);
+    let size = version.attr.size;
+    let base = version.base_etag.as_deref();
+    let failed = |e: StoreError| SnapshotError::store(format!("keeping {}", version.key), e);
+    let read = |start: u64, len: u64| version.data.read(store, &version.key, base, start, len);
+    let etag = if size <= KEEP_PART {
+        let body = read(0, size).await.map_err(failed)?;
+        store
+            .put_object(&to, body.into(), &metadata, &Precondition::None)
+            .await
+            .map_err(failed)?
+    } else {
+        let upload_id = store.create_multipart(&to, &metadata).await.map_err(failed)?;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let result = async {
+            while start < size {
+                let len = KEEP_PART.min(size - start);
+                let body = read(start, len).await?;
+                let number = parts.len() as i32 + 1;
+                parts.push((number, store.upload_part(&to, &upload_id, number, body.into()).await?));
+                start += len;
+            }
+            store
+                .complete_multipart(&to, &upload_id, parts, &Precondition::None)
+                .await
+        }
+        .await;
+        if result.is_err() {
+            let _ = store.abort_multipart(&to, &upload_id).await;
+        }
+        result.map_err(failed)?
+    };
+    Ok(Entry {
+        key: rel.to_owned(),
+        size,
+        etag: etag.clone(),
+        modified_unix_ms: unix_ms(version.attr.mtime),
+        version_id: None,
+        copy_etag: Some(etag),
+    })
+}
+
+/// Part size of the copies [`keep_acknowledged`] uploads (bytes).
+const KEEP_PART: u64 = 8 << 20;
 
 /// What a running mount gives its control socket to take snapshots with.
 pub struct Barrier {
@@ -213,11 +283,15 @@ impl Barrier {
         let closed = self.writes.close().await;
         let since = Instant::now();
         tracing::info!(snapshot = name, "barrier closed: writes are held");
-        for key in self.dirty.journalled_open() {
-            self.uploader
-                .upload_now(&key)
-                .await
-                .map_err(|e| SnapshotError::Barrier(format!("uploading {key}: {e}")))?;
+        // Files open for writing: their acknowledged versions go straight into the snapshot
+        // (their own upload waits for their last close, and their bytes may have moved on).
+        let open = self
+            .dirty
+            .acknowledged_open()
+            .map_err(|e| SnapshotError::Barrier(format!("reading the journal: {e}")))?;
+        let mut kept = Vec::with_capacity(open.len());
+        for version in &open {
+            kept.push(keep_acknowledged(&direct, &self.source, name, version).await?);
         }
         self.wait_flushed(deadline).await?;
         let Some(gate) = self.store.mutation_gate() else {
@@ -228,7 +302,7 @@ impl Barrier {
         let held = since.elapsed();
         tracing::info!(snapshot = name, held_ms = held.as_millis() as u64, "barrier open: writes go on, their uploads wait");
         let barrier_ms = held.as_millis().try_into().unwrap_or(u64::MAX);
-        let result = record(&direct, &self.source, name, barrier_ms, report).await;
+        let result = record(&direct, &self.source, name, barrier_ms, kept, report).await;
         drop(gate);
         Ok(Taken {
             manifest: result?,

@@ -319,6 +319,14 @@ pub struct Frozen {
 }
 
 impl Frozen {
+    /// Bytes of data file `file` as a journal record describes them (`coverage`).
+    pub fn of_file(file: File, coverage: Coverage) -> Self {
+        Frozen {
+            file: Arc::new(file),
+            coverage,
+        }
+    }
+
     /// Bytes `start..start + len`: from the data file, and where the copy never held them,
     /// from base object `key` version `etag` (`None`: the base is gone; those bytes are zeros).
     pub async fn read<S: ObjectStore>(

@@ -311,7 +311,8 @@ fn key_hash(key: &str) -> String {
         .collect()
 }
 
-fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
+/// The user metadata an upload of `snapshot` carries (mode, owner, times, lineage).
+pub fn metadata(snapshot: &UploadSnapshot) -> HashMap<String, String> {
     let attr = &snapshot.attr;
     let mut meta = with_times(
         stored_metadata(attr.mode, attr.uid, attr.gid, attr.mtime),

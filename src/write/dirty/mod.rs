@@ -123,28 +123,6 @@ impl DirtyFiles {
             .collect()
     }
 
-    /// Keys of the files open for writing whose bytes are journalled (fsync'd, or closed
-    /// before this open) and not in S3: what a snapshot's barrier uploads as they are, since
-    /// their background upload waits for the last close.
-    pub fn journalled_open(&self) -> Vec<String> {
-        let open: Vec<(String, Arc<Mutex<Journalled>>)> = self
-            .files()
-            .iter()
-            .filter(|(_, f)| f.writers > 0 && !f.uploaded())
-            .map(|(key, f)| (key.clone(), f.record.clone()))
-            .collect();
-        // As in `unjournalled_in`: the table's lock goes before a record's is taken.
-        open.into_iter()
-            .filter(|(_, record)| {
-                !matches!(
-                    *record.lock().unwrap_or_else(|e| e.into_inner()),
-                    Journalled::Nothing
-                )
-            })
-            .map(|(key, _)| key)
-            .collect()
-    }
-
     /// Files open for writing now (their upload waits for the last close).
     pub fn open_for_writing(&self) -> usize {
         self.files()

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use super::table::{DirtyFile, Journalled, Table, new_fid};
 use super::{DirtyAttr, DirtyFiles, new_origin, now_id};
 use crate::cache::CacheDir;
-use crate::cache::journal::Journal;
+use crate::cache::journal::{FileRecord, Journal};
 use crate::write::local::{CacheUsage, LocalData};
 use crate::write::resume::PendingUploads;
 use crate::write::tombstones::Tombstones;
@@ -27,6 +27,22 @@ fn from_ns(ns: i128) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
     } else {
         SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs() as u64)
+    }
+}
+
+impl DirtyAttr {
+    /// The attributes a journal record holds.
+    pub(super) fn of_record(record: &FileRecord) -> Self {
+        DirtyAttr {
+            size: record.size,
+            mode: record.mode,
+            uid: record.uid,
+            gid: record.gid,
+            mtime: from_ns(record.mtime_ns),
+            // Older records carry no atime/ctime: the mtime stands in.
+            atime: from_ns(record.atime_ns.unwrap_or(record.mtime_ns)),
+            ctime: from_ns(record.ctime_ns.unwrap_or(record.mtime_ns)),
+        }
     }
 }
 
@@ -53,17 +69,8 @@ impl DirtyFiles {
             // `size` bytes; anything beyond was written after the last close and is dropped.
             data.set_len(record.size)?;
             let record_copy = record.clone();
+            let attr = DirtyAttr::of_record(&record);
             let data = LocalData::new(data, record.coverage, record.base_etag, usage.clone());
-            let attr = DirtyAttr {
-                size: record.size,
-                mode: record.mode,
-                uid: record.uid,
-                gid: record.gid,
-                mtime: from_ns(record.mtime_ns),
-                // Older records carry no atime/ctime: the mtime stands in.
-                atime: from_ns(record.atime_ns.unwrap_or(record.mtime_ns)),
-                ctime: from_ns(record.ctime_ns.unwrap_or(record.mtime_ns)),
-            };
             let durable_size = record.size;
             let older = files.insert(
                 record.key.clone(),

@@ -46,6 +46,39 @@ pub enum UploadOutcome {
 }
 
 impl DirtyFiles {
+    /// The acknowledged version — the last journal record — of every file open for writing
+    /// whose record S3 doesn't hold, read from the record's data file (what a restart after a
+    /// crash would show; bytes written since are not part of it). For a snapshot's barrier:
+    /// with no change entering, no record is written and these data files stay.
+    pub fn acknowledged_open(&self) -> std::io::Result<Vec<UploadSnapshot>> {
+        let open: Vec<(String, u64, Arc<std::sync::Mutex<Journalled>>)> = self
+            .files()
+            .iter()
+            .filter(|(_, f)| f.writers > 0 && !f.uploaded())
+            .map(|(key, f)| (key.clone(), f.origin, f.record.clone()))
+            .collect();
+        let mut versions = Vec::new();
+        // As elsewhere: the table's lock is released before a record's is taken.
+        for (key, origin, record) in open {
+            let record = match &*record.lock().unwrap_or_else(|e| e.into_inner()) {
+                Journalled::Record(r) => r.clone(),
+                Journalled::Nothing | Journalled::Discarded => continue,
+            };
+            let file = std::fs::File::open(self.data_dir.join(format!("{:016x}", record.id)))?;
+            versions.push(UploadSnapshot {
+                key,
+                id: record.id,
+                attr: DirtyAttr::of_record(&record),
+                base_etag: record.base_etag.clone(),
+                data: Frozen::of_file(file, record.coverage.clone()),
+                generation: 0,
+                in_s3: false,
+                origin,
+            });
+        }
+        Ok(versions)
+    }
+
     /// The file as it is now, if it exists and nobody is writing it.
     pub fn snapshot(&self, key: &str) -> Option<UploadSnapshot> {
         self.take_snapshot(key, false)
