@@ -244,7 +244,12 @@ async fn snapshot(
     };
     let reply = match done {
         Ok(Ok(taken)) => {
-            tracing::info!(snapshot = taken.manifest.name, objects = taken.manifest.entries.len(), held_ms = taken.held.as_millis() as u64, "snapshot taken");
+            tracing::info!(
+                snapshot = taken.manifest.name,
+                objects = taken.manifest.entries.len(),
+                held_ms = taken.held.as_millis() as u64,
+                "snapshot taken"
+            );
             serde_json::json!({
                 "snapshot": crate::snapshot::restore::Summary::from(&taken.manifest),
                 "held_ms": taken.held.as_millis() as u64,

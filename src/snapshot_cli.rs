@@ -177,9 +177,9 @@ pub fn run(command: &SnapshotCommand) -> Result<()> {
                     Some(m) => println!(
                         "{:<32} {:<24} {:>9} {:>12.1} {:>8}  {}",
                         s.name,
-                        humantime::format_rfc3339_seconds(keepfs::snapshot::manifest::from_unix_ms(
-                            m.taken_unix_ms
-                        )),
+                        humantime::format_rfc3339_seconds(
+                            keepfs::snapshot::manifest::from_unix_ms(m.taken_unix_ms)
+                        ),
                         m.objects,
                         m.bytes as f64 / MIB,
                         m.barrier_ms,
@@ -255,8 +255,8 @@ fn through_mount(dir: &Path, name: &str, timeout: Duration) -> Result<Summary> {
     let bar = Bar::new();
     for line in BufReader::new(stream).lines() {
         let line = line.context("reading the mount's answer")?;
-        let reply: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("the mount answered {line:?}"))?;
+        let reply: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("the mount answered {line:?}"))?;
         if let Some(progress) = reply.get("progress") {
             if let Ok(p) = serde_json::from_value::<Progress>(progress.clone()) {
                 bar.show(&p);

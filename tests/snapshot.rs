@@ -34,7 +34,10 @@ fn snapshot(args: &[&str]) -> Output {
 fn snapshot_ok(args: &[&str]) -> String {
     let out = snapshot(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "keepfs snapshot {args:?} failed: {stderr}");
+    assert!(
+        out.status.success(),
+        "keepfs snapshot {args:?} failed: {stderr}"
+    );
     stderr
 }
 
@@ -84,11 +87,18 @@ fn tree(root: &Path) -> BTreeMap<String, (String, String)> {
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let meta = std::fs::symlink_metadata(&path).unwrap();
             let mode = format!("{:o}", meta.mode());
             let value = if meta.file_type().is_symlink() {
-                std::fs::read_link(&path).unwrap().to_string_lossy().into_owned()
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
             } else if meta.is_dir() {
                 dirs.push(path.clone());
                 String::new()
@@ -157,7 +167,9 @@ fn round_trip(versioned: bool) {
     let err = std::fs::create_dir(m.path().join(".keepfs")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
     assert_eq!(
-        std::fs::metadata(m.path().join(".keepfs")).unwrap_err().kind(),
+        std::fs::metadata(m.path().join(".keepfs"))
+            .unwrap_err()
+            .kind(),
         std::io::ErrorKind::NotFound
     );
     common::flush(&m);
@@ -172,7 +184,11 @@ fn round_trip(versioned: bool) {
 
     // The read-only view shows the tree as it was.
     let view = Mount::new(&source, &["--snapshot", "s1"]);
-    assert_eq!(tree(view.path()), at_snapshot, "snapshot view (versioned {versioned})");
+    assert_eq!(
+        tree(view.path()),
+        at_snapshot,
+        "snapshot view (versioned {versioned})"
+    );
     let err = std::fs::write(view.path().join("small.txt"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     drop(view);
@@ -185,7 +201,11 @@ fn round_trip(versioned: bool) {
     args.extend(&flags);
     snapshot_ok(&args);
     let restored = Mount::new(&to, &[]);
-    assert_eq!(tree(restored.path()), at_snapshot, "restored (versioned {versioned})");
+    assert_eq!(
+        tree(restored.path()),
+        at_snapshot,
+        "restored (versioned {versioned})"
+    );
     drop(restored);
     // Not again over it without --force.
     let refused = snapshot(&args);
@@ -197,16 +217,25 @@ fn round_trip(versioned: bool) {
     assert_eq!(m.stop_with(libc::SIGTERM), Some(0));
     let cache_flag = cache.to_str().unwrap().to_owned();
     let said = snapshot_ok(&["restore", "s1", "--cache-dir", &cache_flag, "--force"]);
-    eprintln!("{said}");
-    assert!(said.contains("deleted"), "{said}");
+    let deleted = if server().keeps_markers() {
+        "2 deleted"
+    } else {
+        "1 deleted"
+    };
+    assert!(said.contains(deleted), "{said}");
     let m = Mount::new(&source, &[]);
     let mut now = tree(m.path());
-    if server().keeps_markers() {
-        // A directory marker the snapshot lacks is deleted like any object.
+    // A directory marker the snapshot lacks is deleted like any object (above: new.txt and,
+    // where markers are kept, later/). moto's delimited listing of a versioned bucket still shows the
+    // prefix of a key whose latest version is a delete marker, so it is checked elsewhere.
+    if server().keeps_markers() && !versioned {
         assert!(!now.contains_key("later"), "{now:?}");
     }
     now.remove("later");
-    assert_eq!(now, at_snapshot, "restored in place (versioned {versioned})");
+    assert_eq!(
+        now, at_snapshot,
+        "restored in place (versioned {versioned})"
+    );
 
     // Delete: gone from the list, and its copies with it.
     let mnt = m.path().to_str().unwrap().to_owned();
@@ -314,8 +343,9 @@ fn during_writes(versioned: bool) {
             );
             continue;
         };
-        let header = String::from_utf8_lossy(&held[..held.iter().position(|&b| b == b'\n').unwrap()])
-            .into_owned();
+        let header =
+            String::from_utf8_lossy(&held[..held.iter().position(|&b| b == b'\n').unwrap()])
+                .into_owned();
         let version: u64 = header
             .rsplit(' ')
             .next()
@@ -350,7 +380,11 @@ fn during_writes(versioned: bool) {
     for (file, versions) in history.iter().enumerate() {
         let last = versions.len() as u64 - 1;
         let held = server().get(&bucket, &format!("db/f{file}")).unwrap();
-        assert_eq!(sha256(&held), sha256(&content(file, last)), "f{file} after the snapshot");
+        assert_eq!(
+            sha256(&held),
+            sha256(&content(file, last)),
+            "f{file} after the snapshot"
+        );
     }
 }
 
@@ -372,9 +406,16 @@ fn multipart_copy_keeps_bytes_and_metadata() {
     common::rt()
         .block_on(store.copy_in_parts(&from, "dst", 5 << 20))
         .expect("multipart copy");
-    assert_eq!(sha256(&server().get(&bucket, "dst").unwrap()), sha256(&data));
+    assert_eq!(
+        sha256(&server().get(&bucket, "dst").unwrap()),
+        sha256(&data)
+    );
     let meta = server().metadata(&bucket, "dst").unwrap();
-    assert_eq!(meta.get("mode").map(String::as_str), Some("100600"), "{meta:?}");
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some("100600"),
+        "{meta:?}"
+    );
     assert_eq!(meta.get("uid").map(String::as_str), Some("7"), "{meta:?}");
     if server().kind == ServerKind::S3sFs {
         return; // s3s-fs ignores x-amz-copy-source-if-match

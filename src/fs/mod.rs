@@ -645,7 +645,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         reply: ReplyEmpty,
     ) {
         let op = FuseOp::start("fsyncdir");
-        self.spawn_change(move |fs| async move { reply_unit(&op, reply, fs.sync_dir(ino.0).await) });
+        self.spawn_change(
+            move |fs| async move { reply_unit(&op, reply, fs.sync_dir(ino.0).await) },
+        );
     }
 
     fn releasedir(

@@ -23,10 +23,10 @@ use crate::metrics::http::{Readiness, ReadyCheck};
 use crate::metrics::{self, gauge_value};
 use crate::namespace::{Defaults, Namespace};
 use crate::prefetch::{BlockFetcher, PrefetchConfig};
+use crate::snapshot::{self, Manifest, SnapshotView};
 use crate::store::{ObjectStore, S3Store, S3StoreConfig, StoreError};
 use crate::vfs::Writes;
 use crate::write::renames::DirRenames;
-use crate::snapshot::{self, Manifest, SnapshotView};
 use crate::write::{DirtyFiles, UploadConfig, Uploader, WriteBarrier};
 
 /// Environment variable through which a `--daemon` parent tells its child to report readiness
@@ -246,8 +246,13 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
                 let manifest = Manifest::load(&store, &config.source.prefix, name)
                     .await
                     .map_err(MountError::Snapshot)?;
-                tracing::info!(snapshot = name, objects = manifest.entries.len(), "serving a snapshot read-only");
-                let view = SnapshotView::new(manifest, &config.source.bucket, &config.source.prefix);
+                tracing::info!(
+                    snapshot = name,
+                    objects = manifest.entries.len(),
+                    "serving a snapshot read-only"
+                );
+                let view =
+                    SnapshotView::new(manifest, &config.source.bucket, &config.source.prefix);
                 Ok(store.with_view(Arc::new(view)))
             }
         }

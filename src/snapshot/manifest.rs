@@ -58,7 +58,12 @@ pub struct Entry {
 impl Entry {
     /// Where the entry's bytes are, for snapshot `name` of `prefix` in `bucket`: the version,
     /// or the copy.
-    pub fn source<'a>(&'a self, bucket: &'a str, full_key: &'a str, copy_key: &'a str) -> CopyFrom<'a> {
+    pub fn source<'a>(
+        &'a self,
+        bucket: &'a str,
+        full_key: &'a str,
+        copy_key: &'a str,
+    ) -> CopyFrom<'a> {
         match (&self.version_id, &self.copy_etag) {
             (Some(version), _) => CopyFrom {
                 bucket,

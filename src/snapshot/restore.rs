@@ -63,7 +63,18 @@ pub async fn list(store: &S3Store, source: &S3Url) -> Result<Vec<Listed>, Snapsh
     for name in names {
         let manifest = match Manifest::load(store, &source.prefix, &name).await {
             Ok(m) => Some(Summary::from(&m)),
-            Err(SnapshotError::NotFound(..) | SnapshotError::Manifest { .. }) => None,
+            Err(SnapshotError::NotFound(..) | SnapshotError::Manifest { .. }) => {
+                // Some servers (moto, versioned) list prefixes whose keys are all deleted.
+                let under = snapshot_prefix(&source.prefix, &name);
+                let left = store
+                    .list_tree(&under, false, &mut |_| {})
+                    .await
+                    .map_err(|e| SnapshotError::store(format!("listing {under}"), e))?;
+                if left.is_empty() {
+                    continue;
+                }
+                None
+            }
             Err(e) => return Err(e),
         };
         listed.push(Listed { name, manifest });

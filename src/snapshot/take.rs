@@ -197,7 +197,10 @@ async fn keep_acknowledged(
             .await
             .map_err(failed)?
     } else {
-        let upload_id = store.create_multipart(&to, &metadata).await.map_err(failed)?;
+        let upload_id = store
+            .create_multipart(&to, &metadata)
+            .await
+            .map_err(failed)?;
         let mut parts = Vec::new();
         let mut start = 0;
         let result = async {
@@ -205,7 +208,12 @@ async fn keep_acknowledged(
                 let len = KEEP_PART.min(size - start);
                 let body = read(start, len).await?;
                 let number = parts.len() as i32 + 1;
-                parts.push((number, store.upload_part(&to, &upload_id, number, body.into()).await?));
+                parts.push((
+                    number,
+                    store
+                        .upload_part(&to, &upload_id, number, body.into())
+                        .await?,
+                ));
                 start += len;
             }
             store
@@ -295,12 +303,18 @@ impl Barrier {
         }
         self.wait_flushed(deadline).await?;
         let Some(gate) = self.store.mutation_gate() else {
-            return Err(SnapshotError::Barrier("the mount's store has no gate".into()));
+            return Err(SnapshotError::Barrier(
+                "the mount's store has no gate".into(),
+            ));
         };
         let gate = gate.write_owned().await;
         drop(closed);
         let held = since.elapsed();
-        tracing::info!(snapshot = name, held_ms = held.as_millis() as u64, "barrier open: writes go on, their uploads wait");
+        tracing::info!(
+            snapshot = name,
+            held_ms = held.as_millis() as u64,
+            "barrier open: writes go on, their uploads wait"
+        );
         let barrier_ms = held.as_millis().try_into().unwrap_or(u64::MAX);
         let result = record(&direct, &self.source, name, barrier_ms, kept, report).await;
         drop(gate);

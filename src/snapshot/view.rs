@@ -41,7 +41,12 @@ impl SnapshotView {
 
     /// A `/`-delimited listing of `prefix`, as ListObjectsV2 would give it of the bucket at the
     /// snapshot; the continuation token is the last key or common prefix returned.
-    pub fn list_page(&self, prefix: &str, token: Option<String>, max_keys: Option<i32>) -> ListPage {
+    pub fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> ListPage {
         let max = max_keys
             .and_then(|n| usize::try_from(n).ok())
             .filter(|&n| n > 0)
@@ -54,9 +59,9 @@ impl SnapshotView {
                 break;
             }
             let rest = &key[prefix.len()..];
-            let item = match rest.find('/') {
-                Some(slash) => format!("{prefix}{}", &rest[..=slash]),
-                None => key.clone(),
+            let (item, is_prefix) = match rest.find('/') {
+                Some(slash) => (format!("{prefix}{}", &rest[..=slash]), true),
+                None => (key.clone(), false),
             };
             // Past the token (a common prefix covers every key under it).
             if token.as_deref().is_some_and(|t| item.as_str() <= t) {
@@ -69,9 +74,10 @@ impl SnapshotView {
                 page.next_token = last;
                 return page;
             }
-            if item == *key {
+            if !is_prefix {
                 let e = &self.manifest.entries[i];
-                page.objects.push((key.clone(), self.meta(e, Default::default())));
+                page.objects
+                    .push((key.clone(), self.meta(e, Default::default())));
             } else {
                 page.prefixes.push(item.clone());
             }
@@ -193,9 +199,29 @@ mod tests {
     }
 
     #[test]
+    fn markers_become_prefixes() {
+        let v = view(&["a/", "a/b/", "a/link", "a/one.bin", "empty/", "small.txt"]);
+        let page = v.list_page("p/", None, Some(1000));
+        assert_eq!(
+            names(&page),
+            (
+                vec!["p/small.txt".to_owned()],
+                vec!["p/a/".to_owned(), "p/empty/".to_owned()]
+            )
+        );
+        assert!(page.next_token.is_none());
+    }
+
+    #[test]
     fn pages_cover_everything_once() {
         let keys: Vec<String> = (0..25)
-            .flat_map(|i| [format!("f{i:02}"), format!("d{i:02}/a"), format!("d{i:02}/b")])
+            .flat_map(|i| {
+                [
+                    format!("f{i:02}"),
+                    format!("d{i:02}/a"),
+                    format!("d{i:02}/b"),
+                ]
+            })
             .collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let v = view(&refs);
