@@ -205,10 +205,15 @@ impl PgSetup {
 
     /// Mounts with `cache` as the cache directory.
     fn mount_on(&self, cache: &Path) -> Mount {
+        self.mount_source(&self.source, cache)
+    }
+
+    /// Mounts `source` (the setup's bucket or another) with `cache` as the cache directory.
+    fn mount_source(&self, source: &str, cache: &Path) -> Mount {
         let mut args = vec!["--cache-dir".to_owned(), cache.display().to_string()];
         args.extend(self.owner.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Mount::new(&self.source, &args)
+        Mount::new(source, &args)
     }
 
     /// Mounts with the setup's own cache directory.
@@ -301,6 +306,20 @@ fn postgres_initdb_pgbench_and_restart_from_s3() {
     let pgdata = m.path().join("pgdata");
     let mut pg = Postmaster::start(bin, &m, pgdata, sockets.path());
     assert_eq!(pg.sql(&m, "SELECT count(*) FROM acked"), "50");
+    // A snapshot of the running database; what commits after it must not be in it.
+    let snapshot = Command::new(common::keepfs_bin())
+        .args(["snapshot", "create", "live", m.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        snapshot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snapshot.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&snapshot.stderr).trim());
+    for id in 51..=60 {
+        pg.sql(&m, &format!("INSERT INTO acked VALUES ({id})"));
+    }
     pg.stop(&m);
     let flushed = Command::new(common::keepfs_bin())
         .args(["flush", m.path().to_str().unwrap(), "--timeout", "120s"])
@@ -317,7 +336,42 @@ fn postgres_initdb_pgbench_and_restart_from_s3() {
     let m = setup.mount_on(empty.path());
     let pgdata = m.path().join("pgdata");
     let mut pg = Postmaster::start(bin, &m, pgdata, sockets.path());
+    assert_eq!(pg.sql(&m, "SELECT count(*) FROM acked"), "60");
+    assert_eq!(pg.sql(&m, "SELECT count(*) FROM pgbench_history"), "200");
+    pg.stop(&m);
+    let mountpoint = m.path().to_str().unwrap().to_owned();
+
+    // The snapshot, restored into another bucket, is a database that starts (recovering as
+    // after a crash) with every transaction committed before it, and none after.
+    let restored = format!("s3://{}", s.bucket("postgres-restored"));
+    let mut restore = Command::new(common::keepfs_bin());
+    restore
+        .args([
+            "snapshot",
+            "restore",
+            "live",
+            &mountpoint,
+            "--to",
+            &restored,
+        ])
+        .args(["--endpoint-url", &s.endpoint, "--force-path-style"]);
+    for (k, v) in s.env() {
+        restore.env(k, v);
+    }
+    let out = restore.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    drop(m);
+    let fresh = tempfile::tempdir().unwrap();
+    let m = setup.mount_source(&restored, fresh.path());
+    let pgdata = m.path().join("pgdata");
+    let mut pg = Postmaster::start(bin, &m, pgdata, sockets.path());
     assert_eq!(pg.sql(&m, "SELECT count(*) FROM acked"), "50");
+    assert_eq!(pg.sql(&m, "SELECT max(id) FROM acked"), "50");
     assert_eq!(pg.sql(&m, "SELECT count(*) FROM pgbench_history"), "200");
     pg.stop(&m);
 }
