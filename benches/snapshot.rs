@@ -12,7 +12,6 @@ use std::process::Command;
 use std::time::Instant;
 
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
 use common::{KeepfsMount, Target, env_or, pattern, target};
 
 fn keepfs(t: &Target, args: &[&str]) -> f64 {
@@ -53,17 +52,7 @@ fn main() {
         rt.block_on(async {
             let _ = t.client.create_bucket().bucket(&bucket).send().await;
             if versioned {
-                t.client
-                    .put_bucket_versioning()
-                    .bucket(&bucket)
-                    .versioning_configuration(
-                        VersioningConfiguration::builder()
-                            .status(BucketVersioningStatus::Enabled)
-                            .build(),
-                    )
-                    .send()
-                    .await
-                    .unwrap();
+                common::enable_versioning(&t.client, &bucket).await;
             }
             let body = pattern(size, 5);
             let mut tasks = tokio::task::JoinSet::new();

@@ -61,21 +61,10 @@ fn bucket_kinds() -> Vec<bool> {
 fn new_bucket(label: &str, versioned: bool) -> String {
     let bucket = server().bucket(label);
     if versioned {
-        use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
-        common::rt()
-            .block_on(
-                server()
-                    .client()
-                    .put_bucket_versioning()
-                    .bucket(&bucket)
-                    .versioning_configuration(
-                        VersioningConfiguration::builder()
-                            .status(BucketVersioningStatus::Enabled)
-                            .build(),
-                    )
-                    .send(),
-            )
-            .expect("enable versioning");
+        common::rt().block_on(common::embedded::enable_versioning(
+            server().client(),
+            &bucket,
+        ));
     }
     bucket
 }

@@ -11,6 +11,8 @@ pub mod pg;
 
 #[allow(unused_imports)] // not every benchmark writes patterns
 pub use data::pattern;
+#[allow(unused_imports)] // nor keeps versions
+pub use embedded::enable_versioning;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

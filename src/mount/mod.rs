@@ -359,6 +359,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             dirty: Arc::clone(&dirty),
             uploader: uploader.clone(),
             source: config.source.clone(),
+            one_at_a_time: Default::default(),
         });
         {
             let _runtime = runtime.enter();

@@ -248,6 +248,8 @@ pub struct Barrier {
     pub dirty: Arc<DirtyFiles>,
     pub uploader: Uploader<S3Store>,
     pub source: S3Url,
+    /// One snapshot at a time: a second waits here, not with the barrier closed.
+    pub one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 /// A snapshot taken through a mount.
@@ -276,6 +278,7 @@ impl Barrier {
         report: Report<'_>,
     ) -> Result<Taken, SnapshotError> {
         check_name(name)?;
+        let _one = self.one_at_a_time.lock().await;
         let direct = self.store.ungated();
         check_absent(&direct, &self.source.prefix, name).await?;
         let deadline = Instant::now() + timeout;
@@ -288,7 +291,15 @@ impl Barrier {
             stage: "barrier".into(),
             ..Progress::default()
         });
-        let closed = self.writes.close().await;
+        // An operation that never finishes (an fsync waiting for an unreachable S3 with
+        // `--durability remote`) must not hold the snapshot, and every writer behind it, forever.
+        let closed = tokio::time::timeout_at(deadline.into(), self.writes.close())
+            .await
+            .map_err(|_| {
+                SnapshotError::Barrier(
+                    "operations in progress did not finish before the time ran out".into(),
+                )
+            })?;
         let since = Instant::now();
         tracing::info!(snapshot = name, "barrier closed: writes are held");
         // Files open for writing: their acknowledged versions go straight into the snapshot

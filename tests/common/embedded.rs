@@ -300,3 +300,20 @@ pub fn sdk_client(endpoint: &str, access_key: &str, secret_key: &str) -> aws_sdk
         .build();
     aws_sdk_s3::Client::from_conf(config)
 }
+
+/// Turns versioning on for `bucket` (servers that keep versions: moto, AWS).
+#[allow(dead_code)] // the snapshot tests and benchmark use it, the demo doesn't
+pub async fn enable_versioning(client: &aws_sdk_s3::Client, bucket: &str) {
+    use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
+    client
+        .put_bucket_versioning()
+        .bucket(bucket)
+        .versioning_configuration(
+            VersioningConfiguration::builder()
+                .status(BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("enable versioning");
+}
