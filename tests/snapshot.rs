@@ -41,6 +41,29 @@ fn snapshot_ok(args: &[&str]) -> String {
     stderr
 }
 
+/// Takes snapshot `name` of mount `m` through its control socket, as `keepfs snapshot create`
+/// does, but without starting a process: a child would inherit the descriptors the test's
+/// writers hold open, and its exec would close them, which is a `close` (FUSE flush) to keepfs
+/// that acknowledges whatever those files hold at that moment.
+fn snapshot_in_process(m: &Mount, name: &str) {
+    use std::io::{BufRead, Write};
+    let socket = common::default_test_cache(m.path()).join("control.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    writeln!(stream, "snapshot {name} 120000").unwrap();
+    for line in std::io::BufReader::new(stream).lines() {
+        let reply: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if reply.get("progress").is_some() {
+            continue;
+        }
+        assert!(reply.get("snapshot").is_some(), "snapshot {name}: {reply}");
+        return;
+    }
+    panic!(
+        "snapshot {name}: the mount closed the connection\n{}",
+        m.log()
+    );
+}
+
 /// The s3:// flags of `keepfs snapshot` for the test server.
 fn s3_flags() -> Vec<String> {
     vec![
@@ -302,10 +325,14 @@ fn during_writes(versioned: bool) {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
-    let before = Instant::now();
-    snapshot_ok(&["create", "mid", mnt.to_str().unwrap()]);
-    let after = Instant::now();
+    // Three snapshots while the writers go on, each with the window it was taken in.
+    let mut taken = Vec::new();
+    for n in 0..3 {
+        std::thread::sleep(Duration::from_millis(800));
+        let before = Instant::now();
+        snapshot_in_process(&m, &format!("mid{n}"));
+        taken.push((format!("mid{n}"), before, Instant::now()));
+    }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -313,57 +340,14 @@ fn during_writes(versioned: bool) {
     }
     let history = history.lock().unwrap().clone();
 
-    // What the snapshot holds, read back from S3 after a restore into a fresh prefix.
-    let flags = s3_flags();
-    let mut args = vec!["restore", "mid", "--to"];
-    let to = format!("s3://{bucket}/check");
-    args.push(&to);
-    args.push(mnt.to_str().unwrap());
-    args.extend(flags.iter().map(String::as_str));
-    snapshot_ok(&args);
-    let mut checked = 0;
-    for (file, versions) in history.iter().enumerate() {
-        let last_before = versions.iter().rposition(|v| v.acked <= before);
-        let held = server().get(&bucket, &format!("check/f{file}"));
-        let Some(held) = held else {
-            assert!(
-                last_before.is_none(),
-                "f{file}: absent from the snapshot, but version {last_before:?} was acknowledged before it began"
-            );
-            continue;
-        };
-        let header =
-            String::from_utf8_lossy(&held[..held.iter().position(|&b| b == b'\n').unwrap()])
-                .into_owned();
-        let version: u64 = header
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("f{file}: not a version: {header:?}"));
-        assert_eq!(
-            sha256(&held),
-            sha256(&content(file, version)),
-            "f{file}: the snapshot holds a mix, not version {version}"
-        );
-        let v = versions[version as usize];
-        assert!(
-            v.started < after,
-            "f{file}: version {version} was begun after the snapshot returned"
-        );
-        if let Some(last) = last_before {
-            assert!(
-                version as usize >= last,
-                "f{file}: holds version {version}, older than version {last} acknowledged before the snapshot began"
-            );
-        }
-        checked += 1;
-    }
-    assert!(checked >= FILES / 2, "only {checked} files in the snapshot");
     let total: usize = history.iter().map(Vec::len).sum();
-    eprintln!(
-        "snapshot during writes (versioned {versioned}): {checked} files checked, {total} versions written, snapshot took {:.2} s",
-        (after - before).as_secs_f64()
-    );
+    for (name, before, after) in &taken {
+        let checked = check_snapshot(&bucket, &mnt, name, &history, *before, *after);
+        eprintln!(
+            "snapshot {name} during writes (versioned {versioned}): {checked} files checked, {total} versions written, taken in {:.2} s",
+            (*after - *before).as_secs_f64()
+        );
+    }
     // Everything written after the barrier reached S3 once the gate reopened.
     common::flush(&m);
     for (file, versions) in history.iter().enumerate() {
@@ -375,6 +359,114 @@ fn during_writes(versioned: bool) {
             "f{file} after the snapshot"
         );
     }
+}
+
+/// Restores snapshot `name` into a fresh prefix and checks that each file it holds is exactly
+/// one version, acknowledged no earlier than the last one acknowledged before `before` and
+/// begun before `after`. Returns how many files it holds.
+fn check_snapshot(
+    bucket: &str,
+    mnt: &Path,
+    name: &str,
+    history: &[Vec<Acked>],
+    before: Instant,
+    after: Instant,
+) -> usize {
+    let flags = s3_flags();
+    let to = format!("s3://{bucket}/check-{name}");
+    let mut args = vec!["restore", name, mnt.to_str().unwrap(), "--to", &to];
+    args.extend(flags.iter().map(String::as_str));
+    snapshot_ok(&args);
+    let mut checked = 0;
+    for (file, versions) in history.iter().enumerate() {
+        let last_before = versions.iter().rposition(|v| v.acked <= before);
+        let Some(held) = server().get(bucket, &format!("check-{name}/f{file}")) else {
+            assert!(
+                last_before.is_none(),
+                "{name}: f{file} absent, but version {last_before:?} was acknowledged before the snapshot began"
+            );
+            continue;
+        };
+        let header = held.split(|&b| b == b'\n').next().unwrap_or_default();
+        let header = String::from_utf8_lossy(header).into_owned();
+        let version: u64 = header
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: f{file} is not a version: {header:?}"));
+        assert_eq!(
+            sha256(&held),
+            sha256(&content(file, version)),
+            "{name}: f{file} holds a mix, not version {version}"
+        );
+        assert!(
+            versions[version as usize].started < after,
+            "{name}: f{file} holds version {version}, begun after the snapshot returned"
+        );
+        if let Some(last) = last_before {
+            assert!(
+                version as usize >= last,
+                "{name}: f{file} holds version {version}, older than version {last} acknowledged before the snapshot began"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "{name}: holds none of the files");
+    checked
+}
+
+#[test]
+fn a_file_open_for_writing_contributes_its_last_fsynced_version() {
+    use std::io::{Seek, Write};
+    let bucket = server().bucket("snap-open");
+    let source = format!("s3://{bucket}/vol");
+    let m = Mount::new(&source, &[]);
+    // A log: fsync'd, then more appended; a data file: fsync'd, then overwritten in place;
+    // a new file never fsync'd. All three stay open across the snapshot.
+    let acked_log = pattern(3 << 20, 11);
+    let mut log = std::fs::File::create(m.path().join("wal.log")).unwrap();
+    log.write_all(&acked_log).unwrap();
+    log.sync_all().unwrap();
+    log.write_all(b"not yet fsync'd").unwrap();
+    let acked_data = pattern(10 << 20, 12); // above the 8 MiB part size
+    let mut data = std::fs::File::create(m.path().join("table.dat")).unwrap();
+    data.write_all(&acked_data).unwrap();
+    data.sync_all().unwrap();
+    data.seek(std::io::SeekFrom::Start(4096)).unwrap();
+    data.write_all(&[0xAB; 8192]).unwrap();
+    let mut fresh = std::fs::File::create(m.path().join("fresh.tmp")).unwrap();
+    fresh.write_all(b"never acknowledged").unwrap();
+
+    snapshot_in_process(&m, "open");
+    // (Starting the view's keepfs closes this process's descriptors in the child: after the
+    // snapshot, that changes nothing it holds.)
+    let view = Mount::new(&source, &["--snapshot", "open"]);
+    assert_eq!(
+        sha256_file(&view.path().join("wal.log")),
+        sha256(&acked_log)
+    );
+    assert_eq!(
+        sha256_file(&view.path().join("table.dat")),
+        sha256(&acked_data)
+    );
+    assert!(!view.path().join("fresh.tmp").exists());
+    drop(view);
+
+    // The files' own uploads are untouched: after their last close S3 holds what they hold.
+    drop((log, data, fresh));
+    common::flush(&m);
+    let mut expected_log = acked_log.clone();
+    expected_log.extend_from_slice(b"not yet fsync'd");
+    let mut expected_data = acked_data.clone();
+    expected_data[4096..4096 + 8192].fill(0xAB);
+    assert_eq!(
+        sha256(&server().get(&bucket, "vol/wal.log").unwrap()),
+        sha256(&expected_log)
+    );
+    assert_eq!(
+        sha256(&server().get(&bucket, "vol/table.dat").unwrap()),
+        sha256(&expected_data)
+    );
 }
 
 #[test]
