@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{BucketVersioningStatus, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::BucketVersioningStatus;
 use bytes::Bytes;
 
-use super::StoreError;
 use super::s3::{S3Store, classify, copy_source, to_system_time};
+use super::{ObjectStore, Precondition, StoreError};
 
 /// The largest object one CopyObject may copy: 5 GiB
 /// (<https://docs.aws.amazon.com/AmazonS3/latest/API/API_CopyObject.html>); larger ones are
@@ -220,53 +220,17 @@ impl S3Store {
             .metadata()
             .cloned()
             .unwrap_or_default();
-        let upload_id = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(to)
-            .set_metadata(Some(metadata))
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket))?
-            .upload_id()
-            .map(str::to_owned)
-            .ok_or_else(|| StoreError::Other(format!("no upload id for {to}")))?;
+        let upload_id = self.create_multipart(to, &metadata).await?;
         let part_size = crate::write::upload::part_size_for(from.size, part_size);
-        let result = self
-            .copy_parts(from, to, &upload_id, part_size)
-            .await
-            .map(|parts| (parts, upload_id.clone()));
-        let (parts, upload_id) = match result {
-            Ok(done) => done,
+        let parts = match self.copy_parts(from, to, &upload_id, part_size).await {
+            Ok(parts) => parts,
             Err(e) => {
-                let _ = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(to)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
+                let _ = self.abort_multipart(to, &upload_id).await;
                 return Err(e);
             }
         };
-        let _held = self.hold().await?;
-        let out = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(to)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
+        self.complete_multipart(to, &upload_id, parts, &Precondition::None)
             .await
-            .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 
     async fn copy_parts(
@@ -275,7 +239,7 @@ impl S3Store {
         to: &str,
         upload_id: &str,
         part_size: u64,
-    ) -> Result<Vec<CompletedPart>, StoreError> {
+    ) -> Result<Vec<(i32, String)>, StoreError> {
         let mut parts = Vec::new();
         let mut start = 0;
         let mut number = 1;
@@ -298,12 +262,7 @@ impl S3Store {
                 .copy_part_result()
                 .and_then(|r| r.e_tag())
                 .unwrap_or_default();
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .e_tag(etag)
-                    .build(),
-            );
+            parts.push((number, etag.to_owned()));
             number += 1;
             start = end;
             if from.size == 0 {
