@@ -878,6 +878,27 @@ fn unlinked_files_stay_gone_while_their_upload_finishes() {
 }
 
 #[test]
+fn a_file_created_where_one_was_just_unlinked_is_not_based_on_its_upload() {
+    // The unlinked file's upload lands after the new file exists: it is deleted again (the
+    // tombstone), so the new file must not take it for the version it replaces, or its upload
+    // finds that version gone and turns into a conflict copy.
+    let s = server();
+    let bucket = s.bucket("wrecreate");
+    let m = rw_mount(&bucket, &[]);
+    let path = m.path().join("f.tmp");
+    for round in 0..12u8 {
+        let newer = vec![round; 3000 + usize::from(round)];
+        fs::write(&path, vec![round ^ 0xff; 12288]).unwrap();
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, &newer).unwrap();
+        s.wait_for_object(&bucket, "f.tmp", &sha256(&newer));
+        let (keys, _) = s.list(&bucket, "", false);
+        assert_eq!(keys, ["f.tmp"], "round {round}: no conflict copies");
+        assert_eq!(sha256_file(&path), sha256(&newer), "round {round}");
+    }
+}
+
+#[test]
 fn edited_objects_survive_kill_9_with_their_untouched_ranges_in_s3() {
     let s = server();
     if s.kind != common::ServerKind::S3sFs {

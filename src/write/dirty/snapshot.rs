@@ -142,13 +142,18 @@ impl DirtyFiles {
 
     /// Records a finished upload of `snapshot`, which S3 now holds as version `etag`.
     pub fn uploaded(&self, snapshot: &UploadSnapshot, etag: &str) -> UploadOutcome {
+        // The uploaded file's name went (unlinked, renamed away) and its tombstone is still to
+        // clear: the object just put is deleted again before the key's next upload, so the file
+        // now at the key (created anew) must not take it for the version it replaces.
+        let buried = self.tombstone(&snapshot.key) == Some(snapshot.origin);
         let (done, journalled) = {
             let mut files = self.files();
             match files.get_mut(&snapshot.key) {
                 None => return UploadOutcome::Removed,
+                Some(_) if buried => return UploadOutcome::Changed,
                 Some(f) => {
-                    // Also when the key was unlinked and created anew meanwhile: what S3 holds
-                    // now is this mount's own upload, which the new file may replace.
+                    // Also when the file was replaced meanwhile (O_TRUNC): what S3 holds now is
+                    // this mount's own upload, which the new version may replace.
                     f.data.set_base_etag(Some(etag.to_owned()));
                     if f.id != snapshot.id || f.generation != snapshot.generation {
                         (None, f.record.clone())
