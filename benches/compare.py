@@ -71,12 +71,12 @@ def record(path, pairs):
 
 # Workloads in table order: (id, title, what MB/s or rate counts).
 WORKLOADS = [
-    ("read1", "cold read 1 GiB, 1 reader", "MB/s"),
-    ("read4", "cold read 4 × 1 GiB, 4 readers", "MB/s"),
+    ("read1", "cold sequential read, 1 reader", "MB/s"),
+    ("read4", "cold sequential read, 4 readers × 1 object", "MB/s"),
     ("reread", "warm re-read after remount", "MB/s"),
     ("rand4k", "4 KiB random reads", "IOPS"),
-    ("write_close", "write 1 GiB until close", "MB/s"),
-    ("write_s3", "write 1 GiB until in S3", "MB/s"),
+    ("write_close", "sequential write until close", "MB/s"),
+    ("write_s3", "sequential write until in S3", "MB/s"),
     ("small_close", "4 KiB files create+close", "files/s"),
     ("small_s3", "4 KiB files until in S3", "files/s"),
     ("untar_s3", "untar until in S3", "files/s"),
