@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use aws_sdk_s3::Client;
-use common::{KeepfsMount, Target, env_or, multipart_upload, pattern, target};
+use common::{KeepfsMount, env_or, target};
 
 const RAW_PART: u64 = 8 << 20;
 const RAW_CONCURRENCY: usize = 16;
@@ -43,7 +43,7 @@ fn main() {
         .map(|i| format!("bench/obj{i}-{}", size >> 20))
         .collect();
     for (i, key) in keys.iter().enumerate() {
-        rt.block_on(ensure_object(&target, key, size, i as u64));
+        rt.block_on(common::ensure_object(&target, key, size, i as u64));
     }
 
     let server_pid = std::env::var("KEEPFS_BENCH_SERVER_PID").ok();
@@ -268,24 +268,4 @@ fn read_file(path: &Path) {
 /// Drops the kernel page cache so a re-read goes to keepfs (root only).
 fn drop_page_cache() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "1").is_ok()
-}
-
-/// Uploads `key` (pseudo-random bytes, multipart) unless it already has `size` bytes.
-async fn ensure_object(t: &Target, key: &str, size: u64, seed: u64) {
-    if let Ok(h) = t
-        .client
-        .head_object()
-        .bucket(&t.bucket)
-        .key(key)
-        .send()
-        .await
-        && h.content_length() == Some(size as i64)
-    {
-        return;
-    }
-    println!("uploading {key} ({} MiB)", size >> 20);
-    multipart_upload(t, key, size as usize, 64 << 20, 1, |n, len| {
-        pattern(len, seed * 100_000 + n as u64)
-    })
-    .await;
 }

@@ -97,21 +97,7 @@ fn report(start: Instant, bytes: u64, objects: u64) {
 
 async fn seed_objects(t: &common::Target, prefix: &str, count: u64, size: u64) -> (u64, u64) {
     for n in 0..count {
-        let key = format!("{prefix}{n}");
-        let head = t
-            .client
-            .head_object()
-            .bucket(&t.bucket)
-            .key(&key)
-            .send()
-            .await;
-        if head.is_ok_and(|h| h.content_length() == Some(size as i64)) {
-            continue;
-        }
-        common::multipart_upload(t, &key, size as usize, 64 << 20, 2, |p, len| {
-            common::pattern(len, n * 100_000 + p as u64)
-        })
-        .await;
+        common::ensure_object(t, &format!("{prefix}{n}"), size, n).await;
     }
     (size * count, count)
 }
@@ -155,18 +141,32 @@ async fn put_many(
     (n * size as u64, n)
 }
 
+/// The size of `key` in bytes (HEAD).
+async fn object_size(t: &common::Target, key: &str) -> u64 {
+    t.client
+        .head_object()
+        .bucket(&t.bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("HeadObject")
+        .content_length()
+        .unwrap_or(0) as u64
+}
+
+async fn delete_key(t: &common::Target, key: &str) {
+    t.client
+        .delete_object()
+        .bucket(&t.bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("DeleteObject");
+}
+
 async fn get(t: &common::Target, keys: &[String]) -> (u64, u64) {
     let reads = keys.iter().map(|key| async move {
-        let size = t
-            .client
-            .head_object()
-            .bucket(&t.bucket)
-            .key(key)
-            .send()
-            .await
-            .expect("HeadObject")
-            .content_length()
-            .unwrap_or(0) as u64;
+        let size = object_size(t, key).await;
         let ranges = (0..size.div_ceil(PART)).map(|n| (n * PART, ((n + 1) * PART).min(size)));
         stream::iter(ranges)
             .map(|(from, to)| ranged_get(t, key, from, to))
@@ -201,16 +201,7 @@ async fn ranged_get(t: &common::Target, key: &str, from: u64, to: u64) -> u64 {
 }
 
 async fn randget(t: &common::Target, key: &str, count: u64, size: u64) -> (u64, u64) {
-    let len = t
-        .client
-        .head_object()
-        .bucket(&t.bucket)
-        .key(key)
-        .send()
-        .await
-        .expect("HeadObject")
-        .content_length()
-        .unwrap_or(0) as u64;
+    let len = object_size(t, key).await;
     // A fixed xorshift sequence: the same offsets every run (and as fio's, in kind).
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut total = 0;
@@ -265,13 +256,7 @@ async fn rename(t: &common::Target, prefix: &str, new: &str) -> (u64, u64) {
                 .send()
                 .await
                 .expect("CopyObject");
-            t.client
-                .delete_object()
-                .bucket(&t.bucket)
-                .key(key)
-                .send()
-                .await
-                .expect("DeleteObject");
+            delete_key(t, &key).await;
         })
         .buffer_unordered(IN_FLIGHT)
         .collect::<Vec<_>>()
@@ -304,13 +289,7 @@ async fn delete(t: &common::Target, prefix: &str) -> (u64, u64) {
     let n = keys.len() as u64;
     stream::iter(keys)
         .map(|(key, _)| async move {
-            t.client
-                .delete_object()
-                .bucket(&t.bucket)
-                .key(key)
-                .send()
-                .await
-                .expect("DeleteObject");
+            delete_key(t, &key).await;
         })
         .buffer_unordered(IN_FLIGHT)
         .collect::<Vec<_>>()

@@ -209,3 +209,23 @@ pub async fn multipart_upload(
         .await
         .expect("complete multipart upload");
 }
+
+/// Uploads `key` (pseudo-random bytes, multipart) unless it already has `size` bytes.
+pub async fn ensure_object(t: &Target, key: &str, size: u64, seed: u64) {
+    if let Ok(h) = t
+        .client
+        .head_object()
+        .bucket(&t.bucket)
+        .key(key)
+        .send()
+        .await
+        && h.content_length() == Some(size as i64)
+    {
+        return;
+    }
+    println!("uploading {key} ({} MiB)", size >> 20);
+    multipart_upload(t, key, size as usize, 64 << 20, 1, |n, len| {
+        pattern(len, seed * 100_000 + n as u64)
+    })
+    .await;
+}
