@@ -368,3 +368,62 @@ fn fallocate_and_ftruncate_change_the_size_durably() {
         Some(sha256(&expected))
     );
 }
+
+#[test]
+fn a_truncation_by_a_writer_is_durable_with_its_close_or_fsync_not_before() {
+    let s = server();
+    let bucket = s.bucket("dbtrunc");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount(&bucket, cache.path());
+    let v1: Vec<Vec<u8>> = (0..4)
+        .map(|n| pattern(50_000 + n * 1000, n as u64))
+        .collect();
+    for (n, bytes) in v1.iter().enumerate() {
+        fs::write(m.path().join(format!("f{n}")), bytes).unwrap();
+    }
+    // f3: truncate(1) opens, truncates and closes: durable when it returns.
+    // (First: a child process closes inherited descriptors, and each close is a flush.)
+    let out = Command::new("truncate")
+        .args(["-s", "100"])
+        .arg(m.path().join("f3"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // f0: open(O_TRUNC) and part of a new version written, neither closed nor fsync'd.
+    let mut f0 = File::create(m.path().join("f0")).unwrap();
+    f0.write_all(b"half of a new version").unwrap();
+    // f1: opened with O_TRUNC and nothing written.
+    let f1 = File::create(m.path().join("f1")).unwrap();
+    // f2: ftruncate by a writer, no fsync.
+    let f2 = OpenOptions::new()
+        .write(true)
+        .open(m.path().join("f2"))
+        .unwrap();
+    f2.set_len(10).unwrap();
+    // The mount shows the changes meanwhile.
+    assert_eq!(fs::metadata(m.path().join("f0")).unwrap().len(), 21);
+    assert_eq!(fs::metadata(m.path().join("f1")).unwrap().len(), 0);
+    assert_eq!(fs::metadata(m.path().join("f2")).unwrap().len(), 10);
+
+    let m2 = kill_and_remount(&mut m, &bucket, cache.path());
+    drop((f0, f1, f2));
+    for (n, expected) in [&v1[0], &v1[1], &v1[2], &v1[3][..100].to_vec()]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            sha256_file(&m2.path().join(format!("f{n}"))),
+            sha256(expected),
+            "f{n} after kill -9"
+        );
+    }
+    flush(&m2);
+    assert_eq!(
+        s.get(&bucket, "f0").map(|b| sha256(&b)),
+        Some(sha256(&v1[0]))
+    );
+    assert_eq!(
+        s.get(&bucket, "f3").map(|b| sha256(&b)),
+        Some(sha256(&v1[3][..100]))
+    );
+}

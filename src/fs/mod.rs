@@ -108,6 +108,9 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // open(O_TRUNC) arrives as one open, not a truncate and then an open: the empty
+            // file is then part of the writer's next version, never acknowledged on its own.
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
         ] {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!(?flag, "kernel lacks FUSE capability");

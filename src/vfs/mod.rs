@@ -574,7 +574,12 @@ impl<S: ObjectStore> Vfs<S> {
                 .await;
         };
         let attr = self.namespace.refresh_dirty(ino, &attr);
-        if let Some(key) = dirty.key_of(fid) {
+        // truncate(2) and chmod of a file nobody writes are durable when they return; an
+        // ftruncate by a writer becomes durable with its next fsync or close, like its writes
+        // (a snapshot or crash meanwhile keeps the version acknowledged before).
+        if let Some(key) = dirty.key_of(fid)
+            && !dirty.has_writers(fid)
+        {
             self.persist_and_queue(&key)?;
         }
         Ok(attr)

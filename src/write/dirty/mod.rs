@@ -131,6 +131,12 @@ impl DirtyFiles {
             .count()
     }
 
+    /// Whether file `fid` has a handle open for writing: its changes become durable when that
+    /// handle is closed or fsync'd, not before.
+    pub fn has_writers(&self, fid: FileId) -> bool {
+        self.with_id(fid, |f, _| Ok(f.writers > 0)).unwrap_or(false)
+    }
+
     /// Multipart uploads in progress (see [`PendingUploads`]).
     pub fn pending_uploads(&self) -> &PendingUploads {
         &self.pending_uploads
