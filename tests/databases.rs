@@ -381,32 +381,48 @@ fn a_truncation_by_a_writer_is_durable_with_its_close_or_fsync_not_before() {
     for (n, bytes) in v1.iter().enumerate() {
         fs::write(m.path().join(format!("f{n}")), bytes).unwrap();
     }
-    // f3: truncate(1) opens, truncates and closes: durable when it returns.
-    // (First: a child process closes inherited descriptors, and each close is a flush.)
-    let out = Command::new("truncate")
-        .args(["-s", "100"])
-        .arg(m.path().join("f3"))
-        .output()
+    // The descriptors are held by a single-threaded child process: in this multi-threaded
+    // test process, any other test's fork + exec would close inherited copies of them, and
+    // every close is a FUSE flush, which makes the file durable.
+    let script = r#"
+import os, sys
+d = sys.argv[1]
+# f0: open(O_TRUNC) and part of a new version written, neither closed nor fsync'd.
+f0 = os.open(d + "/f0", os.O_WRONLY | os.O_TRUNC)
+os.write(f0, b"half of a new version")
+# f1: opened with O_TRUNC and nothing written.
+f1 = os.open(d + "/f1", os.O_WRONLY | os.O_TRUNC)
+# f2: ftruncate by a writer, no fsync.
+f2 = os.open(d + "/f2", os.O_WRONLY)
+os.ftruncate(f2, 10)
+# f3: truncate(2) of a file nobody has open: durable when it returns.
+os.truncate(d + "/f3", 100)
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+    let mut holder = Command::new("python3")
+        .args(["-c", script])
+        .arg(m.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    // f0: open(O_TRUNC) and part of a new version written, neither closed nor fsync'd.
-    let mut f0 = File::create(m.path().join("f0")).unwrap();
-    f0.write_all(b"half of a new version").unwrap();
-    // f1: opened with O_TRUNC and nothing written.
-    let f1 = File::create(m.path().join("f1")).unwrap();
-    // f2: ftruncate by a writer, no fsync.
-    let f2 = OpenOptions::new()
-        .write(true)
-        .open(m.path().join("f2"))
-        .unwrap();
-    f2.set_len(10).unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
     // The mount shows the changes meanwhile.
-    assert_eq!(fs::metadata(m.path().join("f0")).unwrap().len(), 21);
-    assert_eq!(fs::metadata(m.path().join("f1")).unwrap().len(), 0);
-    assert_eq!(fs::metadata(m.path().join("f2")).unwrap().len(), 10);
+    for (n, len) in [21, 0, 10, 100].into_iter().enumerate() {
+        let path = m.path().join(format!("f{n}"));
+        assert_eq!(fs::metadata(path).unwrap().len(), len, "f{n}");
+    }
 
     let m2 = kill_and_remount(&mut m, &bucket, cache.path());
-    drop((f0, f1, f2));
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
     for (n, expected) in [&v1[0], &v1[1], &v1[2], &v1[3][..100].to_vec()]
         .into_iter()
         .enumerate()

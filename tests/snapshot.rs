@@ -15,6 +15,16 @@ use std::time::{Duration, Instant};
 
 use common::{Mount, ServerKind, pattern, server, sha256, sha256_file};
 
+/// Held by each test for its whole run. Tests that keep files open for writing check exactly
+/// which versions are acknowledged; a `fork` + `exec` by a test running beside them (keepfs
+/// commands) would close inherited copies of those descriptors, and every close is a FUSE
+/// flush, which acknowledges the file as it is.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `keepfs snapshot ARGS` wired to the test server.
 fn snapshot(args: &[&str]) -> Output {
     let server = server();
@@ -140,6 +150,7 @@ fn write_tree(root: &Path) {
 
 #[test]
 fn snapshot_list_view_restore_and_delete() {
+    let _serial = one_at_a_time();
     for versioned in bucket_kinds() {
         round_trip(versioned);
     }
@@ -279,6 +290,7 @@ fn content(file: usize, version: u64) -> Vec<u8> {
 
 #[test]
 fn snapshot_during_writes_holds_only_versions_acknowledged_before_the_barrier() {
+    let _serial = one_at_a_time();
     for versioned in bucket_kinds() {
         during_writes(versioned);
     }
@@ -417,6 +429,7 @@ fn check_snapshot(
 
 #[test]
 fn a_file_open_for_writing_contributes_its_last_fsynced_version() {
+    let _serial = one_at_a_time();
     use std::io::{Seek, Write};
     let bucket = server().bucket("snap-open");
     let source = format!("s3://{bucket}/vol");
@@ -471,6 +484,7 @@ fn a_file_open_for_writing_contributes_its_last_fsynced_version() {
 
 #[test]
 fn multipart_copy_keeps_bytes_and_metadata() {
+    let _serial = one_at_a_time();
     // What snapshots and restores use above 5 GiB, run on 12 MiB in 5 MiB parts.
     let bucket = server().bucket("snap-copy");
     let data = pattern((12 << 20) + 3, 9);
