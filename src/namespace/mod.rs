@@ -7,6 +7,7 @@
 mod attr;
 mod inodes;
 mod names;
+mod statahead;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -69,6 +70,8 @@ pub struct Namespace<S> {
     /// markers, so the mount remembers them to show empty directories it created.
     /// Directories whose marker this mount wrote (mkdir, setattr), with their attributes.
     made_dirs: Mutex<HashMap<String, Attr>>,
+    /// HEADs of listed objects sent ahead of the kernel's lookups (`ls -l`).
+    statahead: statahead::Statahead,
 }
 
 impl<S: ObjectStore> Namespace<S> {
@@ -85,6 +88,7 @@ impl<S: ObjectStore> Namespace<S> {
             skipped: Mutex::new(HashSet::new()),
             dirty: None,
             made_dirs: Mutex::new(HashMap::new()),
+            statahead: statahead::Statahead::new(ttl),
         }
     }
 
@@ -142,6 +146,7 @@ impl<S: ObjectStore> Namespace<S> {
     /// [`InodeTable::touch_dir`]).
     pub fn touch_dir(&self, ino: u64) {
         if let Ok((path, NodeKind::Directory)) = self.path_of(ino) {
+            self.statahead.forget(&path);
             self.table().touch_dir(&path, std::time::SystemTime::now());
         }
     }
@@ -350,6 +355,9 @@ impl<S: ObjectStore> Namespace<S> {
                 table.add_lookup(attr.ino);
                 return Ok(attr);
             }
+        }
+        if let Some(meta) = self.statahead.answer(&self.store, &dir, name).await {
+            return Ok(self.table().remember(&path, self.seen_object(&meta, true)));
         }
         let seen = match self.resolve(&path).await {
             Ok(seen) => seen,
@@ -658,6 +666,13 @@ impl<S: ObjectStore> Namespace<S> {
                 .count();
             self.table()
                 .listed_subdirs(&dir, u32::try_from(subdirs).unwrap_or(u32::MAX));
+            let objects = entries
+                .values()
+                // Only these get lookups while the listing is fresh (see fs/listing.rs).
+                .filter(|e| e.may_be_symlink())
+                .map(|e| (e.name.clone(), self.object_key(&join(&dir, &e.name))))
+                .collect();
+            self.statahead.listed(&dir, objects);
         }
         Ok(entries.into_values().collect())
     }
@@ -691,9 +706,12 @@ impl<S: ObjectStore> Namespace<S> {
     fn listed(&self, dir: &str, name: &str, mut seen: Seen) -> Listed {
         let path = join(dir, name);
         let table = self.table();
+        // Same version; or, from a server whose listings carry no ETag, HEADed within the TTL.
+        let no_etag = seen.etag.as_deref().is_none_or(str::is_empty);
         if let Some(node) = table.find(&path)
             && node.from_head
-            && node.etag == seen.etag
+            && (node.etag == seen.etag
+                || no_etag && node.validated.is_some_and(|t| t.elapsed() < self.ttl))
             && (node.attr.kind == NodeKind::Directory) == (seen.attr.kind == NodeKind::Directory)
         {
             seen.attr = Attr {
@@ -791,6 +809,24 @@ impl<S: ObjectStore> Namespace<S> {
             etag: meta.etag,
             size: meta.size,
             keep_cache,
+        })
+    }
+
+    /// The version of symlink `ino` a HEAD confirmed within the TTL (a lookup, or statahead
+    /// for `ls -l`, just asked): its target can be read without asking again.
+    pub fn fresh_symlink(&self, ino: u64) -> Option<OpenedObject> {
+        let table = self.table();
+        let node = table.get(ino)?;
+        let fresh = node.attr.kind == NodeKind::Symlink
+            && node.from_head
+            && node.validated.is_some_and(|t| t.elapsed() < self.ttl)
+            && table.is_linked(ino);
+        let etag = node.etag.clone().filter(|e| fresh && !e.is_empty())?;
+        Some(OpenedObject {
+            key: self.object_key(&node.path),
+            etag,
+            size: node.attr.size,
+            keep_cache: false,
         })
     }
 

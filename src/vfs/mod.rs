@@ -11,7 +11,8 @@ use fuser::{FopenFlags, OpenFlags};
 
 use crate::error::FsError;
 use crate::namespace::{
-    Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, stored_metadata_of, with_times,
+    Attr, Listed, MAX_SYMLINK_TARGET, Namespace, NodeKind, OpenedObject, stored_metadata_of,
+    with_times,
 };
 use crate::prefetch::{BlockFetcher, FileReader, ObjectVersion, PrefetchConfig};
 use crate::store::{ObjectStore, Precondition};
@@ -134,20 +135,28 @@ impl<S: ObjectStore> Vfs<S> {
 
     pub(crate) async fn open_reader(&self, ino: u64) -> Result<(FileReader<S>, bool), FsError> {
         let opened = self.namespace.open(ino).await?;
-        let object = ObjectVersion {
+        let keep_cache = opened.keep_cache;
+        Ok((self.opened_reader(opened), keep_cache))
+    }
+
+    fn opened_reader(&self, opened: OpenedObject) -> FileReader<S> {
+        self.reader(ObjectVersion {
             key: opened.key.into(),
             etag: opened.etag.into(),
             size: opened.size,
-        };
-        Ok((self.reader(object), opened.keep_cache))
+        })
     }
 
     pub(crate) async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
-        let (reader, _) = self.open_reader(ino).await?;
-        if reader.object().size > u64::from(MAX_SYMLINK_TARGET) {
-            return Err(FsError::InvalidArgument);
+        // Just HEADed (ls -l looks a link up, then reads it): read that version. Should it be
+        // gone meanwhile, the GET (pinned to its ETag) fails and the link is opened anew.
+        if let Some(opened) = self.namespace.fresh_symlink(ino)
+            && let Ok(target) = read_target(&self.opened_reader(opened)).await
+        {
+            return Ok(target);
         }
-        reader.read(0, MAX_SYMLINK_TARGET).await
+        let (reader, _) = self.open_reader(ino).await?;
+        read_target(&reader).await
     }
 
     pub(crate) fn writes(&self) -> Result<&Writes<S>, FsError> {
@@ -671,4 +680,12 @@ impl<S: ObjectStore> Vfs<S> {
             .cloned()
             .ok_or(FsError::BadHandle(fh))
     }
+}
+
+/// The target a symlink object holds (at most [`MAX_SYMLINK_TARGET`] bytes).
+async fn read_target<S: ObjectStore>(reader: &FileReader<S>) -> Result<Vec<u8>, FsError> {
+    if reader.object().size > u64::from(MAX_SYMLINK_TARGET) {
+        return Err(FsError::InvalidArgument);
+    }
+    reader.read(0, MAX_SYMLINK_TARGET).await
 }
