@@ -11,7 +11,8 @@
 # Knobs (environment): KEEPFS_BENCH_RUNS (3), KEEPFS_BENCH_SIZE_MIB (1024),
 # KEEPFS_BENCH_SMALL_FILES (10000), KEEPFS_BENCH_TAR_FILES (4000), KEEPFS_BENCH_LIST_DIRS (100)
 # × KEEPFS_BENCH_LIST_FILES (100), KEEPFS_BENCH_RENAME_FILES (1000), KEEPFS_BENCH_RAND_IOS
-# (1000), KEEPFS_BENCH_PEERS ("keepfs keepfs-nodisk rclone s3fs"), KEEPFS_BENCH_OUT (results
+# (1000), KEEPFS_BENCH_PEERS ("keepfs keepfs-nodisk rclone s3fs"), KEEPFS_BENCH_WORKLOADS
+# ("reads writes listing": a subset measures one lever quickly), KEEPFS_BENCH_OUT (results
 # directory; default a new one under /tmp). Needs root (mounts, drop_caches), garage on PATH,
 # fio; rclone and s3fs rows are run when they are installed (apt-get install rclone s3fs).
 set -euo pipefail
@@ -28,6 +29,13 @@ list_files=${KEEPFS_BENCH_LIST_FILES:-$([ -n "$quick" ] && echo 20 || echo 100)}
 rename_files=${KEEPFS_BENCH_RENAME_FILES:-$([ -n "$quick" ] && echo 50 || echo 1000)}
 rand_ios=${KEEPFS_BENCH_RAND_IOS:-$([ -n "$quick" ] && echo 100 || echo 1000)}
 peers=${KEEPFS_BENCH_PEERS:-keepfs keepfs-nodisk rclone s3fs}
+workloads=${KEEPFS_BENCH_WORKLOADS:-reads writes listing}
+for wl in $workloads; do
+    case $wl in
+    reads | writes | listing) ;;
+    *) echo "unknown workload $wl (reads, writes, listing)" >&2; exit 1 ;;
+    esac
+done
 out=${KEEPFS_BENCH_OUT:-$(mktemp -d /tmp/keepfs-compare.XXXXXX)}
 mkdir -p "$out"
 results=$out/results.jsonl
@@ -47,7 +55,7 @@ done
 echo "building keepfs and the raw client (release)"
 cargo build --release --quiet --bin keepfs
 s3raw=$(cargo bench --no-run --bench s3raw 2>&1 | sed -n 's/.*Executable .*(\(.*s3raw-[0-9a-f]*\)).*/\1/p' | tail -1)
-keepfs=$root/target/release/keepfs
+keepfs=${CARGO_TARGET_DIR:-$root/target}/release/keepfs
 [ -x "$s3raw" ] || { echo "could not build benches/s3raw.rs" >&2; exit 1; }
 
 # shellcheck source=benches/garage-env.sh
@@ -164,9 +172,12 @@ read_files() { # read files in parallel, 1 MiB reads (waits for these readers on
 
 # --- data --------------------------------------------------------------------------------
 echo "seeding: 4 objects of $size_mib MiB, a tree of $list_dirs × $list_files files"
-"$s3raw" seed-objects data/obj 4 "$size_mib" >/dev/null
-"$s3raw" seed-tree tree/ "$list_dirs" "$list_files" 4096 >/dev/null
-head -c "$size" /dev/urandom >"$work/source.bin"
+wants() { [[ " $workloads " == *" $1 "* ]]; }
+if wants reads; then "$s3raw" seed-objects data/obj 4 "$size_mib" >/dev/null; fi
+if wants listing; then "$s3raw" seed-tree tree/ "$list_dirs" "$list_files" 4096 >/dev/null; fi
+tar_bytes=0
+if wants writes; then
+    head -c "$size" /dev/urandom >"$work/source.bin"
 python3 - "$work/tree.tar" "$tar_files" <<'PY'
 # A source-tree-like archive: 40 files per directory, sizes 1-64 KiB (deterministic).
 import io, random, sys, tarfile
@@ -178,7 +189,8 @@ with tarfile.open(sys.argv[1], "w") as tar:
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
 PY
-tar_bytes=$(tar tvf "$work/tree.tar" | awk '{s += $3} END {print s}')
+    tar_bytes=$(tar tvf "$work/tree.tar" | awk '{s += $3} END {print s}')
+fi
 list_entries=$((list_dirs * list_files + list_dirs))
 
 # --- workloads ---------------------------------------------------------------------------
@@ -307,7 +319,7 @@ for run in $(seq 1 "$runs"); do
     # Rotate the order each run: no peer always goes first (or last) on a warming machine.
     order=("${ran[@]:$(((run - 1) % ${#ran[@]}))}" "${ran[@]:0:$(((run - 1) % ${#ran[@]}))}")
     echo "run $run: ${order[*]}"
-    for wl in reads writes listing; do
+    for wl in $workloads; do
         "ref_$wl"
         for p in "${order[@]}"; do "wl_$wl" "$p"; done
     done
