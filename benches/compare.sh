@@ -255,20 +255,23 @@ for i in range(n):
 PY
 }
 
+# Every run writes under keys of its own: a server may keep deleted keys as tombstones that
+# its listings of the same prefix then step over (Garage does), which would slow the peers
+# that list per file a little more each run.
 wl_writes() {
     local p=$1 mnt=$work/$1 cache=$work/$1.cache
     rm -rf "$cache"
     mount_peer "$p" "$mnt" "$cache"
-    mkdir -p "$mnt/w/$p"
-    write_until_s3 write_close write_s3 "$p" "w/$p/big" "$size" 1 \
-        dd if="$work/source.bin" of="$mnt/w/$p/big" bs=1M status=none
-    write_until_s3 small_close small_s3 "$p" "w/$p/small/" $((small_files * 4096)) "$small_files" \
-        small_files "$mnt/w/$p/small" "$small_files"
-    write_until_s3 untar_close untar_s3 "$p" "w/$p/untar/" "$tar_bytes" "$tar_files" \
-        tar xf "$work/tree.tar" -C "$mnt/w/$p" --transform "s,^src,untar,"
+    mkdir -p "$mnt/w/$run/$p"
+    write_until_s3 write_close write_s3 "$p" "w/$run/$p/big" "$size" 1 \
+        dd if="$work/source.bin" of="$mnt/w/$run/$p/big" bs=1M status=none
+    write_until_s3 small_close small_s3 "$p" "w/$run/$p/small/" $((small_files * 4096)) "$small_files" \
+        small_files "$mnt/w/$run/$p/small" "$small_files"
+    write_until_s3 untar_close untar_s3 "$p" "w/$run/$p/untar/" "$tar_bytes" "$tar_files" \
+        tar xf "$work/tree.tar" -C "$mnt/w/$run/$p" --transform "s,^src,untar,"
     umount_peer "$mnt"
     rm -rf "$cache"
-    "$s3raw" delete "w/$p/" >/dev/null
+    "$s3raw" delete "w/$run/$p/" >/dev/null
 }
 
 ref_writes() {
@@ -277,10 +280,10 @@ ref_writes() {
     dd if="$work/source.bin" of="$ref_local" bs=1M conv=fsync status=none
     end write_close reference "$size" 1 "" "(local disk, dd conv=fsync)"
     rm -f "$ref_local"
-    reference write_s3 "$size" 1 "(raw SDK multipart from memory)" raw put w/ref/big "$size_mib"
+    reference write_s3 "$size" 1 "(raw SDK multipart from memory)" raw put w/$run/ref/big "$size_mib"
     reference small_s3 $((small_files * 4096)) "$small_files" "(raw SDK, 16 PUTs in flight)" \
-        raw put-many w/ref/small/ "$small_files" 4096
-    "$s3raw" delete w/ref/ >/dev/null
+        raw put-many w/$run/ref/small/ "$small_files" 4096
+    "$s3raw" delete w/$run/ref/ >/dev/null
 }
 
 wl_listing() {
@@ -292,26 +295,26 @@ wl_listing() {
     umount_peer "$mnt"
     rm -rf "$cache"
     # Rename: a directory of clean objects, there before the mount (rclone caches listings).
-    "$s3raw" put-many "ren/$p/a/" "$rename_files" 4096 >/dev/null
+    "$s3raw" put-many "ren/$run/$p/a/" "$rename_files" 4096 >/dev/null
     mount_peer "$p" "$mnt" "$cache"
     drop_caches; begin; find "$mnt/tree" >/dev/null; end find_cold "$p" 0 "$list_entries"
     begin; find "$mnt/tree" >/dev/null; end find_warm "$p" 0 "$list_entries"
-    ls "$mnt/ren/$p/a" >/dev/null
-    begin; mv "$mnt/ren/$p/a" "$mnt/ren/$p/b"; end rename_dir "$p" 0 "$rename_files"
+    ls "$mnt/ren/$run/$p/a" >/dev/null
+    begin; mv "$mnt/ren/$run/$p/a" "$mnt/ren/$run/$p/b"; end rename_dir "$p" 0 "$rename_files"
     umount_peer "$mnt"
     rm -rf "$cache"
     local moved
-    moved=$("$s3raw" list "ren/$p/b/" | sed 's/.*objects=//')
+    moved=$("$s3raw" list "ren/$run/$p/b/" | sed 's/.*objects=//')
     [ "$moved" = "$rename_files" ] || echo "WARNING: $p: S3 holds $moved of $rename_files renamed files" >&2
-    "$s3raw" delete "ren/$p/" >/dev/null
+    "$s3raw" delete "ren/$run/$p/" >/dev/null
 }
 
 ref_listing() {
     reference ls_cold 0 "$list_entries" "(raw paginated ListObjectsV2)" raw list tree/
     reference find_cold 0 "$list_entries" "(raw paginated ListObjectsV2)" raw list tree/
-    "$s3raw" put-many ren/ref/a/ "$rename_files" 4096 >/dev/null
-    reference rename_dir 0 "$rename_files" "(raw SDK CopyObject+DeleteObject, 16 in flight)" raw rename ren/ref/a/ ren/ref/b/
-    "$s3raw" delete ren/ref/ >/dev/null
+    "$s3raw" put-many ren/$run/ref/a/ "$rename_files" 4096 >/dev/null
+    reference rename_dir 0 "$rename_files" "(raw SDK CopyObject+DeleteObject, 16 in flight)" raw rename ren/$run/ref/a/ ren/$run/ref/b/
+    "$s3raw" delete ren/$run/ref/ >/dev/null
 }
 
 echo "peers: reference ${ran[*]}; $runs run(s); results in $out"
