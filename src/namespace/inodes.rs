@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::attr::{Attr, NodeKind};
 
@@ -39,6 +39,13 @@ pub struct Node {
     /// own uploads, so a new ETag is the same inode.
     pub written_here: bool,
     lookups: u64,
+}
+
+impl Node {
+    /// Whether the server confirmed `attr` less than `ttl` ago.
+    pub fn validated_within(&self, ttl: Duration) -> bool {
+        self.validated.is_some_and(|t| t.elapsed() < ttl)
+    }
 }
 
 /// What the server said about a path, to be recorded in the table.
@@ -78,7 +85,7 @@ fn hashed_ino(path: &str, kind: NodeKind, etag: Option<&str>) -> u64 {
 }
 
 /// The version an ETag names, for identity: empty ETags (some servers' listings) say nothing.
-fn version(etag: &Option<String>) -> Option<&str> {
+pub fn version(etag: &Option<String>) -> Option<&str> {
     etag.as_deref().filter(|e| !e.is_empty())
 }
 

@@ -18,7 +18,7 @@ pub use attr::{
     Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata, stored_metadata_of, with_times,
 };
 pub use inodes::ROOT_INO;
-use inodes::{InodeTable, Seen};
+use inodes::{InodeTable, Seen, version};
 pub use names::normalize_prefix;
 use names::{InvalidName, check_component, dir_key, is_reserved, join};
 
@@ -348,7 +348,7 @@ impl<S: ObjectStore> Namespace<S> {
             let mut table = self.table();
             // A small object known only from a listing may be a symlink: ask (HEAD).
             if let Some(node) = table.find(&path)
-                && node.validated.is_some_and(|t| t.elapsed() < self.ttl)
+                && node.validated_within(self.ttl)
                 && !attr::may_be_symlink(&node.attr, node.from_head)
             {
                 let attr = node.attr.clone();
@@ -425,8 +425,7 @@ impl<S: ObjectStore> Namespace<S> {
             let table = self.table();
             let node = table.get(ino).ok_or(FsError::StaleInode(ino))?;
             // An unlinked or replaced inode keeps what it was: its key is someone else's now.
-            let fresh =
-                node.validated.is_some_and(|t| t.elapsed() < self.ttl) || !table.is_linked(ino);
+            let fresh = node.validated_within(self.ttl) || !table.is_linked(ino);
             (node.path.clone(), node.attr.clone(), fresh)
         };
         // Directories carry nothing to re-validate; the root always exists.
@@ -707,11 +706,10 @@ impl<S: ObjectStore> Namespace<S> {
         let path = join(dir, name);
         let table = self.table();
         // Same version; or, from a server whose listings carry no ETag, HEADed within the TTL.
-        let no_etag = seen.etag.as_deref().is_none_or(str::is_empty);
         if let Some(node) = table.find(&path)
             && node.from_head
             && (node.etag == seen.etag
-                || no_etag && node.validated.is_some_and(|t| t.elapsed() < self.ttl))
+                || version(&seen.etag).is_none() && node.validated_within(self.ttl))
             && (node.attr.kind == NodeKind::Directory) == (seen.attr.kind == NodeKind::Directory)
         {
             seen.attr = Attr {
@@ -819,7 +817,7 @@ impl<S: ObjectStore> Namespace<S> {
         let node = table.get(ino)?;
         let fresh = node.attr.kind == NodeKind::Symlink
             && node.from_head
-            && node.validated.is_some_and(|t| t.elapsed() < self.ttl)
+            && node.validated_within(self.ttl)
             && table.is_linked(ino);
         let etag = node.etag.clone().filter(|e| fresh && !e.is_empty())?;
         Some(OpenedObject {
