@@ -249,6 +249,7 @@ fn config(endpoint: &str, mountpoint: &Path, cache_dir: &Path) -> anyhow::Result
         file_mode: 0o644,
         dir_mode: 0o755,
         metadata_ttl: Duration::from_secs(1),
+        memory_limit: None,
         max_memory_cache: 256 << 20,
         disk_cache: true,
         max_prefetch: 64 << 20,

@@ -241,7 +241,14 @@ pub struct MountArgs {
     #[arg(long, default_value = "1", value_name = "DURATION")]
     pub metadata_ttl: String,
 
-    /// Memory for cached file blocks (bytes, or with K/M/G suffix). 0 disables the cache.
+    /// Everything keepfs holds in memory (bytes, or with K/M/G suffix; at least 144MiB):
+    /// 112 MiB for the process, the rest half for cached blocks and half for reads ahead and
+    /// upload parts in transit. `auto`: 80 % of the cgroup's memory limit, else 1/8 of RAM.
+    #[arg(long, default_value = "auto", value_name = "SIZE")]
+    pub memory_limit: String,
+
+    /// Memory for cached file blocks (bytes, or with K/M/G suffix), at most the cache's share
+    /// of `--memory-limit`. 0 disables the cache.
     #[arg(long, default_value = "512MiB", value_name = "SIZE")]
     pub max_memory_cache: String,
 
@@ -312,6 +319,15 @@ impl MountArgs {
             file_mode: parse_mode(&self.file_mode)?,
             dir_mode: parse_mode(&self.dir_mode)?,
             metadata_ttl: parse_duration(&self.metadata_ttl)?,
+            memory_limit: match self.memory_limit.as_str() {
+                "auto" => None,
+                size => match parse_size(size)? {
+                    bytes if bytes < crate::memory::MIN_LIMIT => {
+                        return Err(ConfigError::MemoryLimitTooSmall(size.to_owned()));
+                    }
+                    bytes => Some(bytes),
+                },
+            },
             max_memory_cache: parse_size(&self.max_memory_cache)?,
             disk_cache: !self.no_disk_cache,
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),

@@ -22,6 +22,10 @@ pub enum ConfigError {
         "invalid duration {0:?}: expected seconds such as 1, 0.5, 500ms, 2s or minutes such as 5m"
     )]
     InvalidDuration(String),
+    #[error(
+        "--memory-limit {0} is too small: at least 144 MiB (112 MiB for the process itself, 16 MiB each for cached blocks and data in transit)"
+    )]
+    MemoryLimitTooSmall(String),
 }
 
 /// `s3://BUCKET[/PREFIX]`, parsed and checked.
@@ -154,6 +158,8 @@ pub struct MountConfig {
     pub file_mode: u16,
     pub dir_mode: u16,
     pub metadata_ttl: Duration,
+    /// `--memory-limit` in bytes; `None`: derived (see [`crate::memory::default_limit`]).
+    pub memory_limit: Option<u64>,
     pub max_memory_cache: u64,
     /// Whether read blocks are also kept on the cache disk (across restarts).
     pub disk_cache: bool,

@@ -228,6 +228,12 @@ fn upload_here(
             UploadConfig {
                 part_size: record.part_size,
                 concurrency: record.upload_concurrency,
+                // A one-off drain: not worth a probe; HEAD checks are right on every server.
+                conditional_puts: false,
+                // Part buffers within the default limit's share, as a mount would.
+                memory: crate::memory::MemoryBudget::new(
+                    crate::memory::Shares::of(crate::memory::default_limit().0).transit,
+                ),
             },
         )
     };

@@ -16,6 +16,7 @@ pub mod flush;
 pub mod fs;
 pub mod helper;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod mount;
 pub mod namespace;

@@ -5,71 +5,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::scrape::{delta, metrics_addr, scrape, sum};
 use common::{Mount, flush, http_get as get, pattern, server, sha256, sha256_file};
-
-/// The address keepfs logged it serves metrics at (`--metrics-addr 127.0.0.1:0` picks a port).
-fn metrics_addr(m: &Mount) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = m.log();
-        if let Some(addr) = log
-            .lines()
-            .filter(|l| l.contains("serving /metrics"))
-            .find_map(|l| l.split("bound=").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-        {
-            return addr.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics address logged:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A scrape: each sample line `name{labels} value`, keyed by everything before the value.
-fn scrape(addr: &str) -> (String, HashMap<String, f64>) {
-    let (status, text) = get(addr, "/metrics");
-    assert_eq!(status, 200, "{text}");
-    let samples = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect();
-    (text, samples)
-}
-
-/// The sum of every sample of `name` whose labels contain all of `labels` (`k="v"` strings).
-fn sum(samples: &HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
-    samples
-        .iter()
-        .filter(|(k, _)| {
-            let (n, l) = k.split_once('{').unwrap_or((k, ""));
-            n == name && labels.iter().all(|want| l.contains(want))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
-fn delta(
-    before: &HashMap<String, f64>,
-    after: &HashMap<String, f64>,
-    name: &str,
-    labels: &[&str],
-) -> f64 {
-    sum(after, name, labels) - sum(before, name, labels)
-}
 
 /// Drops the kernel's page cache of `path`, so the next read reaches keepfs again.
 fn drop_page_cache(path: &Path) {
@@ -380,107 +323,4 @@ fn a_taken_metrics_port_fails_the_mount_before_mounting() {
         "{stderr}"
     );
     assert!(!common::is_mounted(dir.path()));
-}
-
-#[test]
-fn ls_l_heads_each_listed_small_object_once_and_sends_no_per_entry_listing() {
-    const FILES: usize = 90;
-    const LINKS: usize = 10;
-    let s = server();
-    let bucket = s.bucket("statahead");
-    let source = format!("s3://{bucket}");
-    {
-        // Written through keepfs: symlinks are objects only a HEAD tells from small files.
-        let m = Mount::new(&source, &[]);
-        fs::create_dir(m.path().join("d")).unwrap();
-        for i in 0..FILES {
-            fs::write(
-                m.path().join(format!("d/f{i:03}")),
-                pattern(100 + i, i as u64),
-            )
-            .unwrap();
-        }
-        for i in 0..LINKS {
-            std::os::unix::fs::symlink(format!("f{i:03}"), m.path().join(format!("d/l{i:03}")))
-                .unwrap();
-        }
-        flush(&m);
-    }
-    // A fresh mount knows nothing but what S3 holds; a TTL long enough for the whole run.
-    let m = Mount::new(
-        &source,
-        &["--metrics-addr", "127.0.0.1:0", "--metadata-ttl", "30"],
-    );
-    let addr = metrics_addr(&m);
-    assert!(m.path().join("d").is_dir());
-    let ls_l = || {
-        let out = Command::new("ls")
-            .args(["-l", "--time-style=+"])
-            .arg(m.path().join("d"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let (_, before) = scrape(&addr);
-    let listing = ls_l();
-    let (_, after) = scrape(&addr);
-    let (_, again) = {
-        let second = ls_l();
-        assert_eq!(
-            second, listing,
-            "a second ls -l within the TTL shows the same"
-        );
-        scrape(&addr)
-    };
-
-    // What ls -l shows: every file a file of its size, every symlink a symlink to its target.
-    let lines: Vec<&str> = listing.lines().skip(1).collect();
-    assert_eq!(lines.len(), FILES + LINKS, "{listing}");
-    for i in 0..FILES {
-        let name = format!("f{i:03}");
-        let line = lines
-            .iter()
-            .find(|l| l.ends_with(&format!(" {name}")))
-            .unwrap();
-        assert!(line.starts_with('-'), "{line}");
-        assert!(line.contains(&format!(" {} ", 100 + i)), "{line}");
-    }
-    for i in 0..LINKS {
-        let line = lines
-            .iter()
-            .find(|l| l.contains(&format!(" l{i:03} -> f{i:03}")))
-            .unwrap_or_else(|| panic!("l{i:03} is not a symlink:\n{listing}"));
-        assert!(line.starts_with('l'), "{line}");
-    }
-
-    // The requests: one listing of the directory, one HEAD per listed object, a GET per
-    // symlink for its target (readlink), nothing more; the second ls -l lists again, no more.
-    let d = |name: &str, labels: &[&str]| delta(&before, &after, name, labels);
-    let op = |name: &str| format!("operation=\"{name}\"");
-    let requests = |from: &HashMap<String, f64>, to: &HashMap<String, f64>, name: &str| {
-        delta(from, to, "keepfs_s3_requests_total", &[&op(name)])
-    };
-    assert_eq!(
-        requests(&before, &after, "ListObjectsV2"),
-        1.0,
-        "one listing of d, no 1-key listing per entry"
-    );
-    assert_eq!(
-        requests(&before, &after, "HeadObject"),
-        (FILES + LINKS) as f64,
-        "each listed object HEADed once"
-    );
-    let gets = requests(&before, &after, "GetObject");
-    assert!(gets <= LINKS as f64, "{gets} GETs");
-    assert_eq!(
-        d("keepfs_s3_requests_total", &[]),
-        (FILES + LINKS + 1) as f64 + gets,
-        "no other request"
-    );
-    assert_eq!(
-        delta(&after, &again, "keepfs_s3_requests_total", &[]),
-        requests(&after, &again, "ListObjectsV2"),
-        "the second ls -l sent more than its listing"
-    );
 }

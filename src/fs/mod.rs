@@ -30,12 +30,17 @@ use reply::{errno, fuse_attr, reply_attr, reply_data, reply_entry, reply_unit, r
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO_SIZE: u32 = 1024 * 1024;
+/// Background requests in flight without a tighter memory limit (the kernel's default is 12).
+pub const MAX_BACKGROUND: u16 = 64;
 
 pub struct KeepFs<S> {
     inner: Arc<Vfs<S>>,
     runtime: RuntimeHandle,
     /// Told through the root's `user.keepfs.cache_dir` attribute (`keepfs flush MOUNTPOINT`).
     cache_dir: Option<std::path::PathBuf>,
+    /// Background requests (readahead, writeback) the kernel may have in flight; each carries
+    /// up to [`MAX_IO_SIZE`] bytes that keepfs holds while serving it.
+    max_background: u16,
 }
 
 impl<S: ObjectStore> KeepFs<S> {
@@ -64,7 +69,18 @@ impl<S: ObjectStore> KeepFs<S> {
             }),
             runtime,
             cache_dir: None,
+            max_background: MAX_BACKGROUND,
         }
+    }
+
+    /// Bounds the kernel's background requests in flight (at most [`MAX_BACKGROUND`]): a
+    /// memory limit counts their buffers.
+    pub fn with_max_background(mut self, requests: u16) -> Self {
+        self.max_background = requests.clamp(1, MAX_BACKGROUND);
+        self.inner
+            .buffers
+            .keep_at_most(usize::from(self.max_background));
+        self
     }
 
     /// Lets `keepfs flush MOUNTPOINT` find the cache directory.
@@ -120,8 +136,8 @@ impl<S: ObjectStore> fuser::Filesystem for KeepFs<S> {
         // not by the FUSE round trips. Older kernels may refuse a value; the default stays.
         let _ = config.set_max_readahead(MAX_IO_SIZE);
         let _ = config.set_max_write(MAX_IO_SIZE);
-        let _ = config.set_max_background(64);
-        let _ = config.set_congestion_threshold(48);
+        let _ = config.set_max_background(self.max_background);
+        let _ = config.set_congestion_threshold(self.max_background / 4 * 3);
         Ok(())
     }
 

@@ -92,6 +92,10 @@ pub struct Metrics {
     pub cache_hit_bytes: Family<CacheLabels, Counter>,
     pub cache_evictions: Family<CacheLabels, Counter>,
     pub cache_size: Family<CacheLabels, Gauge>,
+    /// `--memory-limit` in bytes.
+    pub memory_limit: Gauge,
+    /// Bytes reserved by reads ahead and upload parts now (see [`crate::memory`]).
+    pub memory_in_transit: Gauge,
     pub dirty_files: Gauge,
     pub dirty_bytes: Gauge,
     pub open_for_writing: Gauge,
@@ -125,6 +129,8 @@ impl Metrics {
             cache_hit_bytes: Family::default(),
             cache_evictions: Family::default(),
             cache_size: Family::default(),
+            memory_limit: Gauge::default(),
+            memory_in_transit: Gauge::default(),
             dirty_files: Gauge::default(),
             dirty_bytes: Gauge::default(),
             open_for_writing: Gauge::default(),
@@ -220,6 +226,18 @@ impl Metrics {
             "Bytes of blocks the cache holds now",
             Unit::Bytes,
             m.cache_size.clone(),
+        );
+        r.register_with_unit(
+            "memory_limit",
+            "What keepfs may hold in memory (--memory-limit)",
+            Unit::Bytes,
+            m.memory_limit.clone(),
+        );
+        r.register_with_unit(
+            "memory_in_transit",
+            "Bytes reserved now by blocks read ahead and upload parts (at most half of what the limit leaves beyond 112 MiB)",
+            Unit::Bytes,
+            m.memory_in_transit.clone(),
         );
         r.register(
             "dirty_files",

@@ -283,17 +283,33 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             None
         }
     };
-    let mut fetcher = BlockFetcher::new(
-        Arc::clone(&store),
-        MemoryCache::new(config.max_memory_cache),
+    let (memory_limit, limit_source) = match config.memory_limit {
+        Some(bytes) => (bytes, crate::memory::LimitSource::Flag),
+        None => crate::memory::default_limit(),
+    };
+    let shares = crate::memory::Shares::of(memory_limit);
+    let cache_bytes = config.max_memory_cache.min(shares.cache);
+    let transit = crate::memory::MemoryBudget::new(shares.transit);
+    tracing::info!(
+        limit = memory_limit,
+        from = ?limit_source,
+        block_cache = cache_bytes,
+        in_transit = shares.transit,
+        "memory limit"
     );
+    let mut fetcher = BlockFetcher::new(Arc::clone(&store), MemoryCache::new(cache_bytes));
     if let Some(disk) = &disk_cache {
-        fetcher = fetcher.with_disk_cache(Arc::clone(disk));
+        // Blocks queued for the disk writer: at most 1/16 of the limit (64 MiB).
+        let queue = (memory_limit / 16 / crate::cache::BLOCK_SIZE).clamp(8, 256) as usize;
+        fetcher = fetcher.with_disk_cache(Arc::clone(disk), queue);
     }
     let fetcher = Arc::new(fetcher);
     if config.metrics_addr.is_some() {
         let (fetcher, disk) = (Arc::clone(&fetcher), disk_cache.clone());
+        let transit = transit.clone();
+        metrics::get().memory_limit.set(gauge_value(memory_limit));
         metrics::on_scrape(move |m| {
+            m.memory_in_transit.set(gauge_value(transit.in_use()));
             let (_, (memory, _)) = fetcher.usage();
             m.cache_size
                 .get_or_create(&metrics::MEMORY)
@@ -307,6 +323,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     }
     let prefetch = PrefetchConfig {
         max_window: config.max_prefetch,
+        memory: transit.clone(),
         ..PrefetchConfig::default()
     };
     runtime.spawn(log_usage(Arc::clone(&fetcher)));
@@ -324,9 +341,31 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             let dirty = Arc::clone(&dirty);
             disk.share_with_written_data(Box::new(move || dirty.cache_bytes()));
         }
+        let reserved = format!("{}{}/", config.source.prefix, crate::snapshot::RESERVED_DIR);
+        let bound = config.connect_timeout * 2 + Duration::from_secs(2);
+        let conditional_puts = runtime.block_on(async {
+            let probe = crate::store::probe::honours_conditional_puts(&*store, &reserved);
+            tokio::time::timeout(bound, probe).await.unwrap_or(false)
+        });
+        tracing::info!(
+            conditional_puts,
+            "the server {} conditional PutObject: {}",
+            if conditional_puts {
+                "honours"
+            } else {
+                "ignores"
+            },
+            if conditional_puts {
+                "small uploads send no HEAD before the PUT"
+            } else {
+                "each upload checks the key with HEAD first"
+            }
+        );
         let upload = UploadConfig {
             part_size: config.part_size,
             concurrency: config.upload_concurrency,
+            conditional_puts,
+            memory: transit.clone(),
         };
         let uploader = {
             let _runtime = runtime.enter();
@@ -413,7 +452,9 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     )
     .with_cache_dir(
         std::path::absolute(cache_dir.path()).unwrap_or_else(|_| cache_dir.path().to_owned()),
-    );
+    )
+    // One 1 MiB request in flight per 32 MiB of the limit, 12 (the kernel's default) to 64.
+    .with_max_background((memory_limit / (32 << 20)).clamp(12, 64) as u16);
 
     // Cleared when the session ends: what /readyz asks of a handed-over connection.
     let serving = Arc::new(AtomicBool::new(true));

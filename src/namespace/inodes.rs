@@ -17,6 +17,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::attr::{Attr, NodeKind};
+use super::complete::CompleteDirs;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -69,6 +70,8 @@ pub struct InodeTable {
     /// listing or since this mount made it, then kept up by mkdir, rmdir and rename. Gives a
     /// directory's link count (see [`InodeTable::nlink`]).
     subdirs: HashMap<String, u32>,
+    /// Directories known in full, kept up as names are linked and unlinked here.
+    pub complete: CompleteDirs,
 }
 
 /// The directory holding `path` ("" for the root's entries).
@@ -106,7 +109,8 @@ fn same_inode(node: &Node, seen: &Seen) -> bool {
 }
 
 impl InodeTable {
-    pub fn new(root: Attr) -> Self {
+    /// `ttl`: how long a directory listed in full answers for names it lacks.
+    pub fn new(root: Attr, ttl: Duration) -> Self {
         let root = Node {
             path: String::new(),
             attr: Attr {
@@ -126,6 +130,7 @@ impl InodeTable {
             by_path: HashMap::from([(String::new(), ROOT_INO)]),
             dir_changes: HashMap::new(),
             subdirs: HashMap::new(),
+            complete: CompleteDirs::new(ttl),
         }
     }
 
@@ -191,6 +196,7 @@ impl InodeTable {
                     },
                 );
                 self.by_path.insert(path.to_owned(), ino);
+                self.complete.linked(path);
                 ino
             }
         };
@@ -268,8 +274,10 @@ impl InodeTable {
     pub fn dir_made(&mut self, path: &str, made: bool) {
         if made {
             self.subdirs.insert(path.to_owned(), 0);
+            self.complete.made_empty(path);
         } else {
             self.subdirs.remove(path);
+            self.complete.dropped(path);
         }
         self.count_subdir(parent_path(path), made);
     }
@@ -298,6 +306,7 @@ impl InodeTable {
         if let Some(node) = self.nodes.get_mut(&ino) {
             if self.by_path.get(&node.path) == Some(&ino) {
                 self.by_path.remove(&node.path);
+                self.complete.unlinked(&node.path);
             }
             node.validated = None;
         }
@@ -310,6 +319,7 @@ impl InodeTable {
         };
         if self.by_path.get(&node.path) == Some(&ino) {
             self.by_path.remove(&node.path);
+            self.complete.unlinked(&node.path);
         }
         node.path = path.to_owned();
         node.validated = None;
@@ -317,6 +327,7 @@ impl InodeTable {
         // new name are this inode's.
         node.written_here = true;
         self.by_path.insert(path.to_owned(), ino);
+        self.complete.linked(path);
     }
 
     /// Moves every node at or below path `from` to the same place below `to` (directory
@@ -353,6 +364,9 @@ impl InodeTable {
                 self.dir_changes.insert(new, when);
             }
         }
+        // What was known of the moved directories' contents is not kept at either path.
+        self.complete.dropped(from);
+        self.complete.dropped(to);
         self.count_subdir(parent_path(from), false);
         self.count_subdir(parent_path(to), true);
     }
@@ -424,7 +438,7 @@ mod tests {
 
     #[test]
     fn numbers_are_stable_across_forget() {
-        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755), Duration::from_secs(1));
         let a = t
             .remember("a/b", seen(NodeKind::File, "e1", true, 0o600))
             .ino;
@@ -460,7 +474,7 @@ mod tests {
 
     #[test]
     fn a_new_version_is_a_new_inode_and_the_old_one_lives_on_unlinked() {
-        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755), Duration::from_secs(1));
         let v1 = t.remember("f", seen(NodeKind::File, "e1", true, 0o644)).ino;
         let v2 = t.remember("f", seen(NodeKind::File, "e2", true, 0o644)).ino;
         assert_ne!(v1, v2, "another ETag is another inode");
@@ -507,14 +521,14 @@ mod tests {
 
     #[test]
     fn root_is_never_forgotten() {
-        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755), Duration::from_secs(1));
         t.forget(ROOT_INO, 100);
         assert!(t.get(ROOT_INO).is_some());
     }
 
     #[test]
     fn listing_keeps_head_metadata_of_same_version() {
-        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755), Duration::from_secs(1));
         t.remember("f", seen(NodeKind::Symlink, "e1", true, 0o777));
         let listed = t.remember("f", seen(NodeKind::Symlink, "e1", false, 0o644));
         assert_eq!(listed.perm, 0o777);
@@ -524,7 +538,7 @@ mod tests {
 
     #[test]
     fn directory_link_counts_follow_mkdir_rmdir_and_rename() {
-        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755));
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755), Duration::from_secs(1));
         let dir = |t: &mut InodeTable, path: &str| {
             t.remember(path, seen(NodeKind::Directory, "", true, 0o755))
                 .ino

@@ -5,6 +5,7 @@
 //! the directory. Keys that can't be file names are skipped and logged once.
 
 mod attr;
+mod complete;
 mod inodes;
 mod names;
 mod statahead;
@@ -78,7 +79,7 @@ impl<S: ObjectStore> Namespace<S> {
     /// `prefix` is normalised (`""` or ending in `/`); `ttl` bounds how long attributes are
     /// trusted without asking the server again.
     pub fn new(store: Arc<S>, prefix: &str, defaults: Defaults, ttl: Duration) -> Self {
-        let table = InodeTable::new(defaults.directory(ROOT_INO));
+        let table = InodeTable::new(defaults.directory(ROOT_INO), ttl);
         Self {
             store,
             prefix: normalize_prefix(prefix),
@@ -241,6 +242,18 @@ impl<S: ObjectStore> Namespace<S> {
         Ok((key, self.table().remember(&path, seen)))
     }
 
+    /// Registers object `meta` this mount just wrote straight to S3 as `name` in `parent`
+    /// (symlink, mknod), with one kernel reference: what a HEAD would say, without one.
+    pub fn object_written(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        meta: &ObjectMeta,
+    ) -> Result<Attr, FsError> {
+        let path = self.new_child(parent, name)?;
+        Ok(self.table().remember(&path, self.seen_object(meta, true)))
+    }
+
     /// Updates the attributes of live node `ino` from its dirty copy.
     pub fn refresh_dirty(&self, ino: u64, attr: &DirtyAttr) -> Attr {
         let seen = self.seen_dirty(attr);
@@ -356,6 +369,9 @@ impl<S: ObjectStore> Namespace<S> {
                 return Ok(attr);
             }
         }
+        if self.known_absent(parent, &dir, name, &path).await {
+            return Err(FsError::NotFound);
+        }
         if let Some(meta) = self.statahead.answer(&self.store, &dir, name).await {
             return Ok(self.table().remember(&path, self.seen_object(&meta, true)));
         }
@@ -384,6 +400,32 @@ impl<S: ObjectStore> Namespace<S> {
             Err(e) => return Err(e),
         };
         Ok(self.table().remember(&path, seen))
+    }
+
+    /// Whether `name` is known to be absent from directory `dir` (inode `parent`) without a
+    /// request for it: the directory was known in full less than the TTL ago (see
+    /// [`complete`]), or it fits in one listing page and is listed again (one request instead
+    /// of a lookup's two).
+    async fn known_absent(&self, parent: u64, dir: &str, name: &str, path: &str) -> bool {
+        let known = {
+            let table = self.table();
+            if table.find(path).is_some() {
+                return false;
+            }
+            table.complete.known(dir, name)
+        };
+        match known {
+            complete::Known::Absent => true,
+            complete::Known::Unknown => false,
+            complete::Known::StaleOnePage => {
+                if self.list_entries(parent, false).await.is_err() {
+                    return false; // the lookup asks, and reports what it finds
+                }
+                let table = self.table();
+                table.find(path).is_none()
+                    && table.complete.known(dir, name) == complete::Known::Absent
+            }
+        }
     }
 
     /// Asks the server what `path` is: HEAD of the key and a 1-key listing of `key/`, together.
@@ -564,9 +606,12 @@ impl<S: ObjectStore> Namespace<S> {
             .as_ref()
             .map(|d| d.gone_under(&prefix))
             .unwrap_or_default();
+        let ticket = self.table().complete.begin(&dir);
         let mut token = None;
+        let mut pages = 0u32;
         let mut from_known = false; // S3 unreachable: what the mount knows, not a count
         loop {
+            pages += 1;
             let page = match self.store.list_page(&prefix, token, None).await {
                 Ok(page) => page,
                 Err(e) if known_if_unavailable && e.is_unavailable() => {
@@ -672,6 +717,10 @@ impl<S: ObjectStore> Namespace<S> {
                 .map(|e| (e.name.clone(), self.object_key(&join(&dir, &e.name))))
                 .collect();
             self.statahead.listed(&dir, objects);
+            let names = entries.keys().cloned().collect();
+            self.table()
+                .complete
+                .listed(&dir, ticket, names, pages == 1);
         }
         Ok(entries.into_values().collect())
     }

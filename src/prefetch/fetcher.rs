@@ -44,9 +44,6 @@ impl ObjectVersion {
     }
 }
 
-/// Blocks (256 KiB) waiting for the disk cache's writer: 64 MiB.
-const DISK_QUEUE: usize = 256;
-
 /// A block's eventual content: `None` until its GET delivers or fails.
 pub type BlockSlot = watch::Receiver<Option<Result<Arc<Block>, StoreError>>>;
 /// The delivering side of a [`BlockSlot`], held by the GET that fetches the block.
@@ -84,9 +81,9 @@ impl<S: ObjectStore> BlockFetcher<S> {
 
     /// Keeps fetched blocks on the cache disk too, and reads them from there. One thread
     /// writes them; when it falls behind (a disk slower than the network), further blocks are
-    /// not cached rather than piling up in memory.
-    pub fn with_disk_cache(mut self, disk: Arc<DiskCache>) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(BlockId, Arc<Block>)>(DISK_QUEUE);
+    /// not cached rather than piling up in memory: at most `queue` blocks (256 KiB) wait.
+    pub fn with_disk_cache(mut self, disk: Arc<DiskCache>, queue: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(BlockId, Arc<Block>)>(queue);
         let writer = Arc::clone(&disk);
         let spawned = std::thread::Builder::new()
             .name("keepfs-blocks".into())

@@ -4,6 +4,8 @@
 //! extension up to [`PrefetchConfig::max_window`], split into GETs of up to
 //! [`PrefetchConfig::max_request`] so several are in flight. A read elsewhere resets the window
 //! and aborts the GETs this reader started: a random reader fetches only the blocks it touches.
+//! Blocks fetched ahead of the read hold a reservation of the mount's memory budget until they
+//! are consumed; when the budget has no room, the window holds only what it could reserve.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,14 +15,17 @@ use tokio::task::JoinHandle;
 use super::fetcher::{BlockFetcher, BlockSlot, ObjectVersion, wait};
 use crate::cache::{BLOCK_SIZE, Block};
 use crate::error::FsError;
+use crate::memory::{MemoryBudget, Reservation};
 use crate::store::{ObjectStore, StoreError};
 
-/// Prefetch tuning.
-#[derive(Debug, Clone, Copy)]
+/// Prefetch tuning (bytes).
+#[derive(Debug, Clone)]
 pub struct PrefetchConfig {
     pub initial_window: u64,
     pub max_window: u64,
     pub max_request: u64,
+    /// What blocks read ahead are reserved from (shared by every reader and the uploads).
+    pub memory: MemoryBudget,
 }
 
 impl Default for PrefetchConfig {
@@ -29,8 +34,16 @@ impl Default for PrefetchConfig {
             initial_window: 1024 * 1024,
             max_window: 64 * 1024 * 1024,
             max_request: 8 * 1024 * 1024,
+            memory: MemoryBudget::unlimited(),
         }
     }
+}
+
+/// A requested block not yet consumed, with its share of the memory budget (blocks of the
+/// read itself have none: the kernel bounds those).
+struct Pending {
+    slot: BlockSlot,
+    _reserved: Option<Reservation>,
 }
 
 struct Window {
@@ -43,7 +56,7 @@ struct Window {
     /// Blocks `run_start..requested_until` of the current run have been requested.
     requested_until: u64,
     /// Requested blocks not yet fully consumed.
-    pending: BTreeMap<u64, BlockSlot>,
+    pending: BTreeMap<u64, Pending>,
     /// GETs this reader started, aborted when the run is abandoned.
     tasks: Vec<JoinHandle<()>>,
 }
@@ -155,7 +168,7 @@ impl<S: ObjectStore> FileReader<S> {
     /// Decides what to fetch for a read of `offset..end` (blocks `first..=last`) and returns
     /// the slots of those blocks, in order.
     fn plan(&self, offset: u64, end: u64, first: u64, last: u64) -> Vec<BlockSlot> {
-        let config = self.config;
+        let config = &self.config;
         let blocks = self.object.block_count();
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
 
@@ -189,14 +202,38 @@ impl<S: ObjectStore> FileReader<S> {
                 wanted_until = (end + w.window).div_ceil(BLOCK_SIZE);
             }
         }
-        let wanted_until = wanted_until.min(blocks);
+        let mut wanted_until = wanted_until.min(blocks);
         let from = w.requested_until.max(first);
+        // Blocks beyond this read are read ahead: only as many as the budget has room for.
+        let ahead_from = from.max(last + 1);
+        let mut reserved = None;
+        if ahead_from < wanted_until {
+            reserved = config
+                .memory
+                .take_up_to((wanted_until - ahead_from) * BLOCK_SIZE);
+            let room = reserved.as_ref().map_or(0, |r| r.units() as u64);
+            wanted_until = wanted_until.min(ahead_from + room);
+        }
         if from < wanted_until {
             let (slots, tasks) =
                 self.fetcher
                     .request(&self.object, from..wanted_until, max_request_blocks);
             for (index, slot) in (from..wanted_until).zip(slots) {
-                w.pending.insert(index, slot);
+                let one = if index < ahead_from {
+                    None
+                } else {
+                    match reserved.as_mut().and_then(Reservation::split_unit) {
+                        Some(one) => Some(one),
+                        None => reserved.take(), // the last unit
+                    }
+                };
+                w.pending.insert(
+                    index,
+                    Pending {
+                        slot,
+                        _reserved: one,
+                    },
+                );
             }
             w.tasks.extend(tasks);
             w.requested_until = wanted_until;
@@ -208,11 +245,17 @@ impl<S: ObjectStore> FileReader<S> {
             .collect();
         for index in missing {
             let (mut slots, tasks) = self.fetcher.request(&self.object, index..index + 1, 1);
-            w.pending
-                .insert(index, slots.pop().expect("one slot per block"));
+            let slot = slots.pop().expect("one slot per block");
+            w.pending.insert(
+                index,
+                Pending {
+                    slot,
+                    _reserved: None,
+                },
+            );
             w.tasks.extend(tasks);
         }
-        let slots = (first..=last).map(|i| w.pending[&i].clone()).collect();
+        let slots = (first..=last).map(|i| w.pending[&i].slot.clone()).collect();
 
         // Everything before this read is done with; so is the last block if read to its end.
         let consumed_until = if end.is_multiple_of(BLOCK_SIZE) || end == self.object.size {

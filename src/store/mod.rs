@@ -4,6 +4,7 @@
 //! the SDK, so the contract of each method is written down here. The only production
 //! implementation is [`S3Store`] on `aws-sdk-s3`; tests run it against real servers.
 
+pub mod probe;
 mod s3;
 mod tree;
 

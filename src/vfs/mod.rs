@@ -32,13 +32,22 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Reply buffers for reads, reused: a fresh 1 MiB allocation per read costs page faults and
 /// page zeroing in the kernel, which showed up as a tenth of the CPU of a sequential read.
+/// At most as many are kept as reads may be in flight (see [`BufferPool::keep_at_most`]).
 #[derive(Default)]
 pub(crate) struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
+    /// How many free buffers are kept; 0 until set means [`BufferPool::KEEP`].
+    keep: std::sync::atomic::AtomicUsize,
 }
 
 impl BufferPool {
     const KEEP: usize = 64;
+
+    /// Keeps at most `n` free buffers (the kernel's background requests in flight).
+    pub(crate) fn keep_at_most(&self, n: usize) {
+        self.keep
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
 
     pub(crate) fn take(&self) -> Vec<u8> {
         lock(&self.free).pop().unwrap_or_default()
@@ -46,8 +55,12 @@ impl BufferPool {
 
     pub(crate) fn give(&self, mut buf: Vec<u8>) {
         buf.clear();
+        let keep = match self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Self::KEEP,
+            n => n,
+        };
         let mut free = lock(&self.free);
-        if free.len() < Self::KEEP {
+        if free.len() < keep {
             free.push(buf);
         }
     }
@@ -130,7 +143,7 @@ impl<S: ObjectStore> Vfs<S> {
     }
 
     pub(crate) fn reader(&self, object: ObjectVersion) -> FileReader<S> {
-        FileReader::new(Arc::clone(&self.fetcher), object, self.prefetch)
+        FileReader::new(Arc::clone(&self.fetcher), object, self.prefetch.clone())
     }
 
     pub(crate) async fn open_reader(&self, ino: u64) -> Result<(FileReader<S>, bool), FsError> {

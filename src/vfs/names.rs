@@ -85,7 +85,7 @@ impl<S: ObjectStore> Vfs<S> {
     }
 
     /// Writes small object `key` (`name` in `parent`) only if the key is absent (`EEXIST`
-    /// otherwise) and looks it up.
+    /// otherwise) and registers it with the kernel (one reference) as written: no lookup.
     async fn put_new(
         &self,
         parent: u64,
@@ -94,7 +94,9 @@ impl<S: ObjectStore> Vfs<S> {
         body: bytes::Bytes,
         metadata: &std::collections::HashMap<String, String>,
     ) -> Result<Attr, FsError> {
-        self.store
+        let size = body.len() as u64;
+        let etag = self
+            .store
             .put_object(key, body, metadata, &Precondition::Absent)
             .await
             .map_err(|e| match e {
@@ -102,7 +104,13 @@ impl<S: ObjectStore> Vfs<S> {
                 e => FsError::store(key, e),
             })?;
         self.namespace.touch_dir(parent);
-        self.namespace.lookup(parent, name).await
+        let meta = crate::store::ObjectMeta {
+            size,
+            etag,
+            last_modified: std::time::SystemTime::now(),
+            user_metadata: metadata.clone(),
+        };
+        self.namespace.object_written(parent, name, &meta)
     }
 
     /// mknod of a fifo, socket or device node: a zero-length object whose metadata holds the

@@ -19,12 +19,18 @@ use crate::namespace::{stored_metadata, with_times};
 use crate::store::{ObjectStore, Precondition, StoreError};
 
 /// Upload tuning.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UploadConfig {
     /// Part size of multipart uploads (grown so no upload needs more than 10 000 parts).
     pub part_size: u64,
     /// Parts in flight per file.
     pub concurrency: usize,
+    /// The server refuses a PutObject whose precondition fails (see
+    /// [`crate::store::probe`]): a single-request upload needs no HEAD check before it.
+    pub conditional_puts: bool,
+    /// What part buffers (and single-request bodies) are reserved from before they are read
+    /// into memory: an upload waits for room.
+    pub memory: crate::memory::MemoryBudget,
 }
 
 impl Default for UploadConfig {
@@ -32,6 +38,8 @@ impl Default for UploadConfig {
         Self {
             part_size: 8 << 20,
             concurrency: 16,
+            conditional_puts: false,
+            memory: crate::memory::MemoryBudget::unlimited(),
         }
     }
 }
@@ -58,7 +66,7 @@ impl<S> Clone for Uploader<S> {
             queue: self.queue.clone(),
             store: Arc::clone(&self.store),
             dirty: Arc::clone(&self.dirty),
-            config: self.config,
+            config: self.config.clone(),
             locks: self.locks.clone(),
             stats: Arc::clone(&self.stats),
         }
@@ -181,7 +189,7 @@ impl<S: ObjectStore> Uploader<S> {
         let locks = KeyLocks::default();
         let stats = Arc::new(UploadStats::default());
         let (task_store, task_dirty, task_locks) = (store.clone(), dirty.clone(), locks.clone());
-        let task_stats = stats.clone();
+        let (task_stats, task_config) = (stats.clone(), config.clone());
         tokio::spawn(async move {
             task_dirty.pending_uploads().remove_leftovers();
             abort_orphaned_uploads(&*task_store, &task_dirty).await;
@@ -200,12 +208,13 @@ impl<S: ObjectStore> Uploader<S> {
                 let (store, dirty, active) =
                     (task_store.clone(), task_dirty.clone(), active.clone());
                 let (locks, stats) = (task_locks.clone(), task_stats.clone());
+                let config = task_config.clone();
                 tokio::spawn(async move {
                     stats
                         .uploading
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     loop {
-                        let sender = Sender::new(&*store, &dirty, config, &stats);
+                        let sender = Sender::new(&*store, &dirty, config.clone(), &stats);
                         upload_until_done(&sender, &locks, &key).await;
                         let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
                         if active.get(&key) == Some(&true) {
@@ -271,7 +280,7 @@ impl<S: ObjectStore> Uploader<S> {
         if snapshot.in_s3 {
             return Ok(());
         }
-        let sender = Sender::new(&*self.store, &self.dirty, self.config, &self.stats);
+        let sender = Sender::new(&*self.store, &self.dirty, self.config.clone(), &self.stats);
         let etag = match upload_resolving_conflict(&sender, &snapshot).await {
             Ok(etag) => etag,
             // Unlinked or replaced meanwhile: nothing of this version is to be kept.
@@ -682,11 +691,18 @@ async fn upload_to<S: ObjectStore>(
             abort(store, &outdated).await;
             sender.dirty.pending_uploads().remove(snapshot.id, key);
         }
+        let _room = sender.config.memory.reserve(size).await;
         let body = read_range(store, snapshot, base, 0, size).await?;
-        if guarded {
+        if guarded && !sender.config.conditional_puts {
             check_base(store, snapshot).await?;
         }
-        return Ok(store.put_object(key, body, &meta, condition).await?);
+        return match store.put_object(key, body, &meta, condition).await {
+            // If-Match on a key deleted meanwhile: 404, not 412 (S3 API, PutObject).
+            Err(StoreError::NotFound) if matches!(condition, Precondition::Matches(_)) => {
+                Err(UploadError::Conflict)
+            }
+            result => Ok(result?),
+        };
     }
     let base_etag = match base {
         Base::Usable => snapshot.base_etag.as_deref(),
@@ -894,6 +910,7 @@ async fn upload_parts<S: ObjectStore>(
                             }
                         }
                         _ => {
+                            let _room = sender.config.memory.reserve(range.end - range.start).await;
                             let body = read_range(
                                 store,
                                 snapshot,

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 pub mod data;
 pub mod embedded;
 pub mod pg;
+pub mod scrape;
 
 #[allow(unused_imports)] // not every test file uses it
 pub use data::pattern;
@@ -52,6 +53,12 @@ impl TestServer {
     /// Whether the server lists and HEADs `dir/` marker objects (s3s-fs does neither).
     pub fn keeps_markers(&self) -> bool {
         self.kind != ServerKind::S3sFs
+    }
+
+    /// Whether a PutObject whose `If-None-Match: *` or `If-Match` fails is refused (412):
+    /// s3s-fs and moto do; of the others, Garage ignores both.
+    pub fn honours_conditional_puts(&self) -> bool {
+        self.kind != ServerKind::Other
     }
 
     /// Whether the server checks signatures (moto accepts any credentials).
