@@ -85,6 +85,8 @@ WORKLOADS = [
     ("find_cold", "`find` cold", "entries/s"),
     ("find_warm", "`find` warm", "entries/s"),
     ("rename_dir", "rename a directory of files", "files/s"),
+    ("scale_list", "`ls -f` of one large directory, cold", "entries/s"),
+    ("scale_relist", "the same after the kernel forgot its inodes", "entries/s"),
 ]
 PEERS = ["reference", "keepfs", "keepfs-nodisk", "rclone", "s3fs"]
 PEER_TITLES = {

@@ -11,8 +11,9 @@
 # Knobs (environment): KEEPFS_BENCH_RUNS (3), KEEPFS_BENCH_SIZE_MIB (1024),
 # KEEPFS_BENCH_SMALL_FILES (10000), KEEPFS_BENCH_TAR_FILES (4000), KEEPFS_BENCH_LIST_DIRS (100)
 # × KEEPFS_BENCH_LIST_FILES (100), KEEPFS_BENCH_RENAME_FILES (1000), KEEPFS_BENCH_RAND_IOS
-# (1000), KEEPFS_BENCH_PEERS ("keepfs keepfs-nodisk rclone s3fs"), KEEPFS_BENCH_WORKLOADS
-# ("reads writes listing": a subset measures one lever quickly), KEEPFS_BENCH_OUT (results
+# (1000), KEEPFS_BENCH_SCALE_FILES (100000, one directory), KEEPFS_BENCH_PEERS ("keepfs
+# keepfs-nodisk rclone s3fs"), KEEPFS_BENCH_WORKLOADS ("reads writes listing scale": a subset
+# measures one lever quickly), KEEPFS_BENCH_OUT (results
 # directory; default a new one under /tmp). Needs root (mounts, drop_caches), garage on PATH,
 # fio; rclone and s3fs rows are run when they are installed (apt-get install rclone s3fs).
 set -euo pipefail
@@ -28,12 +29,13 @@ list_dirs=${KEEPFS_BENCH_LIST_DIRS:-$([ -n "$quick" ] && echo 5 || echo 100)}
 list_files=${KEEPFS_BENCH_LIST_FILES:-$([ -n "$quick" ] && echo 20 || echo 100)}
 rename_files=${KEEPFS_BENCH_RENAME_FILES:-$([ -n "$quick" ] && echo 50 || echo 1000)}
 rand_ios=${KEEPFS_BENCH_RAND_IOS:-$([ -n "$quick" ] && echo 100 || echo 1000)}
+scale_files=${KEEPFS_BENCH_SCALE_FILES:-$([ -n "$quick" ] && echo 2000 || echo 100000)}
 peers=${KEEPFS_BENCH_PEERS:-keepfs keepfs-nodisk rclone s3fs}
-workloads=${KEEPFS_BENCH_WORKLOADS:-reads writes listing}
+workloads=${KEEPFS_BENCH_WORKLOADS:-reads writes listing scale}
 for wl in $workloads; do
     case $wl in
-    reads | writes | listing) ;;
-    *) echo "unknown workload $wl (reads, writes, listing)" >&2; exit 1 ;;
+    reads | writes | listing | scale) ;;
+    *) echo "unknown workload $wl (reads, writes, listing, scale)" >&2; exit 1 ;;
     esac
 done
 out=${KEEPFS_BENCH_OUT:-$(mktemp -d /tmp/keepfs-compare.XXXXXX)}
@@ -175,6 +177,8 @@ echo "seeding: 4 objects of $size_mib MiB, a tree of $list_dirs × $list_files f
 wants() { [[ " $workloads " == *" $1 "* ]]; }
 if wants reads; then "$s3raw" seed-objects data/obj 4 "$size_mib" >/dev/null; fi
 if wants listing; then "$s3raw" seed-tree tree/ "$list_dirs" "$list_files" 4096 >/dev/null; fi
+# 5 000-byte objects: too large to be symlinks, so no peer needs a HEAD to type them.
+if wants scale; then "$s3raw" seed-tree big/ 1 "$scale_files" 5000 >/dev/null; fi
 tar_bytes=0
 if wants writes; then
     head -c "$size" /dev/urandom >"$work/source.bin"
@@ -317,6 +321,34 @@ ref_listing() {
     "$s3raw" delete ren/$run/ref/ >/dev/null
 }
 
+# One directory of $scale_files entries listed without stat (`ls -f`: readdir only), cold; then
+# the kernel is made to forget every inode (drop_caches 2: FUSE FORGET for each) and the
+# directory is listed again. Peak RSS shows what the entries cost; the log line below shows
+# whether the memory held for them came back.
+rss_now() { awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$PEER_PID/status"; }
+wl_scale() {
+    local p=$1 mnt=$work/$1 cache=$work/$1.cache n
+    rm -rf "$cache"
+    mount_peer "$p" "$mnt" "$cache"
+    local idle
+    idle=$(rss_now)
+    drop_caches; begin; n=$(ls -f "$mnt/big" | wc -l); end scale_list "$p" 0 "$scale_files"
+    [ "$n" -ge "$scale_files" ] || echo "WARNING: $p listed $n of $scale_files entries" >&2
+    local listed forgotten
+    listed=$(rss_now)
+    echo 2 >/proc/sys/vm/drop_caches
+    sleep 2
+    forgotten=$(rss_now)
+    begin; ls -f "$mnt/big" >/dev/null; end scale_relist "$p" 0 "$scale_files"
+    echo "  $p RSS: idle $idle MiB, after listing $listed MiB, after the kernel forgot $forgotten MiB, after listing again $(rss_now) MiB" | tee -a "$out/scale-rss.txt"
+    umount_peer "$mnt"
+    rm -rf "$cache"
+}
+
+ref_scale() {
+    reference scale_list 0 "$scale_files" "(raw paginated ListObjectsV2)" raw list big/
+}
+
 echo "peers: reference ${ran[*]}; $runs run(s); results in $out"
 for run in $(seq 1 "$runs"); do
     # Rotate the order each run: no peer always goes first (or last) on a warming machine.
@@ -332,7 +364,7 @@ done
     echo "# keepfs side by side ($(date -u +%Y-%m-%d), $runs run(s), medians)"
     echo
     echo "Garage 2.5.0 on loopback; $size_mib MiB objects; $small_files small files; untar of $tar_files files ($((tar_bytes >> 20)) MiB);"
-    echo "$list_dirs × $list_files entries listed; $rename_files files renamed; $rand_ios random 4 KiB reads."
+    echo "$list_dirs × $list_files entries listed; $rename_files files renamed; $rand_ios random 4 KiB reads; $scale_files entries in one directory."
     echo "Cells: rate (median seconds, peak RSS of the mount process). Higher rate is better."
     echo
     py table "$results"

@@ -87,7 +87,11 @@ fn sixteen_readers_and_sixteen_writers_stay_within_the_memory_limit() {
             .unwrap_or_else(|| panic!("{key} not in S3"));
         assert_eq!(sha256(&got), sha256(data), "{key} in S3");
     }
-    println!("peak RSS {} MiB with --memory-limit {limit}", peak >> 20);
+    println!(
+        "peak RSS {} MiB with --memory-limit {limit} ({} MiB after mounting)",
+        peak >> 20,
+        idle >> 20
+    );
     assert!(
         peak <= LIMIT_MIB << 20,
         "peak RSS {} MiB above --memory-limit {limit}",

@@ -11,6 +11,13 @@
 //!
 //! A listing is recorded only if no name was linked into its directory while it ran: such a
 //! name could be missing from the listing and from the record both.
+//!
+//! Once a record is older than the TTL, lookups of missing names ask the server again (a HEAD
+//! and a 1-key listing each) until those requests add up to what listing the directory again
+//! would cost (its page count at the last listing); then the directory is listed again and
+//! answers for another TTL. A burst of creates in a large directory so costs at most about
+//! twice the requests of the cheaper of the two ways, and a lone miss never lists a large
+//! directory.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -26,8 +33,10 @@ struct Dir {
     names: Option<HashSet<String>>,
     /// When the listing that filled `names` was sent (or the `mkdir`).
     known_at: Option<Instant>,
-    /// The directory fit in one listing page: listing it again costs one request.
-    one_page: bool,
+    /// Listing pages (requests) the directory took at its last listing.
+    pages: u32,
+    /// Requests sent for lookups of missing names since the record went stale.
+    stale_requests: u32,
     /// Changes each time a name is linked into the directory (a value from a global counter,
     /// so a dropped and re-made entry never repeats one).
     generation: u64,
@@ -45,8 +54,9 @@ pub struct Ticket {
 pub enum Known {
     /// The directory was known in full less than the TTL ago and holds no such name.
     Absent,
-    /// The record is too old, but one listing request would renew it.
-    StaleOnePage,
+    /// The record is too old, and lookups since have cost what listing the directory again
+    /// would: list it.
+    Relist,
     /// Ask the server.
     Unknown,
 }
@@ -110,13 +120,15 @@ impl CompleteDirs {
     }
 
     /// The listing of `dir` begun with `ticket` completed with these names.
-    pub fn listed(&mut self, dir: &str, ticket: Ticket, names: HashSet<String>, one_page: bool) {
+    /// `pages`: the listing's requests.
+    pub fn listed(&mut self, dir: &str, ticket: Ticket, names: HashSet<String>, pages: u32) {
         if let Some(d) = self.dirs.get_mut(dir)
             && d.generation == ticket.generation
         {
             d.names = Some(names);
             d.known_at = Some(ticket.started);
-            d.one_page = one_page;
+            d.pages = pages;
+            d.stale_requests = 0;
         }
         self.trim();
     }
@@ -129,7 +141,8 @@ impl CompleteDirs {
             Dir {
                 names: Some(HashSet::new()),
                 known_at: Some(Instant::now()),
-                one_page: true,
+                pages: 1,
+                stale_requests: 0,
                 generation,
             },
         );
@@ -164,9 +177,11 @@ impl CompleteDirs {
             .retain(|p, _| p != dir && !(dir.is_empty() || p.starts_with(&below)));
     }
 
-    /// What the record says of `name` in `dir`.
-    pub fn known(&self, dir: &str, name: &str) -> Known {
-        let Some(d) = self.dirs.get(dir) else {
+    /// What the record says of `name` in `dir`. An `Unknown` answer for a stale record counts
+    /// the lookup's two requests towards listing the directory again.
+    pub fn known(&mut self, dir: &str, name: &str) -> Known {
+        let ttl = self.ttl;
+        let Some(d) = self.dirs.get_mut(dir) else {
             return Known::Unknown;
         };
         let (Some(names), Some(known_at)) = (&d.names, d.known_at) else {
@@ -174,11 +189,12 @@ impl CompleteDirs {
         };
         if names.contains(name) {
             Known::Unknown
-        } else if known_at.elapsed() < self.ttl {
+        } else if known_at.elapsed() < ttl {
             Known::Absent
-        } else if d.one_page {
-            Known::StaleOnePage
+        } else if d.stale_requests >= d.pages {
+            Known::Relist
         } else {
+            d.stale_requests += 2; // the lookup's HEAD and 1-key listing
             Known::Unknown
         }
     }
@@ -198,7 +214,7 @@ mod tests {
     fn a_listed_directory_answers_for_names_it_does_not_hold() {
         let mut c = CompleteDirs::new(TTL);
         let t = c.begin("d");
-        c.listed("d", t, names(&["a", "b"]), true);
+        c.listed("d", t, names(&["a", "b"]), 1);
         assert_eq!(c.known("d", "x"), Known::Absent);
         assert_eq!(c.known("d", "a"), Known::Unknown);
         assert_eq!(c.known("e", "x"), Known::Unknown);
@@ -209,7 +225,7 @@ mod tests {
         let mut c = CompleteDirs::new(TTL);
         let t = c.begin("d");
         c.linked("d/new");
-        c.listed("d", t, names(&["a"]), true);
+        c.listed("d", t, names(&["a"]), 1);
         assert_eq!(c.known("d", "new"), Known::Unknown);
         assert_eq!(c.known("d", "x"), Known::Unknown);
     }
@@ -226,14 +242,27 @@ mod tests {
     }
 
     #[test]
-    fn an_old_record_is_not_trusted_but_says_whether_one_page_renews_it() {
+    fn an_old_record_is_listed_again_once_lookups_have_cost_as_much_as_that() {
         let mut c = CompleteDirs::new(Duration::ZERO);
         let t = c.begin("small");
-        c.listed("small", t, names(&[]), true);
+        c.listed("small", t, names(&[]), 1);
         let t = c.begin("big");
-        c.listed("big", t, names(&[]), false);
-        assert_eq!(c.known("small", "x"), Known::StaleOnePage);
-        assert_eq!(c.known("big", "x"), Known::Unknown);
+        c.listed("big", t, names(&[]), 10);
+        // One page: the first miss asks (2 requests), the second lists (1).
+        assert_eq!(c.known("small", "x"), Known::Unknown);
+        assert_eq!(c.known("small", "y"), Known::Relist);
+        // Ten pages: five misses ask first.
+        for miss in 0..5 {
+            assert_eq!(c.known("big", "x"), Known::Unknown, "miss {miss}");
+        }
+        assert_eq!(c.known("big", "x"), Known::Relist);
+        let t = c.begin("big");
+        c.listed("big", t, names(&[]), 10);
+        assert_eq!(
+            c.known("big", "x"),
+            Known::Unknown,
+            "a new listing starts the count again"
+        );
     }
 
     #[test]
@@ -251,7 +280,7 @@ mod tests {
         c.dropped("dd");
         c.made_empty("dd");
         c.linked("dd/f");
-        c.listed("dd", t, names(&[]), true);
+        c.listed("dd", t, names(&[]), 1);
         assert_eq!(c.known("dd", "f"), Known::Unknown);
     }
 }

@@ -403,12 +403,14 @@ impl<S: ObjectStore> Namespace<S> {
     }
 
     /// Whether `name` is known to be absent from directory `dir` (inode `parent`) without a
-    /// request for it: the directory was known in full less than the TTL ago (see
-    /// [`complete`]), or it fits in one listing page and is listed again (one request instead
-    /// of a lookup's two).
+    /// request for it: the directory was known in full less than the TTL ago, or is listed
+    /// again now that lookups of missing names have cost as much (see [`complete`]).
     async fn known_absent(&self, parent: u64, dir: &str, name: &str, path: &str) -> bool {
+        if self.ttl.is_zero() {
+            return false; // nothing is trusted: every lookup asks
+        }
         let known = {
-            let table = self.table();
+            let mut table = self.table();
             if table.find(path).is_some() {
                 return false;
             }
@@ -417,13 +419,14 @@ impl<S: ObjectStore> Namespace<S> {
         match known {
             complete::Known::Absent => true,
             complete::Known::Unknown => false,
-            complete::Known::StaleOnePage => {
-                if self.list_entries(parent, false).await.is_err() {
-                    return false; // the lookup asks, and reports what it finds
+            complete::Known::Relist => {
+                // A listing just made answers, even where it took longer than the TTL.
+                match self.list_entries(parent, false).await {
+                    Ok(entries) => {
+                        !entries.iter().any(|e| e.name == name) && self.table().find(path).is_none()
+                    }
+                    Err(_) => false, // the lookup asks, and reports what it finds
                 }
-                let table = self.table();
-                table.find(path).is_none()
-                    && table.complete.known(dir, name) == complete::Known::Absent
             }
         }
     }
@@ -718,9 +721,7 @@ impl<S: ObjectStore> Namespace<S> {
                 .collect();
             self.statahead.listed(&dir, objects);
             let names = entries.keys().cloned().collect();
-            self.table()
-                .complete
-                .listed(&dir, ticket, names, pages == 1);
+            self.table().complete.listed(&dir, ticket, names, pages);
         }
         Ok(entries.into_values().collect())
     }
