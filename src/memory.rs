@@ -91,20 +91,32 @@ fn mem_total() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// How a limit is shared out (bytes).
+/// How a limit is shared out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shares {
+    /// Bytes of the block cache.
     pub cache: u64,
+    /// Bytes of data in transit (the [`MemoryBudget`]).
     pub transit: u64,
+    /// Blocks that may wait for the disk cache's writer: 1/16 of the limit, 8 to 256 (64 MiB).
+    pub disk_queue: usize,
+    /// The kernel's background requests in flight (each up to 1 MiB that keepfs holds while
+    /// serving it): one per 32 MiB of the limit, 12 (the kernel's default) to
+    /// [`crate::fs::MAX_BACKGROUND`].
+    pub background: u16,
 }
 
 impl Shares {
-    /// Half of what the limit leaves beyond [`OVERHEAD`] each.
+    /// Half of what the limit leaves beyond [`OVERHEAD`] each for cache and transit; the queue
+    /// and the requests in flight within the overhead.
     pub fn of(limit: u64) -> Self {
         let counted = limit.saturating_sub(OVERHEAD);
+        let max_background = u64::from(crate::fs::MAX_BACKGROUND);
         Self {
             cache: counted / 2,
             transit: counted / 2,
+            disk_queue: (limit / 16 / UNIT).clamp(8, 256) as usize,
+            background: (limit / (32 << 20)).clamp(12, max_background) as u16,
         }
     }
 }
@@ -237,6 +249,9 @@ mod tests {
         }
         let shares = Shares::of(512 << 20);
         assert_eq!((shares.cache, shares.transit), (200 << 20, 200 << 20));
+        assert_eq!((shares.disk_queue, shares.background), (128, 16));
         assert_eq!(Shares::of(MIN_LIMIT).transit, 16 << 20);
+        let large = Shares::of(64 << 30);
+        assert_eq!((large.disk_queue, large.background), (256, 64));
     }
 }

@@ -299,9 +299,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     );
     let mut fetcher = BlockFetcher::new(Arc::clone(&store), MemoryCache::new(cache_bytes));
     if let Some(disk) = &disk_cache {
-        // Blocks queued for the disk writer: at most 1/16 of the limit (64 MiB).
-        let queue = (memory_limit / 16 / crate::cache::BLOCK_SIZE).clamp(8, 256) as usize;
-        fetcher = fetcher.with_disk_cache(Arc::clone(disk), queue);
+        fetcher = fetcher.with_disk_cache(Arc::clone(disk), shares.disk_queue);
     }
     let fetcher = Arc::new(fetcher);
     if config.metrics_addr.is_some() {
@@ -347,19 +345,14 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             let probe = crate::store::probe::honours_conditional_puts(&*store, &reserved);
             tokio::time::timeout(bound, probe).await.unwrap_or(false)
         });
+        let (verb, effect) = if conditional_puts {
+            ("honours", "small uploads send no HEAD before the PUT")
+        } else {
+            ("ignores", "each upload checks the key with HEAD first")
+        };
         tracing::info!(
             conditional_puts,
-            "the server {} conditional PutObject: {}",
-            if conditional_puts {
-                "honours"
-            } else {
-                "ignores"
-            },
-            if conditional_puts {
-                "small uploads send no HEAD before the PUT"
-            } else {
-                "each upload checks the key with HEAD first"
-            }
+            "the server {verb} conditional PutObject: {effect}"
         );
         let upload = UploadConfig {
             part_size: config.part_size,
@@ -453,8 +446,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     .with_cache_dir(
         std::path::absolute(cache_dir.path()).unwrap_or_else(|_| cache_dir.path().to_owned()),
     )
-    // One 1 MiB request in flight per 32 MiB of the limit, 12 (the kernel's default) to 64.
-    .with_max_background((memory_limit / (32 << 20)).clamp(12, 64) as u16);
+    .with_max_background(shares.background);
 
     // Cleared when the session ends: what /readyz asks of a handed-over connection.
     let serving = Arc::new(AtomicBool::new(true));

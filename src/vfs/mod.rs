@@ -33,11 +33,19 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Reply buffers for reads, reused: a fresh 1 MiB allocation per read costs page faults and
 /// page zeroing in the kernel, which showed up as a tenth of the CPU of a sequential read.
 /// At most as many are kept as reads may be in flight (see [`BufferPool::keep_at_most`]).
-#[derive(Default)]
 pub(crate) struct BufferPool {
     free: Mutex<Vec<Vec<u8>>>,
-    /// How many free buffers are kept; 0 until set means [`BufferPool::KEEP`].
+    /// How many free buffers are kept.
     keep: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for BufferPool {
+    fn default() -> Self {
+        Self {
+            free: Mutex::default(),
+            keep: std::sync::atomic::AtomicUsize::new(Self::KEEP),
+        }
+    }
 }
 
 impl BufferPool {
@@ -55,10 +63,7 @@ impl BufferPool {
 
     pub(crate) fn give(&self, mut buf: Vec<u8>) {
         buf.clear();
-        let keep = match self.keep.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => Self::KEEP,
-            n => n,
-        };
+        let keep = self.keep.load(std::sync::atomic::Ordering::Relaxed);
         let mut free = lock(&self.free);
         if free.len() < keep {
             free.push(buf);
