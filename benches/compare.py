@@ -10,6 +10,7 @@ keepfs's `keepfs_s3_requests_total{operation=...}` (its own), summed over the ot
 """
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -162,6 +163,36 @@ def table(path):
             text += f" (keepfs counted: {', '.join(f'{op} {n}' for op, n in own.items()) or 'none'})"
         lines_ = f"| {title} | {PEER_TITLES[p]} | {total}: {text} |"
         print(lines_)
+    cpu_table(by, peers)
+
+
+def cpu_table(by, peers):
+    """CPU seconds of the mount process and of the server per workload (medians), and how busy
+    the machine's cores were: (mount + server) ÷ (wall time × cores). Near 100 % the workload is
+    bound by CPU on this machine, not by keepfs waiting."""
+    cores = os.cpu_count() or 1
+    print()
+    print(f"CPU seconds per run, mount process + server (median), and the share of the {cores} cores they kept busy:")
+    print()
+    print("| workload | " + " | ".join(PEER_TITLES[p] for p in peers) + " |")
+    print("|---" * (len(peers) + 1) + "|")
+    for wl, title, _ in WORKLOADS:
+        cells = []
+        for p in peers:
+            runs = [x for x in by.get((wl, p), []) if "server_cpu_s" in x]
+            if not runs:
+                cells.append("–")
+                continue
+            mount = median([x.get("mount_cpu_s", 0) for x in runs])
+            server = median([x["server_cpu_s"] for x in runs])
+            secs = median([x["seconds"] for x in runs])
+            busy = (mount + server) / (secs * cores) if secs > 0 else 0
+            if p == "reference":  # the raw client's own CPU is not measured
+                cells.append(f"server {server:.1f} s")
+            else:
+                cells.append(f"{mount:.1f} + {server:.1f} s ({busy:.0%})")
+        if any(c != "–" for c in cells):
+            print(f"| {title} | " + " | ".join(cells) + " |")
 
 
 def main():

@@ -130,9 +130,19 @@ umount_peer() {
 }
 
 # --- measuring ---------------------------------------------------------------------------
-# begin: resets the mount process's peak RSS and takes the request counters.
+# cpu_seconds PID: user + system CPU time of a running process so far (0 if none).
+clk_tck=$(getconf CLK_TCK)
+cpu_seconds() {
+    [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+    # Fields after the command name (which may hold spaces): utime and stime are 12th and 13th.
+    sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$clk_tck" '{print ($12 + $13) / hz}'
+}
+
+# begin: resets the mount process's peak RSS and takes the request counters and CPU times.
 begin() {
     [ -n "${PEER_PID:-}" ] && echo 5 >"/proc/$PEER_PID/clear_refs" 2>/dev/null || true
+    cpu_mount0=$(cpu_seconds "${PEER_PID:-}")
+    cpu_server0=$(cpu_seconds "$KEEPFS_BENCH_SERVER_PID")
     server_before=$(py scrape "$GARAGE_METRICS_URL" "$GARAGE_METRICS_TOKEN")
     client_before=$(py scrape "http://127.0.0.1:$keepfs_metrics_port/metrics")
     t0=$(now)
@@ -146,10 +156,14 @@ end() {
     if [ -n "${PEER_PID:-}" ] && [ -r "/proc/$PEER_PID/status" ]; then
         rss=$(awk '/^VmHWM/ {print $2}' "/proc/$PEER_PID/status")
     fi
+    local cpu_mount cpu_server
+    cpu_mount=$(awk "BEGIN {print $(cpu_seconds "${PEER_PID:-}") - $cpu_mount0}")
+    cpu_server=$(awk "BEGIN {print $(cpu_seconds "$KEEPFS_BENCH_SERVER_PID") - $cpu_server0}")
     local client_after=
     case $2 in keepfs*) client_after=$(py scrape "http://127.0.0.1:$keepfs_metrics_port/metrics") ;; *) client_before= ;; esac
     py record "$results" workload="$1" peer="$2" run="$run" bytes="$3" objects="$4" \
-        seconds="$(printf '%.3f' "$secs")" rss_kib="$rss" what="${6:-}" waiter_lists="${waiter_lists:-0}" \
+        seconds="$(printf '%.3f' "$secs")" rss_kib="$rss" what="${6:-}" \
+        mount_cpu_s="$(printf '%.3f' "$cpu_mount")" server_cpu_s="$(printf '%.3f' "$cpu_server")" waiter_lists="${waiter_lists:-0}" \
         server_before_json="$server_before" server_after_json="$(py scrape "$GARAGE_METRICS_URL" "$GARAGE_METRICS_TOKEN")" \
         ${client_before:+client_before_json="$client_before"} ${client_after:+client_after_json="$client_after"}
     printf '  %-12s %-14s %8.2f s\n' "$1" "$2" "$secs"

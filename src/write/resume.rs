@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,63 +60,93 @@ pub fn fingerprint(
     .to_string()
 }
 
-/// The `uploads/` directory of a cache directory.
+/// The `uploads/` directory of a cache directory, mirrored in memory: the mount is its only
+/// writer, so after one scan at start a lookup or listing reads no file (every upload looks
+/// for outdated uploads of its key twice; with the files on disk that was a scan of the
+/// directory and a read of every record, per upload).
 pub struct PendingUploads {
     dir: PathBuf,
+    /// File name → (data id, record), as on disk.
+    known: Mutex<BTreeMap<PathBuf, (u64, PendingUpload)>>,
 }
 
 impl PendingUploads {
+    /// Reads every recorded upload (unreadable files are skipped, and left in place).
     pub fn new(cache: &CacheDir) -> Self {
+        let dir = cache.uploads_dir();
+        let mut known = BTreeMap::new();
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|name| name.strip_suffix(SUFFIX))
+                .and_then(|stem| stem.split('-').next())
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            else {
+                continue;
+            };
+            if let Some(upload) = read(&entry.path(), id) {
+                known.insert(PathBuf::from(name), (id, upload));
+            }
+        }
         PendingUploads {
-            dir: cache.uploads_dir(),
+            dir,
+            known: Mutex::new(known),
         }
     }
 
-    fn path(&self, data_id: u64, key: &str) -> PathBuf {
+    fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, (u64, PendingUpload)>> {
+        // Entries are inserted and removed whole; a poisoned map is still consistent.
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The record's file name: the data id and a hash of the key, never the key itself.
+    fn name(data_id: u64, key: &str) -> PathBuf {
         use sha2::Digest;
         let hash = sha2::Sha256::digest(key.as_bytes());
         let short = u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"));
-        self.dir
-            .join(format!("{data_id:016x}-{short:016x}{SUFFIX}"))
+        PathBuf::from(format!("{data_id:016x}-{short:016x}{SUFFIX}"))
     }
 
     /// The upload of data file `data_id` to `key` in progress, if one is recorded and readable.
     pub fn get(&self, data_id: u64, key: &str) -> Option<PendingUpload> {
-        self.read(&self.path(data_id, key), data_id)
-    }
-
-    fn read(&self, path: &std::path::Path, data_id: u64) -> Option<PendingUpload> {
-        let bytes = fs::read(path).ok()?;
-        match serde_json::from_slice::<PendingUpload>(&bytes) {
-            Ok(p) if p.version <= VERSION => Some(p),
-            Ok(p) => {
-                tracing::warn!(
-                    data_id,
-                    version = p.version,
-                    "upload state from a newer keepfs ignored"
-                );
-                None
-            }
-            Err(e) => {
-                tracing::warn!(data_id, error = %e, "unreadable upload state ignored");
-                None
-            }
-        }
+        self.known()
+            .get(&Self::name(data_id, key))
+            .filter(|(_, upload)| upload.key == key)
+            .map(|(_, upload)| upload.clone())
     }
 
     /// Durably records `upload` as the one in progress for data file `data_id` (to its key).
     pub fn put(&self, data_id: u64, upload: &PendingUpload) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(upload).map_err(std::io::Error::other)?;
-        write_atomically(&self.dir, &self.path(data_id, &upload.key), &bytes)
+        let name = Self::name(data_id, &upload.key);
+        // Held across the write: the map and the directory change together.
+        let mut known = self.known();
+        write_atomically(&self.dir, &self.dir.join(&name), &bytes)?;
+        known.insert(name, (data_id, upload.clone()));
+        Ok(())
     }
 
     /// Forgets the upload of data file `data_id` to `key` (absent is fine).
     pub fn remove(&self, data_id: u64, key: &str) {
-        match fs::remove_file(self.path(data_id, key)) {
+        let name = Self::name(data_id, key);
+        let mut known = self.known();
+        match fs::remove_file(self.dir.join(&name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(data_id, error = %e, "could not remove upload state"),
+            Err(e) => {
+                tracing::warn!(data_id, error = %e, "could not remove upload state");
+                return;
+            }
         }
+        known.remove(&name);
+    }
+
+    /// Every recorded upload, by data file id.
+    pub fn all(&self) -> Vec<(u64, PendingUpload)> {
+        let mut found: Vec<_> = self.known().values().cloned().collect();
+        found.sort_by_key(|(id, _)| *id);
+        found
     }
 
     /// Removes temporary files a crash left behind (at start, before any upload runs).
@@ -127,30 +158,6 @@ impl PendingUploads {
         }
     }
 
-    /// Every recorded upload, by data file id (unreadable files are skipped).
-    pub fn all(&self) -> Vec<(u64, PendingUpload)> {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(id) = name
-                .strip_suffix(SUFFIX)
-                .and_then(|stem| stem.split('-').next())
-                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            else {
-                continue;
-            };
-            if let Some(upload) = self.read(&entry.path(), id) {
-                found.push((id, upload));
-            }
-        }
-        found.sort_by_key(|(id, _)| *id);
-        found
-    }
-
     /// A new record for an upload just created.
     pub fn started(key: &str, upload_id: &str, fingerprint: String) -> PendingUpload {
         PendingUpload {
@@ -159,6 +166,26 @@ impl PendingUploads {
             upload_id: upload_id.to_owned(),
             fingerprint,
             parts: BTreeMap::new(),
+        }
+    }
+}
+
+/// Reads one record; `None` (with a warning) if unreadable or from a newer keepfs.
+fn read(path: &std::path::Path, data_id: u64) -> Option<PendingUpload> {
+    let bytes = fs::read(path).ok()?;
+    match serde_json::from_slice::<PendingUpload>(&bytes) {
+        Ok(p) if p.version <= VERSION => Some(p),
+        Ok(p) => {
+            tracing::warn!(
+                data_id,
+                version = p.version,
+                "upload state from a newer keepfs ignored"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(data_id, error = %e, "unreadable upload state ignored");
+            None
         }
     }
 }
@@ -192,7 +219,11 @@ mod tests {
         );
         let mut all = uploads.all();
         all.sort_by(|a, b| a.1.key.cmp(&b.1.key));
-        assert_eq!(all, vec![(7, up), (7, other)]);
+        assert_eq!(all, vec![(7, up.clone()), (7, other.clone())]);
+        // The next mount reads the same records back from disk, skipping the junk.
+        let mut reread = PendingUploads::new(&cache).all();
+        reread.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+        assert_eq!(reread, all);
         uploads.remove_leftovers();
         assert!(!cache.uploads_dir().join(".tmp-1-1").exists());
         uploads.remove(7, "a/b");
