@@ -141,10 +141,11 @@ cpu_seconds() {
 # begin: resets the mount process's peak RSS and takes the request counters and CPU times.
 begin() {
     [ -n "${PEER_PID:-}" ] && echo 5 >"/proc/$PEER_PID/clear_refs" 2>/dev/null || true
-    cpu_mount0=$(cpu_seconds "${PEER_PID:-}")
-    cpu_server0=$(cpu_seconds "$KEEPFS_BENCH_SERVER_PID")
     server_before=$(py scrape "$GARAGE_METRICS_URL" "$GARAGE_METRICS_TOKEN")
     client_before=$(py scrape "http://127.0.0.1:$keepfs_metrics_port/metrics")
+    # After the scrapes: serving them is not the workload's CPU.
+    cpu_mount0=$(cpu_seconds "${PEER_PID:-}")
+    cpu_server0=$(cpu_seconds "$KEEPFS_BENCH_SERVER_PID")
     t0=$(now)
 }
 
@@ -157,8 +158,9 @@ end() {
         rss=$(awk '/^VmHWM/ {print $2}' "/proc/$PEER_PID/status")
     fi
     local cpu_mount cpu_server
-    cpu_mount=$(awk "BEGIN {print $(cpu_seconds "${PEER_PID:-}") - $cpu_mount0}")
-    cpu_server=$(awk "BEGIN {print $(cpu_seconds "$KEEPFS_BENCH_SERVER_PID") - $cpu_server0}")
+    # Clamped at 0: a mount process gone since `begin` reads as 0.
+    cpu_mount=$(awk "BEGIN {d = $(cpu_seconds "${PEER_PID:-}") - $cpu_mount0; print (d > 0 ? d : 0)}")
+    cpu_server=$(awk "BEGIN {d = $(cpu_seconds "$KEEPFS_BENCH_SERVER_PID") - $cpu_server0; print (d > 0 ? d : 0)}")
     local client_after=
     case $2 in keepfs*) client_after=$(py scrape "http://127.0.0.1:$keepfs_metrics_port/metrics") ;; *) client_before= ;; esac
     py record "$results" workload="$1" peer="$2" run="$run" bytes="$3" objects="$4" \

@@ -209,7 +209,12 @@ async fn load_from_disk<S: ObjectStore>(obj: ObjectVersion, mut guard: RunGuard<
             }
         })
         .buffered(DISK_READS_IN_FLIGHT);
-    let mut missing: Vec<(BlockId, BlockSender)> = Vec::new();
+    // Misses wait in a guard of their own: if this task is aborted before they are handed to
+    // a GET, dropping it withdraws them from the in-flight map like the blocks not yet read.
+    let mut missing = RunGuard {
+        fetcher: Arc::clone(&guard.fetcher),
+        pending: std::collections::VecDeque::new(),
+    };
     while let Some(block) = loaded.next().await {
         let Some((id, tx)) = guard.pending.pop_front() else {
             break;
@@ -222,13 +227,13 @@ async fn load_from_disk<S: ObjectStore>(obj: ObjectVersion, mut guard: RunGuard<
             // Absent, corrupt, or its blocking task failed: fetched from S3.
             None => {
                 count_miss(metrics::DISK);
-                missing.push((id, tx))
+                missing.pending.push_back((id, tx))
             }
         }
     }
-    missing.extend(guard.pending.drain(..));
+    missing.pending.extend(guard.pending.drain(..));
     let mut run: Vec<(BlockId, BlockSender)> = Vec::new();
-    for (id, tx) in missing {
+    for (id, tx) in std::mem::take(&mut missing.pending) {
         if run
             .last()
             .is_some_and(|(last, _)| last.index + 1 != id.index)

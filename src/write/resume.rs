@@ -120,17 +120,16 @@ impl PendingUploads {
     pub fn put(&self, data_id: u64, upload: &PendingUpload) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(upload).map_err(std::io::Error::other)?;
         let name = Self::name(data_id, &upload.key);
-        // Held across the write: the map and the directory change together.
-        let mut known = self.known();
+        // Not under the map's lock: the write fsyncs twice, and every upload's parts are
+        // recorded here. Writes of one record are ordered by their caller (one upload per key).
         write_atomically(&self.dir, &self.dir.join(&name), &bytes)?;
-        known.insert(name, (data_id, upload.clone()));
+        self.known().insert(name, (data_id, upload.clone()));
         Ok(())
     }
 
     /// Forgets the upload of data file `data_id` to `key` (absent is fine).
     pub fn remove(&self, data_id: u64, key: &str) {
         let name = Self::name(data_id, key);
-        let mut known = self.known();
         match fs::remove_file(self.dir.join(&name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -139,14 +138,33 @@ impl PendingUploads {
                 return;
             }
         }
-        known.remove(&name);
+        self.known().remove(&name);
     }
 
     /// Every recorded upload, by data file id.
     pub fn all(&self) -> Vec<(u64, PendingUpload)> {
-        let mut found: Vec<_> = self.known().values().cloned().collect();
+        self.matching(|_, _| true)
+    }
+
+    /// The recorded uploads `wanted` picks (by data file id and target key), by data file id.
+    /// `wanted` runs under the map's lock: it must not take other locks.
+    pub fn matching(&self, wanted: impl Fn(u64, &str) -> bool) -> Vec<(u64, PendingUpload)> {
+        let mut found: Vec<_> = self
+            .known()
+            .values()
+            .filter(|(id, upload)| wanted(*id, &upload.key))
+            .cloned()
+            .collect();
         found.sort_by_key(|(id, _)| *id);
         found
+    }
+
+    /// The data file ids with a recorded upload (each once, ascending).
+    pub fn data_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.known().values().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Removes temporary files a crash left behind (at start, before any upload runs).
@@ -224,6 +242,12 @@ mod tests {
         let mut reread = PendingUploads::new(&cache).all();
         reread.sort_by(|a, b| a.1.key.cmp(&b.1.key));
         assert_eq!(reread, all);
+        assert_eq!(
+            uploads.matching(|id, key| id == 7 && key == "a/c"),
+            vec![(7, other.clone())]
+        );
+        assert!(uploads.matching(|id, _| id == 8).is_empty());
+        assert_eq!(uploads.data_ids(), vec![7], "each data file once");
         uploads.remove_leftovers();
         assert!(!cache.uploads_dir().join(".tmp-1-1").exists());
         uploads.remove(7, "a/b");

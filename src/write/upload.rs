@@ -362,12 +362,14 @@ impl<'a, S: ObjectStore> Sender<'a, S> {
 /// uploaded another way, unlinked or replaced before its upload finished).
 async fn abort_orphaned_uploads<S: ObjectStore>(store: &S, dirty: &DirtyFiles) {
     let pending = dirty.pending_uploads();
-    for (id, upload) in pending.all() {
+    for id in pending.data_ids() {
         if dirty.has_data_file(id) {
             continue; // resumed or replaced by the file's own next upload
         }
-        abort(store, &upload).await;
-        pending.remove(id, &upload.key);
+        for (_, upload) in pending.matching(|of, _| of == id) {
+            abort(store, &upload).await;
+            pending.remove(id, &upload.key);
+        }
     }
 }
 
@@ -381,11 +383,9 @@ async fn abort_uploads_to<S: ObjectStore>(
     keep: Option<u64>,
 ) {
     let pending = dirty.pending_uploads();
-    for (id, upload) in pending.all() {
-        if Some(id) != keep && upload.key == key {
-            abort(store, &upload).await;
-            pending.remove(id, key);
-        }
+    for (id, upload) in pending.matching(|id, to| Some(id) != keep && to == key) {
+        abort(store, &upload).await;
+        pending.remove(id, key);
     }
 }
 
