@@ -138,6 +138,12 @@ cpu_seconds() {
     sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$clk_tck" '{print ($12 + $13) / hz}'
 }
 
+# cpu_since PID SECONDS: CPU time of PID since it read SECONDS, clamped at 0 (a process gone
+# since then reads as 0).
+cpu_since() {
+    awk "BEGIN {d = $(cpu_seconds "$1") - $2; print (d > 0 ? d : 0)}"
+}
+
 # begin: resets the mount process's peak RSS and takes the request counters and CPU times.
 begin() {
     [ -n "${PEER_PID:-}" ] && echo 5 >"/proc/$PEER_PID/clear_refs" 2>/dev/null || true
@@ -158,9 +164,8 @@ end() {
         rss=$(awk '/^VmHWM/ {print $2}' "/proc/$PEER_PID/status")
     fi
     local cpu_mount cpu_server
-    # Clamped at 0: a mount process gone since `begin` reads as 0.
-    cpu_mount=$(awk "BEGIN {d = $(cpu_seconds "${PEER_PID:-}") - $cpu_mount0; print (d > 0 ? d : 0)}")
-    cpu_server=$(awk "BEGIN {d = $(cpu_seconds "$KEEPFS_BENCH_SERVER_PID") - $cpu_server0; print (d > 0 ? d : 0)}")
+    cpu_mount=$(cpu_since "${PEER_PID:-}" "$cpu_mount0")
+    cpu_server=$(cpu_since "$KEEPFS_BENCH_SERVER_PID" "$cpu_server0")
     local client_after=
     case $2 in keepfs*) client_after=$(py scrape "http://127.0.0.1:$keepfs_metrics_port/metrics") ;; *) client_before= ;; esac
     py record "$results" workload="$1" peer="$2" run="$run" bytes="$3" objects="$4" \

@@ -141,11 +141,6 @@ impl PendingUploads {
         self.known().remove(&name);
     }
 
-    /// Every recorded upload, by data file id.
-    pub fn all(&self) -> Vec<(u64, PendingUpload)> {
-        self.matching(|_, _| true)
-    }
-
     /// The recorded uploads `wanted` picks (by data file id and target key), by data file id.
     /// `wanted` runs under the map's lock: it must not take other locks.
     pub fn matching(&self, wanted: impl Fn(u64, &str) -> bool) -> Vec<(u64, PendingUpload)> {
@@ -235,11 +230,11 @@ mod tests {
             Some(other.clone()),
             "one record per target key"
         );
-        let mut all = uploads.all();
+        let mut all = uploads.matching(|_, _| true);
         all.sort_by(|a, b| a.1.key.cmp(&b.1.key));
         assert_eq!(all, vec![(7, up.clone()), (7, other.clone())]);
         // The next mount reads the same records back from disk, skipping the junk.
-        let mut reread = PendingUploads::new(&cache).all();
+        let mut reread = PendingUploads::new(&cache).matching(|_, _| true);
         reread.sort_by(|a, b| a.1.key.cmp(&b.1.key));
         assert_eq!(reread, all);
         assert_eq!(
