@@ -132,6 +132,8 @@ pub fn serve(
         Err(e) => return Err(e),
     }
     let listener = tokio::net::UnixListener::bind(&path)?;
+    // Connecting takes write permission on the socket: its owner's only, whatever the umask.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {

@@ -10,7 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Mount, append, limit_parts, pattern, server, sha256, sha256_file, traffic};
+use common::{
+    Mount, append, limit_parts, pattern, refuse_completions, server, sha256, sha256_file, traffic,
+};
 
 const MIB: u64 = 1 << 20;
 const PART: u64 = 8 * MIB;
@@ -360,4 +362,157 @@ fn a_cut_off_upload_of_a_file_rewritten_since_is_aborted_and_the_new_content_sen
         assert!(Instant::now() < deadline, "an upload is still recorded");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The one multipart upload the cache directory records: its id and its parts (number → ETag).
+fn recorded_upload(cache: &Path) -> Option<(String, Vec<(i32, String)>)> {
+    let entries = std::fs::read_dir(cache.join("uploads")).ok()?;
+    let record = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .find_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())?;
+    let id = record["upload_id"].as_str()?.to_owned();
+    let parts = record["parts"]
+        .as_object()?
+        .iter()
+        .filter_map(|(n, etag)| Some((n.parse().ok()?, etag.as_str()?.to_owned())))
+        .collect();
+    Some((id, parts))
+}
+
+/// What the server does with the upload that keepfs recorded before it was killed, while it
+/// was down (s3s-fs forgetting an id, a lifecycle rule aborting it, or its completion landing
+/// though keepfs never heard the answer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MeanwhileOnServer {
+    Aborted,
+    Completed,
+}
+
+/// A multipart upload recorded in the cache directory that the server no longer takes (it
+/// answers the resumed UploadPart or CompleteMultipartUpload with AccessDenied, as s3s-fs does
+/// for an id it forgot, or NoSuchUpload, as AWS does) is not retried forever: keepfs starts a
+/// new upload of the journalled bytes, or keeps the object if it holds them already.
+fn resumed_upload_the_server_refuses(parts_before_kill: u64, meanwhile: MeanwhileOnServer) {
+    let s = server();
+    let bucket = s.bucket("refusedresume");
+    // Cut off after `parts_before_kill` parts, and never completed while the mount runs.
+    if !limit_parts(&bucket, Some(parts_before_kill)) || !refuse_completions(&bucket, true) {
+        common::skipped("refused resumes: needs the in-process server to cut an upload off");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let mut m = Mount::new(&format!("s3://{bucket}"), &args);
+    let data = pattern((48 * MIB) as usize, 181); // 6 parts of 8 MiB
+    std::fs::write(m.path().join("big.bin"), &data).unwrap();
+    wait_for_recorded_parts(cache.path(), parts_before_kill as usize);
+    m.stop_with(libc::SIGKILL);
+    drop(m);
+    let (upload_id, parts) = recorded_upload(cache.path()).expect("the upload is recorded");
+    assert_eq!(parts.len() as u64, parts_before_kill);
+
+    let client = s.client();
+    common::rt().block_on(async {
+        match meanwhile {
+            MeanwhileOnServer::Aborted => {
+                client
+                    .abort_multipart_upload()
+                    .bucket(&bucket)
+                    .key("big.bin")
+                    .upload_id(&upload_id)
+                    .send()
+                    .await
+                    .expect("abort the recorded upload");
+            }
+            MeanwhileOnServer::Completed => {
+                refuse_completions(&bucket, false);
+                let completed = parts
+                    .iter()
+                    .map(|(n, etag)| {
+                        aws_sdk_s3::types::CompletedPart::builder()
+                            .part_number(*n)
+                            .e_tag(etag)
+                            .build()
+                    })
+                    .collect();
+                client
+                    .complete_multipart_upload()
+                    .bucket(&bucket)
+                    .key("big.bin")
+                    .upload_id(&upload_id)
+                    .multipart_upload(
+                        aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                            .set_parts(Some(completed))
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .expect("complete the recorded upload");
+            }
+        }
+    });
+    limit_parts(&bucket, None);
+    refuse_completions(&bucket, false);
+
+    let before = traffic(&bucket).unwrap();
+    let m = Mount::new(&format!("s3://{bucket}"), &args);
+    assert_eq!(sha256_file(&m.path().join("big.bin")), sha256(&data));
+    common::flush(&m);
+    assert_eq!(
+        s.sha256_streaming(&bucket, "big.bin").as_deref(),
+        Some(sha256(&data).as_str())
+    );
+    let after = traffic(&bucket).unwrap();
+    let parts_sent = after.parts - before.parts;
+    eprintln!(
+        "{parts_before_kill} of 6 parts recorded, upload {meanwhile:?} on the server: {parts_sent} parts sent after the restart"
+    );
+    match meanwhile {
+        MeanwhileOnServer::Aborted => {
+            // The refused attempts send the missing parts again (the SDK may send a refused
+            // part twice: the server answers before reading the body and closes the
+            // connection); the new upload sends all 6.
+            let refused_attempts = 2 * 3 * (6 - parts_before_kill);
+            assert!(
+                (6..=6 + refused_attempts).contains(&parts_sent),
+                "a new upload sends every part: {parts_sent} sent"
+            );
+            assert!(
+                m.log()
+                    .contains("multipart upload refused; starting a new one"),
+                "{}",
+                m.log()
+            );
+        }
+        MeanwhileOnServer::Completed => {
+            assert_eq!(
+                parts_sent, 0,
+                "the object holds the bytes: nothing sent again"
+            );
+            assert!(
+                m.log()
+                    .contains("S3 holds this version of the file already"),
+                "{}",
+                m.log()
+            );
+        }
+    }
+    assert_eq!(uploads_left(cache.path()), 0, "no upload is left recorded");
+}
+
+#[test]
+fn a_resumed_upload_whose_parts_are_refused_starts_afresh() {
+    resumed_upload_the_server_refuses(3, MeanwhileOnServer::Aborted);
+}
+
+#[test]
+fn a_resumed_upload_whose_completion_is_refused_starts_afresh() {
+    resumed_upload_the_server_refuses(6, MeanwhileOnServer::Aborted);
+}
+
+#[test]
+fn a_resumed_upload_completed_unbeknown_is_kept_not_sent_again() {
+    resumed_upload_the_server_refuses(6, MeanwhileOnServer::Completed);
 }

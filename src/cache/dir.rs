@@ -130,12 +130,22 @@ fn create_private_dir(path: &Path) -> Result<(), CacheDirError> {
     Ok(())
 }
 
+/// Options that create files as 0600 (owner only), whatever the process's umask: every file in
+/// a cache directory holds data or state of the mount's owner, and a wrong mode on the
+/// directory (or a bind mount of a subdirectory) must expose none of it.
+pub fn private_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = OpenOptions::new();
+    options.mode(0o600);
+    options
+}
+
 /// How long opening a cache directory waits for another process to let go of it.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn lock(dir: &Path) -> Result<File, CacheDirError> {
     let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
+    let mut file = private_file()
         .read(true)
         .write(true)
         .create(true)

@@ -296,7 +296,11 @@ fn write_block(path: &Path, block: &Block) -> std::io::Result<()> {
     header[..8].copy_from_slice(MAGIC);
     header[8..12].copy_from_slice(&(block.len() as u32).to_le_bytes());
     header[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
-    let mut file = File::create(path)?;
+    let mut file = super::dir::private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     let mut parts: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(chunks.len() + 1);
     parts.push(std::io::IoSlice::new(&header));
     parts.extend(chunks.iter().map(|c| std::io::IoSlice::new(c)));

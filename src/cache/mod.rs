@@ -6,6 +6,6 @@ mod disk;
 pub mod journal;
 mod memory;
 
-pub use dir::{CacheDir, CacheDirError, FORMAT_VERSION, default_cache_dir};
+pub use dir::{CacheDir, CacheDirError, FORMAT_VERSION, default_cache_dir, private_file};
 pub use disk::{DiskCache, disk_space};
 pub use memory::{BLOCK_SIZE, Block, BlockId, MemoryCache};

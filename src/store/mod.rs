@@ -4,6 +4,7 @@
 //! the SDK, so the contract of each method is written down here. The only production
 //! implementation is [`S3Store`] on `aws-sdk-s3`; tests run it against real servers.
 
+mod keys;
 pub mod probe;
 mod s3;
 mod tree;
@@ -66,6 +67,12 @@ pub enum StoreError {
     /// Credentials could not be loaded from the default chain.
     #[error("no usable credentials: {0}")]
     Credentials(String),
+    /// The server answered a 4xx that will be the same for the same request (`InvalidPart`,
+    /// `InvalidRequest`, `NoSuchUpload` is [`StoreError::NotFound`]): sending it again does not
+    /// help, a different request may. Throttling and timeouts (408, 429, `RequestTimeout`,
+    /// `SlowDown`) are [`StoreError::Other`].
+    #[error("refused: {0}")]
+    Refused(String),
     /// Anything else the server or the transport reported.
     #[error("{0}")]
     Other(String),
@@ -73,9 +80,14 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the server could not answer (down, unreachable, failing) rather than answered
-    /// that something is missing or forbidden: what the mount already knows stays valid.
+    /// that something is missing or forbidden: what the mount already knows stays valid. A
+    /// refused request counts too: a listing or HEAD the server can't answer is no news of
+    /// the object.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unreachable(_) | StoreError::Other(_))
+        matches!(
+            self,
+            StoreError::Unreachable(_) | StoreError::Refused(_) | StoreError::Other(_)
+        )
     }
 }
 

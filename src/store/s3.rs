@@ -14,8 +14,9 @@ use bytes::Bytes;
 use std::collections::HashMap;
 
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, EncodingType};
 
+use super::keys::{encode_for_copy_source, listed_key};
 use super::{ListPage, ObjectMeta, ObjectStore, Precondition, StoreError};
 use crate::snapshot::SnapshotView;
 
@@ -199,6 +200,13 @@ where
             (Some(301), _) | (_, Some("PermanentRedirect" | "AuthorizationHeaderMalformed")) => {
                 StoreError::WrongRegion(text)
             }
+            // Worth sending again: S3 answers a slow request body with 400 RequestTimeout,
+            // and an expired session token is replaced by the credentials chain.
+            (Some(408 | 429), _)
+            | (_, Some("RequestTimeout" | "SlowDown" | "ExpiredToken" | "TokenRefreshRequired")) => {
+                StoreError::Other(text)
+            }
+            (Some(400..=499), _) => StoreError::Refused(text),
             _ => StoreError::Other(text),
         },
     }
@@ -210,24 +218,11 @@ pub(super) fn copy_source(bucket: &str, key: &str, version: Option<&str>) -> Str
     match version {
         Some(version) => format!(
             "{bucket}/{}?versionId={}",
-            percent_encode(key),
-            percent_encode(version)
+            encode_for_copy_source(key),
+            encode_for_copy_source(version)
         ),
-        None => format!("{bucket}/{}", percent_encode(key)),
+        None => format!("{bucket}/{}", encode_for_copy_source(key)),
     }
-}
-
-/// URL-encodes a key for `x-amz-copy-source` (everything but unreserved characters and `/`).
-fn percent_encode(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 pub(super) fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
@@ -280,16 +275,18 @@ impl S3Store {
             .bucket(&self.bucket)
             .prefix(prefix)
             .delimiter("/")
+            .encoding_type(EncodingType::Url)
             .set_continuation_token(token)
             .set_max_keys(max_keys)
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
+        let encoded = out.encoding_type() == Some(&EncodingType::Url);
         let objects = out
             .contents()
             .iter()
             .filter_map(|o| {
-                let key = o.key()?.to_owned();
+                let key = listed_key(o.key()?, encoded)?;
                 let meta = ObjectMeta {
                     size: o.size().unwrap_or(0).max(0) as u64,
                     etag: o.e_tag().unwrap_or_default().to_owned(),
@@ -302,7 +299,7 @@ impl S3Store {
         let prefixes = out
             .common_prefixes()
             .iter()
-            .filter_map(|p| p.prefix().map(str::to_owned))
+            .filter_map(|p| listed_key(p.prefix()?, encoded))
             .collect();
         let next_token = if out.is_truncated().unwrap_or(false) {
             out.next_continuation_token().map(str::to_owned)
@@ -586,16 +583,5 @@ impl ObjectStore for S3Store {
             Ok(_) | Err(StoreError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn copy_source_is_encoded() {
-        assert_eq!(
-            super::percent_encode("a b/ü+%.txt"),
-            "a%20b/%C3%BC%2B%25.txt"
-        );
     }
 }

@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::BucketVersioningStatus;
+use aws_sdk_s3::types::{BucketVersioningStatus, EncodingType};
 use bytes::Bytes;
 
+use super::keys::listed_key;
 use super::s3::{S3Store, classify, copy_source, to_system_time};
 use super::{ObjectStore, Precondition, StoreError};
 
@@ -103,18 +104,22 @@ impl S3Store {
                     .list_object_versions()
                     .bucket(&self.bucket)
                     .prefix(prefix)
+                    .encoding_type(EncodingType::Url)
                     .set_key_marker(key_marker.take())
                     .set_version_id_marker(version_marker.take())
                     .send()
                     .await
                     .map_err(|e| classify(e, &self.bucket))?;
+                let encoded = out.encoding_type() == Some(&EncodingType::Url);
                 for v in out.versions() {
                     if v.is_latest() != Some(true) {
                         continue;
                     }
-                    let Some(key) = v.key() else { continue };
+                    let Some(key) = v.key().and_then(|k| listed_key(k, encoded)) else {
+                        continue;
+                    };
                     objects.push(TreeObject {
-                        key: key.to_owned(),
+                        key,
                         size: v.size().unwrap_or(0).max(0) as u64,
                         etag: v.e_tag().unwrap_or_default().to_owned(),
                         last_modified: to_system_time(v.last_modified()),
@@ -125,7 +130,8 @@ impl S3Store {
                 if !out.is_truncated().unwrap_or(false) {
                     break;
                 }
-                key_marker = out.next_key_marker().map(str::to_owned);
+                // The marker goes back as a query parameter, which the SDK encodes itself.
+                key_marker = out.next_key_marker().and_then(|k| listed_key(k, encoded));
                 version_marker = out.next_version_id_marker().map(str::to_owned);
                 if key_marker.is_none() {
                     return Err(StoreError::Other(
@@ -142,14 +148,18 @@ impl S3Store {
                     .list_objects_v2()
                     .bucket(&self.bucket)
                     .prefix(prefix)
+                    .encoding_type(EncodingType::Url)
                     .set_continuation_token(token.take())
                     .send()
                     .await
                     .map_err(|e| classify(e, &self.bucket))?;
+                let encoded = out.encoding_type() == Some(&EncodingType::Url);
                 for o in out.contents() {
-                    let Some(key) = o.key() else { continue };
+                    let Some(key) = o.key().and_then(|k| listed_key(k, encoded)) else {
+                        continue;
+                    };
                     objects.push(TreeObject {
-                        key: key.to_owned(),
+                        key,
                         size: o.size().unwrap_or(0).max(0) as u64,
                         etag: o.e_tag().unwrap_or_default().to_owned(),
                         last_modified: to_system_time(o.last_modified()),

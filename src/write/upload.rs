@@ -84,7 +84,16 @@ pub struct UploadStats {
     failures: std::sync::Mutex<std::collections::VecDeque<UploadFailure>>,
     /// Wakes uploads waiting to retry (`keepfs flush`).
     retry_now: tokio::sync::Notify,
+    /// Multipart upload id → refusals in a row (see [`REFUSALS_BEFORE_NEW_UPLOAD`]).
+    refusals: std::sync::Mutex<HashMap<String, u32>>,
 }
+
+/// How many times in a row a multipart upload's part or completion may be refused (403 or
+/// another 4xx) before keepfs gives it up and starts a new one. A refusal may be a policy
+/// that a retry outlasts, which keeps the parts S3 has; or the server no longer knowing the
+/// upload id (s3s-fs answers AccessDenied for an id it forgot), which no retry outlasts.
+/// With the retry back-off, three refusals take about 1.4 s.
+pub const REFUSALS_BEFORE_NEW_UPLOAD: u32 = 3;
 
 /// One failed upload attempt.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -120,6 +129,20 @@ impl UploadStats {
             key: key.to_owned(),
             error: error.to_string(),
         });
+    }
+
+    /// Counts a refusal of multipart upload `upload_id`; returns the refusals in a row so far.
+    fn refused(&self, upload_id: &str) -> u32 {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let count = refusals.entry(upload_id.to_owned()).or_default();
+        *count += 1;
+        *count
+    }
+
+    /// Forgets the refusals of `upload_id` (it was accepted, or given up).
+    fn forget_refusals(&self, upload_id: &str) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        refusals.remove(upload_id);
     }
 
     /// Uploads waiting to retry after a failure try again now.
@@ -286,7 +309,9 @@ impl<S: ObjectStore> Uploader<S> {
             // Unlinked or replaced meanwhile: nothing of this version is to be kept.
             Err(UploadError::Superseded) => return Ok(()),
             Err(UploadError::Conflict) => return Err(StoreError::PreconditionFailed),
-            Err(UploadError::Store(e) | UploadError::Abandoned(e)) => return Err(e),
+            Err(UploadError::Store(e) | UploadError::Abandoned(e) | UploadError::Refused(e)) => {
+                return Err(e);
+            }
         };
         if self.dirty.uploaded(&snapshot, &etag) == UploadOutcome::Removed {
             match delete_leftover(&*self.store, key, Some(&etag), None).await {
@@ -487,7 +512,7 @@ async fn upload_until_done<S: ObjectStore>(sender: &Sender<'_, S>, locks: &KeyLo
                 sender.stats.failed(key, &"conflict copy refused");
                 backoff = sender.stats.back_off(backoff).await;
             }
-            Err(UploadError::Store(e) | UploadError::Abandoned(e)) => {
+            Err(UploadError::Store(e) | UploadError::Abandoned(e) | UploadError::Refused(e)) => {
                 tracing::warn!(key, error = %e, retry_in = ?backoff, "upload failed; will retry");
                 sender.stats.failed(key, &e);
                 backoff = sender.stats.back_off(backoff).await;
@@ -563,6 +588,16 @@ async fn upload_resolving_conflict<S: ObjectStore>(
             Err(UploadError::Superseded)
         }
         Err(UploadError::Conflict) => {
+            // This very version, uploaded before a crash kept the completion out of the
+            // journal (or a lost answer made it look failed): nothing to send.
+            let (size, meta) = (snapshot.attr.size, metadata(snapshot));
+            if let Some(etag) = holds_upload(sender.store, &snapshot.key, size, &meta).await {
+                tracing::info!(
+                    key = snapshot.key,
+                    "S3 holds this version of the file already"
+                );
+                return Ok(etag);
+            }
             // Our own earlier upload (its completion never reached the journal before a
             // crash) is not someone else's change: replace it.
             if let Some(etag) = own_upload(sender.store, snapshot).await {
@@ -625,6 +660,9 @@ enum UploadError {
     Superseded,
     /// The multipart upload can't be completed; a new one is needed.
     Abandoned(StoreError),
+    /// A request of the multipart upload was refused (403, 4xx): retried, or abandoned after
+    /// [`REFUSALS_BEFORE_NEW_UPLOAD`] refusals in a row.
+    Refused(StoreError),
     Store(StoreError),
 }
 
@@ -728,21 +766,40 @@ async fn upload_to<S: ObjectStore>(
                 Ok(()) => store
                     .complete_multipart(key, &upload_id, parts, condition)
                     .await
-                    .map_err(|e| match e {
-                        // The upload is unusable (gone, or a part refused): start afresh.
-                        // Anything else (a 5xx) is retried with the same parts.
-                        StoreError::NotFound => UploadError::Abandoned(e),
-                        StoreError::Other(ref text) if text.contains("InvalidPart") => {
-                            UploadError::Abandoned(e)
-                        }
-                        e => UploadError::from(e),
-                    }),
+                    .map_err(|e| unusable_upload(e, condition)),
                 Err(e) => Err(e),
             }
         }
         Err(e) => Err(e),
     };
     let upload = progress.into_inner().unwrap_or_else(|e| e.into_inner());
+    let committed = match committed {
+        Err(UploadError::Refused(e))
+            if sender.stats.refused(&upload_id) < REFUSALS_BEFORE_NEW_UPLOAD =>
+        {
+            Err(UploadError::Store(e))
+        }
+        Err(UploadError::Refused(e)) => Err(UploadError::Abandoned(e)),
+        other => other,
+    };
+    if !matches!(committed, Err(UploadError::Store(_))) {
+        sender.stats.forget_refusals(&upload_id);
+    }
+    // Given up: the object may hold these bytes already (a completion that landed but whose
+    // answer a crash or a disconnect lost); else the next attempt starts a new upload.
+    let committed = match committed {
+        Err(UploadError::Abandoned(e)) => match holds_upload(store, key, size, &meta).await {
+            Some(etag) => {
+                tracing::info!(key, error = %e, "multipart upload refused, but S3 holds this version of the file already");
+                Ok(etag)
+            }
+            None => {
+                tracing::warn!(key, error = %e, "multipart upload refused; starting a new one");
+                Err(UploadError::Abandoned(e))
+            }
+        },
+        other => other,
+    };
     match &committed {
         Ok(_) => sender.dirty.pending_uploads().remove(snapshot.id, key),
         // Cut off: the parts S3 has stay, the next attempt (or the next start) goes on.
@@ -753,9 +810,43 @@ async fn upload_to<S: ObjectStore>(
         }
     }
     committed.map_err(|e| match e {
-        UploadError::Abandoned(e) => UploadError::Store(e),
+        UploadError::Abandoned(e) | UploadError::Refused(e) => UploadError::Store(e),
         e => e,
     })
+}
+
+/// What an error of a request about a multipart upload (UploadPart, UploadPartCopy,
+/// CompleteMultipartUpload) means. An upload the server will never take — gone
+/// (`NoSuchUpload`: aborted, expired, or completed already) or with a part it refuses
+/// (`InvalidPart`) — is abandoned at once, so the next attempt starts a new one instead of
+/// sending the same request forever; one refused otherwise (403, other 4xx) is abandoned
+/// after [`REFUSALS_BEFORE_NEW_UPLOAD`] refusals. A failed `condition` on completion is a
+/// conflict; anything else (5xx, throttling, a cut connection) is retried as it is.
+fn unusable_upload(e: StoreError, condition: &Precondition) -> UploadError {
+    match e {
+        StoreError::PreconditionFailed if *condition != Precondition::None => UploadError::Conflict,
+        StoreError::NotFound => UploadError::Abandoned(e),
+        StoreError::Refused(ref text) if text.contains("InvalidPart") => UploadError::Abandoned(e),
+        StoreError::AccessDenied(_) | StoreError::Refused(_) => UploadError::Refused(e),
+        e => UploadError::Store(e),
+    }
+}
+
+/// The ETag of the object at `key` if it is this upload already: `size` bytes with exactly the
+/// user `metadata` the upload carries (lineage, key, mode, owner and the times to the
+/// nanosecond, which every change of the file moves on).
+async fn holds_upload<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    size: u64,
+    metadata: &HashMap<String, String>,
+) -> Option<String> {
+    let found = store.head(key).await.ok()?;
+    let same = found.size == size
+        && metadata
+            .iter()
+            .all(|(k, v)| found.user_metadata.get(&k.to_ascii_lowercase()) == Some(v));
+    same.then_some(found.etag)
 }
 
 /// How many bytes sent before a restart or failure resumed uploads did not send again, since
@@ -906,7 +997,7 @@ async fn upload_parts<S: ObjectStore>(
                                         Err(e) => e,
                                     });
                                 }
-                                Err(e) => return Err(UploadError::from(e)),
+                                Err(e) => return Err(unusable_upload(e, &Precondition::None)),
                             }
                         }
                         _ => {
@@ -922,11 +1013,7 @@ async fn upload_parts<S: ObjectStore>(
                             store
                                 .upload_part(key, upload_id, number, body)
                                 .await
-                                .map_err(|e| match e {
-                                    // The upload is gone (aborted, expired): start afresh.
-                                    StoreError::NotFound => UploadError::Abandoned(e),
-                                    e => UploadError::from(e),
-                                })?
+                                .map_err(|e| unusable_upload(e, &Precondition::None))?
                         }
                     };
                     let mut progress = lock();

@@ -61,6 +61,10 @@ fn bucket_of(path: &str) -> &str {
     path.split('/').next().unwrap_or(path)
 }
 
+/// Buckets whose CompleteMultipartUpload requests the in-process server refuses (403), as it
+/// does on its own for an upload id it forgot.
+pub static REFUSING_COMPLETIONS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 /// Whether a path-style request names an object (`/bucket/key`), not a bucket.
 fn is_object_request(req: &hyper::Request<hyper::body::Incoming>) -> bool {
     req.uri()
@@ -92,6 +96,18 @@ fn refuses(req: &hyper::Request<hyper::body::Incoming>) -> bool {
     };
     let refusing = REFUSING_UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
     if refusing.iter().any(|b| b == bucket) {
+        return true;
+    }
+    let completions = REFUSING_COMPLETIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if method == hyper::Method::POST
+        && completions.iter().any(|b| b == bucket)
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("uploadId=")))
+    {
         return true;
     }
     if is_upload_part(req) {

@@ -88,6 +88,20 @@ pub fn limit_parts(bucket: &str, parts: Option<u64>) -> bool {
     true
 }
 
+/// Makes the in-process server refuse (`true`) or accept again (`false`) every
+/// CompleteMultipartUpload to `bucket`. Returns `false` (and does nothing) on other servers.
+pub fn refuse_completions(bucket: &str, refuse: bool) -> bool {
+    if server().kind != ServerKind::S3sFs {
+        return false;
+    }
+    let mut refusing = embedded::REFUSING_COMPLETIONS.lock().unwrap();
+    refusing.retain(|b| b != bucket);
+    if refuse {
+        refusing.push(bucket.to_owned());
+    }
+    true
+}
+
 /// Polls `current` (the sha256 S3 holds for `key`) until it is `sha`; panics at `deadline`.
 fn poll_sha(
     key: &str,

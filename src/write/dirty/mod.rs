@@ -5,9 +5,7 @@
 //! whose close or fsync returned is found again with exactly the bytes it had then.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -199,11 +197,10 @@ impl DirtyFiles {
     /// A new, empty data file and its id.
     fn new_data_file(&self) -> io::Result<(u64, std::fs::File)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let file = OpenOptions::new()
+        let file = crate::cache::private_file()
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o600)
             .open(self.data_dir.join(format!("{id:016x}")))?;
         Ok((id, file))
     }
@@ -332,11 +329,10 @@ impl DirtyFiles {
     pub fn scratch_file(&self) -> io::Result<std::fs::File> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let path = self.data_dir.join(format!("{id:016x}"));
-        let file = OpenOptions::new()
+        let file = crate::cache::private_file()
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o600)
             .open(&path)?;
         std::fs::remove_file(&path)?;
         Ok(file)
