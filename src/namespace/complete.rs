@@ -177,6 +177,13 @@ impl CompleteDirs {
             .retain(|p, _| p != dir && !(dir.is_empty() || p.starts_with(&below)));
     }
 
+    /// Every name of `dir` as of its last complete listing, whatever its age, with the names
+    /// linked and removed here since; `None` if it was never listed in full (or the record
+    /// was dropped).
+    pub fn last_names(&self, dir: &str) -> Option<&HashSet<String>> {
+        self.dirs.get(dir)?.names.as_ref()
+    }
+
     /// What the record says of `name` in `dir`. An `Unknown` answer for a stale record counts
     /// the lookup's two requests towards listing the directory again.
     pub fn known(&mut self, dir: &str, name: &str) -> Known {

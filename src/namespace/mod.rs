@@ -618,9 +618,21 @@ impl<S: ObjectStore> Namespace<S> {
             let page = match self.store.list_page(&prefix, token, None).await {
                 Ok(page) => page,
                 Err(e) if known_if_unavailable && e.is_unavailable() => {
-                    // What the mount knows of the directory: entries the kernel holds.
+                    // What the mount knows of the directory: entries the kernel holds, if
+                    // they are all its last complete listing had. Else an error: a partial
+                    // listing would tell `rsync --delete` or a cleanup script that the
+                    // missing files are gone.
+                    let known = self.known_children(&dir);
+                    let whole = self
+                        .table()
+                        .complete
+                        .last_names(&dir)
+                        .is_some_and(|names| names.iter().all(|n| known.contains_key(n)));
+                    if !whole {
+                        return Err(FsError::store(&prefix, e));
+                    }
                     outage_warning(&dir, &e);
-                    entries = self.known_children(&dir);
+                    entries = known;
                     from_known = true;
                     break;
                 }

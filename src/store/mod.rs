@@ -137,6 +137,8 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Checks that the bucket exists and that the credentials may list `prefix`, within the
     /// store's configured timeouts. Used before mounting to fail early with a clear reason.
+    /// The one listing it sends (of a key-less prefix under `prefix/.keepfs/`) also finds
+    /// whether the server URL-encodes listing replies as asked.
     fn check_access(&self, prefix: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// PutObject of `body` with user `metadata`, subject to `precondition` (a failed one is

@@ -47,6 +47,11 @@ pub struct S3Store {
     /// A read-only view of a snapshot (`mount --snapshot`): listings, HEAD and GET are answered
     /// from its manifest, every change is refused.
     view: Option<Arc<SnapshotView>>,
+    /// Whether listing replies that say `EncodingType` `url` really hold URL-encoded keys.
+    /// Cleared by [`ObjectStore::check_access`] for a server that only echoes the parameter
+    /// (s3s-fs 0.14): decoding its raw keys would turn a key's `+` or `%41` into something
+    /// else. Clones share it.
+    listings_encoded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl S3Store {
@@ -80,6 +85,7 @@ impl S3Store {
             bucket: bucket.to_owned(),
             gate: Some(Arc::default()),
             view: None,
+            listings_encoded: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -117,6 +123,14 @@ impl S3Store {
         }
     }
 
+    /// Whether a listing reply's keys are to be URL-decoded.
+    pub(super) fn decode_listed(&self, reply: Option<&EncodingType>) -> bool {
+        reply == Some(&EncodingType::Url)
+            && self
+                .listings_encoded
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits for the mutation gate (shared) before a change; a snapshot view refuses it.
     pub(super) async fn hold(&self) -> Result<Option<OwnedRwLockReadGuard<()>>, StoreError> {
         if self.view.is_some() {
@@ -150,11 +164,10 @@ impl S3Store {
                 .set_metadata(Some(metadata.clone()));
         }
         let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
-        Ok(out
-            .copy_object_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_owned())
+        written_etag(
+            out.copy_object_result().and_then(|r| r.e_tag()),
+            "CopyObject",
+        )
     }
 }
 
@@ -209,6 +222,41 @@ where
             (Some(400..=499), _) => StoreError::Refused(text),
             _ => StoreError::Other(text),
         },
+    }
+}
+
+/// Refuses a listing reply that is not whole: every ListObjectsV2 and ListObjectVersions reply
+/// carries `IsTruncated`, and `KeyCount` (where sent) counts its keys and common prefixes
+/// (<https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListObjectsV2.html>). A body cut short
+/// with a `Content-Length` that matches the cut still parses, and without this check the keys
+/// after the cut would be taken as absent.
+pub(super) fn check_listing(
+    is_truncated: Option<bool>,
+    key_count: Option<i32>,
+    listed: usize,
+) -> Result<(), StoreError> {
+    if is_truncated.is_none() {
+        return Err(StoreError::Other(
+            "listing reply without IsTruncated (cut short?)".to_owned(),
+        ));
+    }
+    match key_count {
+        Some(count) if usize::try_from(count).ok() != Some(listed) => Err(StoreError::Other(
+            format!("listing reply with KeyCount {count} holds {listed} entries (cut short?)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The ETag a write's XML reply must carry (CompleteMultipartUpload, CopyObject,
+/// UploadPartCopy); a reply without one was cut short. PutObject and UploadPart send theirs
+/// as a header, which a cut body can't lose (and s3s-fs omits for `dir/` markers).
+pub(super) fn written_etag(etag: Option<&str>, what: &str) -> Result<String, StoreError> {
+    match etag {
+        Some(etag) if !etag.is_empty() => Ok(etag.to_owned()),
+        _ => Err(StoreError::Other(format!(
+            "{what} reply without an ETag (cut short?)"
+        ))),
     }
 }
 
@@ -281,7 +329,12 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
-        let encoded = out.encoding_type() == Some(&EncodingType::Url);
+        check_listing(
+            out.is_truncated(),
+            out.key_count(),
+            out.contents().len() + out.common_prefixes().len(),
+        )?;
+        let encoded = self.decode_listed(out.encoding_type());
         let objects = out
             .contents()
             .iter()
@@ -408,7 +461,31 @@ impl ObjectStore for S3Store {
     }
 
     async fn check_access(&self, prefix: &str) -> Result<(), StoreError> {
-        self.list_page(prefix, None, Some(1)).await.map(|_| ())
+        if self.view.is_some() {
+            return self.list_page(prefix, None, Some(1)).await.map(|_| ());
+        }
+        // A listing of an empty prefix under keepfs's own that needs encoding: a server that
+        // URL-encodes replies as asked sends its `Prefix` back changed, one that only echoes
+        // the parameter sends it back as it is.
+        let probe = format!("{prefix}.keepfs/encoding probe \u{e9}+/");
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&probe)
+            .encoding_type(EncodingType::Url)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        if out.encoding_type() == Some(&EncodingType::Url) && out.prefix() == Some(probe.as_str()) {
+            tracing::info!(
+                "the server does not URL-encode listings though it says so: keys are taken as sent"
+            );
+            self.listings_encoded
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     async fn put_object(
@@ -502,11 +579,10 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out
-            .copy_part_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_owned())
+        written_etag(
+            out.copy_part_result().and_then(|r| r.e_tag()),
+            "UploadPartCopy",
+        )
     }
 
     async fn complete_multipart(
@@ -538,7 +614,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out.e_tag().unwrap_or_default().to_owned())
+        written_etag(out.e_tag(), "CompleteMultipartUpload")
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use aws_sdk_s3::types::{BucketVersioningStatus, EncodingType};
 use bytes::Bytes;
 
 use super::keys::listed_key;
-use super::s3::{S3Store, classify, copy_source, to_system_time};
+use super::s3::{S3Store, check_listing, classify, copy_source, to_system_time, written_etag};
 use super::{ObjectStore, Precondition, StoreError};
 
 /// The largest object one CopyObject may copy: 5 GiB
@@ -110,7 +110,8 @@ impl S3Store {
                     .send()
                     .await
                     .map_err(|e| classify(e, &self.bucket))?;
-                let encoded = out.encoding_type() == Some(&EncodingType::Url);
+                check_listing(out.is_truncated(), None, 0)?;
+                let encoded = self.decode_listed(out.encoding_type());
                 for v in out.versions() {
                     if v.is_latest() != Some(true) {
                         continue;
@@ -153,7 +154,8 @@ impl S3Store {
                     .send()
                     .await
                     .map_err(|e| classify(e, &self.bucket))?;
-                let encoded = out.encoding_type() == Some(&EncodingType::Url);
+                check_listing(out.is_truncated(), out.key_count(), out.contents().len())?;
+                let encoded = self.decode_listed(out.encoding_type());
                 for o in out.contents() {
                     let Some(key) = o.key().and_then(|k| listed_key(k, encoded)) else {
                         continue;
@@ -199,11 +201,10 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out
-            .copy_object_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_owned())
+        written_etag(
+            out.copy_object_result().and_then(|r| r.e_tag()),
+            "CopyObject",
+        )
     }
 
     /// A multipart copy of `from` to `to` in parts of at least `part_size` bytes (5 MiB at
@@ -268,11 +269,11 @@ impl S3Store {
                 req = req.copy_source_range(format!("bytes={start}-{}", end - 1));
             }
             let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
-            let etag = out
-                .copy_part_result()
-                .and_then(|r| r.e_tag())
-                .unwrap_or_default();
-            parts.push((number, etag.to_owned()));
+            let etag = written_etag(
+                out.copy_part_result().and_then(|r| r.e_tag()),
+                "UploadPartCopy",
+            )?;
+            parts.push((number, etag));
             number += 1;
             start = end;
             if from.size == 0 {

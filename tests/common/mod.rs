@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 pub mod data;
 pub mod embedded;
+pub mod faults;
 pub mod pg;
 pub mod scrape;
 
