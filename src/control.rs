@@ -145,6 +145,9 @@ pub fn serve(
                     continue;
                 }
             };
+            if !peer_may_ask(&stream) {
+                continue; // dropped unanswered
+            }
             let (dirty, stats, snapshots) = (dirty.clone(), stats.clone(), snapshots.clone());
             tokio::spawn(async move {
                 if let Err(e) = answer(stream, &dirty, &stats, snapshots).await {
@@ -154,6 +157,34 @@ pub fn serve(
         }
     });
     Ok(())
+}
+
+/// Whether the process at the other end may use the control socket: the user the mount runs
+/// as, or root (peer credentials, `SO_PEERCRED`, unix(7)). The socket's mode and its 0700
+/// directory keep others out already; this holds when either was loosened by hand.
+fn peer_may_ask(stream: &tokio::net::UnixStream) -> bool {
+    let own = effective_uid();
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == own || cred.uid() == 0 => true,
+        Ok(cred) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                pid = cred.pid(),
+                "control socket: refused a connection from another user"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket: no peer credentials; refused");
+            false
+        }
+    }
+}
+
+/// The effective uid of this process.
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail (getuid(2)).
+    unsafe { libc::geteuid() }
 }
 
 async fn answer(

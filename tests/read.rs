@@ -333,6 +333,27 @@ fn keys_with_control_characters_are_listed_with_their_neighbours() {
     }
 }
 
+/// Keys that differ only in case or in Unicode normalisation (NFC `é` against NFD `e` +
+/// combining accent) are different keys and different names: each is its own file, nothing
+/// folds one onto another.
+#[test]
+fn keys_differing_in_case_or_normalisation_are_distinct_files() {
+    let s = server();
+    let bucket = s.bucket("fold");
+    let keys = ["n/File", "n/file", "n/FILE", "n/caf\u{e9}", "n/cafe\u{301}"];
+    for (i, key) in keys.iter().enumerate() {
+        s.put(&bucket, key, format!("body {i}").as_bytes());
+    }
+    let m = Mount::new(&source(&bucket), &[]);
+    let mut expected: Vec<String> = keys.iter().map(|k| k[2..].to_owned()).collect();
+    expected.sort();
+    assert_eq!(names(&m.path().join("n")), expected);
+    for (i, key) in keys.iter().enumerate() {
+        let got = fs::read(m.path().join(key)).unwrap();
+        assert_eq!(got, format!("body {i}").as_bytes(), "{key:?}");
+    }
+}
+
 #[test]
 fn file_and_directory_of_the_same_name_shows_the_directory() {
     let s = server();

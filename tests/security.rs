@@ -103,3 +103,208 @@ fn the_cache_directory_keeps_everything_private_whatever_the_umask() {
     );
     assert_private(cache.path(), "after reading");
 }
+
+/// The control socket answers its owner (and root) only, also when the cache directory and the
+/// socket were opened up by hand: another user's connection is dropped unanswered.
+#[test]
+fn the_control_socket_answers_only_its_owner() {
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+        || !Path::new("/usr/bin/python3").exists()
+    {
+        common::skipped("control socket peer check: needs setpriv and /usr/bin/python3");
+        return;
+    }
+    let s = server();
+    let bucket = s.bucket("peer");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    let m = Mount::new(&format!("s3://{bucket}"), &["--cache-dir", cache_arg]);
+    std::fs::write(m.path().join("f"), b"x").unwrap();
+    // Opened up by hand: the directory's mode no longer keeps others out.
+    let open = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(cache.path(), 0o755);
+    open(&cache.path().join("control.sock"), 0o666);
+    // Asks the socket for the mount's state as `uid` (a raw connection: `keepfs status` as
+    // another user stops earlier, at the files it can't read).
+    let ask = |uid: u32| {
+        let script = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+                      s.sendall(b'status\\n'); print(s.recv(65536).decode())";
+        let sock = cache.path().join("control.sock");
+        let out = std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+            ])
+            .args(["/usr/bin/python3", "-c", script, sock.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let owner = ask(0);
+    assert!(
+        owner.contains("dirty_files"),
+        "the owner is answered:\n{owner}"
+    );
+    let nobody = ask(65534);
+    assert!(
+        !nobody.contains("dirty_files"),
+        "uid 65534 got the mount's state:\n{nobody}"
+    );
+    assert!(
+        m.log()
+            .contains("control socket: refused a connection from another user"),
+        "uid 65534 got: {nobody}\n{}",
+        m.log()
+    );
+}
+
+/// The secret key reaches no log line (at trace level, the SDK's own included), no file of the
+/// cache directory and no `keepfs status --json`.
+#[test]
+fn credentials_are_never_logged_or_stored() {
+    let s = server();
+    let secret = s
+        .env()
+        .into_iter()
+        .find(|(k, _)| *k == "AWS_SECRET_ACCESS_KEY")
+        .map(|(_, v)| v)
+        .unwrap();
+    assert!(
+        secret.len() >= 8,
+        "a secret distinctive enough to search for"
+    );
+    let bucket = s.bucket("secret");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    let m = Mount::new(
+        &format!("s3://{bucket}"),
+        &["--cache-dir", cache_arg, "--log-level", "trace"],
+    );
+    let data = pattern(9 << 20, 77); // a multipart upload too
+    std::fs::write(m.path().join("f"), &data).unwrap();
+    common::flush(&m);
+    assert_eq!(sha256_file(&m.path().join("f")), sha256(&data));
+    let status = std::process::Command::new(common::keepfs_bin())
+        .args(["status", "--json", "--cache-dir", cache_arg])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.contains("dirty_files"), "status answered: {status}");
+    assert!(!status.contains(&secret), "status --json holds the secret");
+    let log = m.log();
+    assert!(log.contains("TRACE"), "trace logging was on");
+    assert!(!log.contains(&secret), "the log holds the secret");
+    for (path, _) in modes_under(cache.path()) {
+        if let Ok(bytes) = std::fs::read(&path) {
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(&secret),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Runs `script` with `sh -c` as uid/gid 65534; its exit status.
+fn as_nobody(script: &str) -> bool {
+    std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Without `--allow-other` another user can't even look into the mount; with it, a second
+/// user (uid 65534) can do exactly what the reported owner and modes allow.
+#[test]
+fn other_users_get_what_the_modes_allow_and_nothing_without_allow_other() {
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        common::skipped("other users: needs setpriv (util-linux)");
+        return;
+    }
+    let s = server();
+    let bucket = s.bucket("others");
+    s.put(&bucket, "public.txt", b"read me");
+    {
+        let m = Mount::new(&format!("s3://{bucket}"), &[]);
+        let p = m.path().display();
+        assert!(
+            !as_nobody(&format!("cat {p}/public.txt")),
+            "another user read through a mount without --allow-other"
+        );
+    }
+    let m = Mount::new(&format!("s3://{bucket}"), &["--allow-other"]);
+    let p = m.path().display().to_string();
+    // The mount's owner (root here) owns everything: 0644 files, 0755 directories.
+    assert!(
+        as_nobody(&format!("cat {p}/public.txt >/dev/null")),
+        "0644: readable"
+    );
+    assert!(
+        !as_nobody(&format!("echo x >> {p}/public.txt")),
+        "0644: not writable"
+    );
+    assert!(
+        !as_nobody(&format!("touch {p}/new")),
+        "0755 root directory: no creating"
+    );
+    assert!(
+        !as_nobody(&format!("rm -f {p}/public.txt")),
+        "0755 root directory: no removing"
+    );
+    assert_eq!(
+        std::fs::read(m.path().join("public.txt")).unwrap(),
+        b"read me"
+    );
+    // Opened up by its owner: now it may.
+    std::fs::create_dir(m.path().join("shared")).unwrap();
+    std::fs::set_permissions(
+        m.path().join("shared"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    assert!(
+        as_nobody(&format!("echo theirs > {p}/shared/theirs.txt")),
+        "0777: creating"
+    );
+    let meta = std::fs::metadata(m.path().join("shared/theirs.txt")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        65534,
+        "the file belongs to who made it"
+    );
+    std::fs::write(m.path().join("private.txt"), b"mine").unwrap();
+    std::fs::set_permissions(
+        m.path().join("private.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    assert!(
+        !as_nobody(&format!("cat {p}/private.txt")),
+        "0600: not readable"
+    );
+    common::flush(&m);
+    assert_eq!(
+        s.get(&bucket, "shared/theirs.txt").as_deref(),
+        Some(&b"theirs\n"[..])
+    );
+    let meta = s.metadata(&bucket, "shared/theirs.txt").unwrap();
+    assert_eq!(meta.get("uid").map(String::as_str), Some("65534"));
+}

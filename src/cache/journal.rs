@@ -252,6 +252,38 @@ mod tests {
             .collect()
     }
 
+    proptest::proptest! {
+        /// A record cut short at any byte, with any bit flipped, or replaced by any bytes:
+        /// loading never panics and never deletes it. A cut record is reported unreadable
+        /// (and left in place for the owner to look at), never taken for a shorter one.
+        #[test]
+        fn damaged_records_are_reported_and_kept(
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            flip in proptest::prelude::any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let cache = CacheDir::open(tmp.path()).unwrap();
+            let journal = Journal::new(&cache);
+            journal.put(&record(3, "dir/ünï\ncode")).unwrap();
+            let path = journal.record_path(3);
+            let whole = fs::read(&path).unwrap();
+            let cut_at = cut.index(whole.len());
+            let mut flipped = whole.clone();
+            flipped[flip.index(whole.len())] ^= 1 << bit;
+            for (damaged, is_cut) in [(whole[..cut_at].to_vec(), true), (flipped, false), (garbage.clone(), false)] {
+                fs::write(&path, &damaged).unwrap();
+                let loaded = journal.load().unwrap();
+                proptest::prop_assert!(path.exists(), "a damaged record was deleted");
+                proptest::prop_assert_eq!(loaded.records.len() + loaded.unreadable.len(), 1);
+                if is_cut && damaged.iter().any(|b| !b.is_ascii_whitespace()) && damaged.len() < whole.trim_ascii_end().len() {
+                    proptest::prop_assert_eq!(loaded.unreadable.len(), 1);
+                }
+            }
+        }
+    }
+
     #[test]
     fn records_round_trip_and_replace() {
         let tmp = tempfile::tempdir().unwrap();

@@ -11,6 +11,8 @@ pub enum InvalidName {
     DotDot,
     TooLong,
     Nul,
+    /// A `/` inside one component: only a server that ignores the delimiter sends that.
+    Slash,
 }
 
 impl std::fmt::Display for InvalidName {
@@ -21,11 +23,13 @@ impl std::fmt::Display for InvalidName {
             InvalidName::DotDot => "component is \"..\"",
             InvalidName::TooLong => "component longer than 255 bytes",
             InvalidName::Nul => "contains a NUL byte",
+            InvalidName::Slash => "contains a slash (listing ignored the delimiter)",
         })
     }
 }
 
-/// Checks one path component (no `/` inside: callers split on it).
+/// Checks one path component: what the kernel can take as a name (no `/`, no NUL, not `.` or
+/// `..`, at most [`NAME_MAX`] bytes; `path_resolution(7)`).
 pub fn check_component(name: &str) -> Result<(), InvalidName> {
     match name {
         "" => Err(InvalidName::Empty),
@@ -33,6 +37,7 @@ pub fn check_component(name: &str) -> Result<(), InvalidName> {
         ".." => Err(InvalidName::DotDot),
         _ if name.len() > NAME_MAX => Err(InvalidName::TooLong),
         _ if name.contains('\0') => Err(InvalidName::Nul),
+        _ if name.contains('/') => Err(InvalidName::Slash),
         _ => Ok(()),
     }
 }
@@ -73,6 +78,21 @@ pub fn normalize_prefix(prefix: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a key holds, a component accepted as a name can't leave its directory
+        /// or be refused by the kernel.
+        #[test]
+        fn accepted_components_are_plain_names(name in ".{0,300}") {
+            if check_component(&name).is_ok() {
+                prop_assert!(!name.is_empty() && name != "." && name != "..");
+                prop_assert!(!name.contains('/') && !name.contains('\0'));
+                prop_assert!(name.len() <= NAME_MAX);
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

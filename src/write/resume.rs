@@ -207,6 +207,28 @@ fn read(path: &std::path::Path, data_id: u64) -> Option<PendingUpload> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Upload state cut short at any byte or replaced by any bytes is ignored (the upload
+        /// starts afresh), never a panic, never a record of other parts.
+        #[test]
+        fn damaged_upload_state_is_ignored(
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("r.json");
+            let mut up = PendingUploads::started("a/b", "id-1", "fp".into());
+            up.parts.insert(1, "\"e1\"".into());
+            let whole = serde_json::to_vec(&up).unwrap();
+            fs::write(&path, &whole[..cut.index(whole.len())]).unwrap();
+            proptest::prop_assert!(read(&path, 1).is_none());
+            fs::write(&path, &garbage).unwrap();
+            let _ = read(&path, 1);
+            fs::write(&path, &whole).unwrap();
+            proptest::prop_assert_eq!(read(&path, 1), Some(up));
+        }
+    }
+
     #[test]
     fn records_round_trip_and_leftovers_go() {
         let tmp = tempfile::tempdir().unwrap();

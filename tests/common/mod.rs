@@ -634,8 +634,11 @@ impl Mount {
             .unwrap();
         let stderr_path = dir.path().with_extension("log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let child = keepfs_command(source, dir.path(), extra)
-            .args(["--log-level", &log_level()])
+        let mut command = keepfs_command(source, dir.path(), extra);
+        if !extra.contains(&"--log-level") {
+            command.args(["--log-level", &log_level()]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
