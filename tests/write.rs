@@ -1416,3 +1416,66 @@ fn directories_renamed_while_their_files_upload_keep_every_file() {
         s.wait_for_object(&bucket, &format!("{to}/inner"), &sha256(&data));
     }
 }
+
+/// Files appended to while other processes list their directory read back whole. Found by
+/// tests/load.rs: a listing took the attributes of a file written here when it began, and an
+/// append since shrank the file in the kernel's eyes (fixed: a file written here is registered
+/// with its attributes as they are when the listing is handed over). A second window is still
+/// open: a listing fetched before an upload of the file completes and handed over after it
+/// describes the previous version (its size), and the file reads short until the attributes
+/// expire. Ignored until that is fixed: `cargo test --test write -- --ignored` runs it.
+#[test]
+#[ignore = "open race: a listing fetched before an upload completes, handed over after it"]
+fn appends_read_back_whole_while_the_directory_is_listed() {
+    let s = server();
+    let bucket = s.bucket("appendlist");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    fs::create_dir(m.path().join("shared")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listers: Vec<_> = (0..4)
+        .map(|_| {
+            let (root, stop) = (m.path().to_owned(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = names(&root.join("shared"));
+                }
+            })
+        })
+        .collect();
+    let writers: Vec<_> = (0..8u64)
+        .map(|t| {
+            let root = m.path().to_owned();
+            std::thread::spawn(move || {
+                for i in 0..40u64 {
+                    let name = root.join(format!("shared/{t}-{i}"));
+                    let mut want = pattern(((t * 977 + i * 131) % 4096) as usize, i);
+                    fs::write(&name, &want).unwrap();
+                    for (k, sync) in [(1u64, true), (2, false)] {
+                        let tail = pattern(((i * 37 + k * 1000) % 8000 + 1) as usize, k + i);
+                        let mut f = OpenOptions::new().append(true).open(&name).unwrap();
+                        f.write_all(&tail).unwrap();
+                        if sync {
+                            f.sync_all().unwrap();
+                        }
+                        want.extend_from_slice(&tail);
+                    }
+                    let got = fs::read(&name).unwrap();
+                    assert_eq!(
+                        (got.len(), sha256(&got)),
+                        (want.len(), sha256(&want)),
+                        "{t}-{i}"
+                    );
+                }
+            })
+        })
+        .collect();
+    let results: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in listers {
+        l.join().unwrap();
+    }
+    assert!(
+        results.iter().all(Result::is_ok),
+        "a writer read a file back short"
+    );
+}

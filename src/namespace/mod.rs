@@ -373,7 +373,7 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::NotFound);
         }
         if let Some(meta) = self.statahead.answer(&self.store, &dir, name).await {
-            return Ok(self.table().remember(&path, self.seen_object(&meta, true)));
+            return Ok(self.remember_current(&path, self.seen_object(&meta, true)));
         }
         let seen = match self.resolve(&path).await {
             Ok(seen) => seen,
@@ -399,7 +399,20 @@ impl<S: ObjectStore> Namespace<S> {
             }
             Err(e) => return Err(e),
         };
-        Ok(self.table().remember(&path, seen))
+        Ok(self.remember_current(&path, seen))
+    }
+
+    /// Registers what was seen of `path` from S3, unless it is a file written here now: then
+    /// its attributes as they are at this moment. What S3 or a listing said was asked for
+    /// before, and a write since (an append by a log writer) would otherwise shrink the file
+    /// in the kernel's eyes, which reads no further than the size it was told.
+    fn remember_current(&self, path: &str, seen: Seen) -> Attr {
+        if seen.attr.kind == NodeKind::File
+            && let Some(attr) = self.dirty_attr(&self.object_key(path))
+        {
+            return self.table().remember(path, self.seen_dirty(&attr));
+        }
+        self.table().remember(path, seen)
     }
 
     /// Whether `name` is known to be absent from directory `dir` (inode `parent`) without a
@@ -799,7 +812,7 @@ impl<S: ObjectStore> Namespace<S> {
             from_head: entry.from_head,
             from_server: entry.from_server,
         };
-        Ok(self.table().remember(&join(&dir, &entry.name), seen))
+        Ok(self.remember_current(&join(&dir, &entry.name), seen))
     }
 
     /// The parent of directory `ino` (for `..`); the root is its own parent.
