@@ -636,11 +636,21 @@ impl<S: ObjectStore> Namespace<S> {
                     // listing would tell `rsync --delete` or a cleanup script that the
                     // missing files are gone.
                     let known = self.known_children(&dir);
-                    let whole = self
-                        .table()
-                        .complete
-                        .last_names(&dir)
-                        .is_some_and(|names| names.iter().all(|n| known.contains_key(n)));
+                    // Files written and directories made here are added below anyway.
+                    let mut local: HashSet<String> = dirty
+                        .keys()
+                        .filter_map(|key| key.strip_prefix(prefix.as_str()))
+                        .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
+                        .collect();
+                    local.extend(self.made_dirs().keys().filter_map(|p| {
+                        let (parent, name) = p.rsplit_once('/').unwrap_or(("", p));
+                        (parent == dir).then(|| name.to_owned())
+                    }));
+                    let whole = self.table().complete.last_names(&dir).is_some_and(|names| {
+                        names
+                            .iter()
+                            .all(|n| known.contains_key(n) || local.contains(n))
+                    });
                     if !whole {
                         return Err(FsError::store(&prefix, e));
                     }

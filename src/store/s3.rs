@@ -216,9 +216,18 @@ where
             // Worth sending again: S3 answers a slow request body with 400 RequestTimeout,
             // and an expired session token is replaced by the credentials chain.
             (Some(408 | 429), _)
-            | (_, Some("RequestTimeout" | "SlowDown" | "ExpiredToken" | "TokenRefreshRequired")) => {
-                StoreError::Other(text)
-            }
+            | (
+                _,
+                Some(
+                    "RequestTimeout"
+                    | "SlowDown"
+                    | "ExpiredToken"
+                    | "TokenRefreshRequired"
+                    | "IncompleteBody"
+                    | "BadDigest"
+                    | "OperationAborted",
+                ),
+            ) => StoreError::Other(text),
             (Some(400..=499), _) => StoreError::Refused(text),
             _ => StoreError::Other(text),
         },
@@ -241,9 +250,13 @@ pub(super) fn check_listing(
         ));
     }
     match key_count {
-        Some(count) if usize::try_from(count).ok() != Some(listed) => Err(StoreError::Other(
-            format!("listing reply with KeyCount {count} holds {listed} entries (cut short?)"),
-        )),
+        // Fewer entries than announced: cut. More passes: some servers count keys only
+        // (versitygw, older SeaweedFS), and a cut reply never holds more than it announced.
+        Some(count) if usize::try_from(count).is_ok_and(|count| count > listed) => {
+            Err(StoreError::Other(format!(
+                "listing reply with KeyCount {count} holds {listed} entries (cut short?)"
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -468,19 +481,34 @@ impl ObjectStore for S3Store {
         // URL-encodes replies as asked sends its `Prefix` back changed, one that only echoes
         // the parameter sends it back as it is.
         let probe = format!("{prefix}.keepfs/encoding probe \u{e9}+/");
-        let out = self
+        let answer = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&probe)
+            .delimiter("/")
             .encoding_type(EncodingType::Url)
             .max_keys(1)
             .send()
             .await
-            .map_err(|e| classify(e, &self.bucket))?;
-        if out.encoding_type() == Some(&EncodingType::Url) && out.prefix() == Some(probe.as_str()) {
+            .map_err(|e| classify(e, &self.bucket));
+        let out = match answer {
+            Ok(out) => out,
+            // A policy that lets the mount list its own prefix only: the plain check, and
+            // keys decoded as the replies say.
+            Err(StoreError::AccessDenied(_)) => {
+                return self.list_page(prefix, None, Some(1)).await.map(|_| ());
+            }
+            Err(e) => return Err(e),
+        };
+        let encoded = out.encoding_type() == Some(&EncodingType::Url);
+        if encoded
+            && out
+                .prefix()
+                .is_some_and(|p| listed_key(p, true).as_deref() != Some(probe.as_str()))
+        {
             tracing::info!(
-                "the server does not URL-encode listings though it says so: keys are taken as sent"
+                "the server does not URL-encode listings as it says it does: keys are taken as sent"
             );
             self.listings_encoded
                 .store(false, std::sync::atomic::Ordering::Relaxed);

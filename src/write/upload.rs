@@ -134,6 +134,10 @@ impl UploadStats {
     /// Counts a refusal of multipart upload `upload_id`; returns the refusals in a row so far.
     fn refused(&self, upload_id: &str) -> u32 {
         let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        // Ids given up another way (rewritten, unlinked files) are not removed one by one.
+        if refusals.len() >= 4096 {
+            refusals.clear();
+        }
         let count = refusals.entry(upload_id.to_owned()).or_default();
         *count += 1;
         *count
@@ -766,7 +770,7 @@ async fn upload_to<S: ObjectStore>(
                 Ok(()) => store
                     .complete_multipart(key, &upload_id, parts, condition)
                     .await
-                    .map_err(|e| unusable_upload(e, condition)),
+                    .map_err(unusable_upload),
                 Err(e) => Err(e),
             }
         }
@@ -791,6 +795,7 @@ async fn upload_to<S: ObjectStore>(
         Err(UploadError::Abandoned(e)) => match holds_upload(store, key, size, &meta).await {
             Some(etag) => {
                 tracing::info!(key, error = %e, "multipart upload refused, but S3 holds this version of the file already");
+                abort(store, &upload).await; // its parts, if the server still keeps them
                 Ok(etag)
             }
             None => {
@@ -820,11 +825,13 @@ async fn upload_to<S: ObjectStore>(
 /// (`NoSuchUpload`: aborted, expired, or completed already) or with a part it refuses
 /// (`InvalidPart`) — is abandoned at once, so the next attempt starts a new one instead of
 /// sending the same request forever; one refused otherwise (403, other 4xx) is abandoned
-/// after [`REFUSALS_BEFORE_NEW_UPLOAD`] refusals. A failed `condition` on completion is a
-/// conflict; anything else (5xx, throttling, a cut connection) is retried as it is.
-fn unusable_upload(e: StoreError, condition: &Precondition) -> UploadError {
+/// after [`REFUSALS_BEFORE_NEW_UPLOAD`] refusals. A failed precondition is a conflict;
+/// anything else (5xx, throttling, a cut connection) is retried as it is.
+fn unusable_upload(e: StoreError) -> UploadError {
     match e {
-        StoreError::PreconditionFailed if *condition != Precondition::None => UploadError::Conflict,
+        // The completion's condition, or UploadPartCopy's `x-amz-copy-source-if-match` on the
+        // base version: another client changed the object.
+        StoreError::PreconditionFailed => UploadError::Conflict,
         StoreError::NotFound => UploadError::Abandoned(e),
         StoreError::Refused(ref text) if text.contains("InvalidPart") => UploadError::Abandoned(e),
         StoreError::AccessDenied(_) | StoreError::Refused(_) => UploadError::Refused(e),
@@ -997,7 +1004,7 @@ async fn upload_parts<S: ObjectStore>(
                                         Err(e) => e,
                                     });
                                 }
-                                Err(e) => return Err(unusable_upload(e, &Precondition::None)),
+                                Err(e) => return Err(unusable_upload(e)),
                             }
                         }
                         _ => {
@@ -1013,9 +1020,11 @@ async fn upload_parts<S: ObjectStore>(
                             store
                                 .upload_part(key, upload_id, number, body)
                                 .await
-                                .map_err(|e| unusable_upload(e, &Precondition::None))?
+                                .map_err(unusable_upload)?
                         }
                     };
+                    // Progress: refusals before it were not "in a row".
+                    sender.stats.forget_refusals(upload_id);
                     let mut progress = lock();
                     progress.parts.insert(number, etag.clone());
                     if let Err(e) = sender.dirty.pending_uploads().put(snapshot.id, &progress) {
