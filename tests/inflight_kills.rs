@@ -72,6 +72,22 @@ fn kill_during(
     finished && succeeded
 }
 
+/// The name a directory rename moves `dir` to: the workload swaps between two.
+fn other_dir(dir: &str) -> &'static str {
+    if dir == "d0" { "d1" } else { "d0" }
+}
+
+/// Every file of `files` under directory `from`, with the name it has under `to`.
+fn moved(files: &BTreeMap<String, Vec<u8>>, from: &str, to: &str) -> Vec<(String, String)> {
+    files
+        .keys()
+        .filter_map(|k| {
+            let rest = k.strip_prefix(&format!("{from}/"))?;
+            Some((k.clone(), format!("{to}/{rest}")))
+        })
+        .collect()
+}
+
 fn write_file(path: &Path, data: &[u8], fsync: bool) -> bool {
     let run = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(path)?;
@@ -176,23 +192,16 @@ fn kill_9_inside_system_calls_leaves_the_old_state_or_the_new() {
                 }
             }
             Call::RenameDir => {
-                let next = if dir == "d0" { "d1" } else { "d0" };
+                let next = other_dir(&dir);
                 let (from, to) = (root.join(&dir), root.join(next));
                 returned = kill_during(&mut m, delay, move || std::fs::rename(&from, &to).is_ok());
-                let done = returned;
-                let moved: Vec<String> = files
-                    .keys()
-                    .filter(|k| k.starts_with(&format!("{dir}/")))
-                    .cloned()
-                    .collect();
-                for key in &moved {
-                    let sha = Some(sha256(&files[key]));
-                    let there = format!("{next}/{}", &key[dir.len() + 1..]);
-                    if done {
-                        allowed.insert(key.clone(), vec![None]);
+                for (key, there) in moved(&files, &dir, next) {
+                    let sha = Some(sha256(&files[&key]));
+                    if returned {
+                        allowed.insert(key, vec![None]);
                         allowed.insert(there, vec![sha]);
                     } else {
-                        allowed.get_mut(key).unwrap().push(None);
+                        allowed.get_mut(&key).unwrap().push(None);
                         allowed.insert(there, vec![None, sha]);
                     }
                 }
@@ -241,35 +250,22 @@ fn kill_9_inside_system_calls_leaves_the_old_state_or_the_new() {
         }
         match call {
             Call::RenameDir => {
-                let next = if dir == "d0" { "d1" } else { "d0" };
-                let old_whole = files
-                    .keys()
-                    .filter(|k| k.starts_with(&format!("{dir}/")))
-                    .all(|k| now[k].is_some());
+                let next = other_dir(&dir);
+                let pairs = moved(&files, &dir, next);
+                let old_whole = pairs.iter().all(|(old, _)| now[old].is_some());
+                let old_any = pairs.iter().any(|(old, _)| now[old].is_some());
+                let new_whole = pairs.iter().all(|(_, new)| now[new].is_some());
                 let new_any = now
                     .iter()
                     .any(|(k, v)| k.starts_with(&format!("{next}/")) && v.is_some());
-                let old_any = files
-                    .keys()
-                    .filter(|k| k.starts_with(&format!("{dir}/")))
-                    .any(|k| now[k].is_some());
-                let new_whole = files
-                    .keys()
-                    .filter(|k| k.starts_with(&format!("{dir}/")))
-                    .all(|k| now[&format!("{next}/{}", &k[dir.len() + 1..])].is_some());
                 assert!(
                     (old_whole && !new_any) || (new_whole && !old_any),
                     "round {round}: directory {dir} -> {next} split: {now:?}"
                 );
                 if new_whole {
-                    let moved: Vec<String> = files
-                        .keys()
-                        .filter(|k| k.starts_with(&format!("{dir}/")))
-                        .cloned()
-                        .collect();
-                    for key in moved {
-                        let data = files.remove(&key).unwrap();
-                        files.insert(format!("{next}/{}", &key[dir.len() + 1..]), data);
+                    for (old, new) in pairs {
+                        let data = files.remove(&old).unwrap();
+                        files.insert(new, data);
                     }
                     dir = next.to_owned();
                 }

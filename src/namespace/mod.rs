@@ -183,6 +183,17 @@ impl<S: ObjectStore> Namespace<S> {
         self.made_dirs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The directories made here directly in `dir`: name and attributes.
+    fn made_in(&self, dir: &str) -> Vec<(String, Attr)> {
+        self.made_dirs()
+            .iter()
+            .filter_map(|(p, attr)| {
+                let (parent, name) = p.rsplit_once('/').unwrap_or(("", p));
+                (parent == dir).then(|| (name.to_owned(), attr.clone()))
+            })
+            .collect()
+    }
+
     /// The marker key of a new directory `name` in `parent`, for `mkdir`.
     pub fn new_dir_marker(&self, parent: u64, name: &OsStr) -> Result<(String, String), FsError> {
         let path = self.new_child(parent, name)?;
@@ -642,10 +653,7 @@ impl<S: ObjectStore> Namespace<S> {
                         .filter_map(|key| key.strip_prefix(prefix.as_str()))
                         .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
                         .collect();
-                    local.extend(self.made_dirs().keys().filter_map(|p| {
-                        let (parent, name) = p.rsplit_once('/').unwrap_or(("", p));
-                        (parent == dir).then(|| name.to_owned())
-                    }));
+                    local.extend(self.made_in(&dir).into_iter().map(|(name, _)| name));
                     let whole = self.table().complete.last_names(&dir).is_some_and(|names| {
                         names
                             .iter()
@@ -702,15 +710,7 @@ impl<S: ObjectStore> Namespace<S> {
                 break;
             }
         }
-        let made: Vec<(String, Attr)> = self
-            .made_dirs()
-            .iter()
-            .filter_map(|(p, attr)| {
-                let (parent, name) = p.rsplit_once('/').unwrap_or(("", p));
-                (parent == dir).then(|| (name.to_owned(), attr.clone()))
-            })
-            .collect();
-        for (name, attr) in made {
+        for (name, attr) in self.made_in(&dir) {
             let listed = self.listed(&dir, &name, self.seen_marker(attr));
             entries.insert(name.clone(), listed);
         }
