@@ -241,8 +241,8 @@ pub struct MountArgs {
     #[arg(long, default_value = "1", value_name = "DURATION")]
     pub metadata_ttl: String,
 
-    /// Everything keepfs holds in memory (bytes, or with K/M/G suffix; at least 144MiB):
-    /// 112 MiB for the process, the rest half for cached blocks and half for reads ahead and
+    /// Everything keepfs holds in memory (bytes, or with K/M/G suffix; at least 160MiB):
+    /// 128 MiB for the process, the rest half for cached blocks and half for reads ahead and
     /// upload parts in transit. `auto`: 80 % of the cgroup's memory limit, else 1/8 of RAM.
     #[arg(long, default_value = "auto", value_name = "SIZE")]
     pub memory_limit: String,

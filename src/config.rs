@@ -23,7 +23,9 @@ pub enum ConfigError {
     )]
     InvalidDuration(String),
     #[error(
-        "--memory-limit {0} is too small: at least 144 MiB (112 MiB for the process itself, 16 MiB each for cached blocks and data in transit)"
+        "--memory-limit {0} is too small: at least {min} MiB ({overhead} MiB for the process itself, 16 MiB each for cached blocks and data in transit)",
+        min = crate::memory::MIN_LIMIT >> 20,
+        overhead = crate::memory::OVERHEAD >> 20
     )]
     MemoryLimitTooSmall(String),
 }

@@ -111,7 +111,9 @@ fn a_memory_limit_too_small_to_run_in_is_refused_before_mounting() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--memory-limit 100MiB is too small: at least 144 MiB"),
+        stderr.contains(
+            "--memory-limit 100MiB is too small: at least 160 MiB (128 MiB for the process itself"
+        ),
         "{stderr}"
     );
     assert!(!common::is_mounted(dir.path()));

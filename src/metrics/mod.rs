@@ -235,7 +235,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "memory_in_transit",
-            "Bytes reserved now by blocks read ahead and upload parts (at most half of what the limit leaves beyond 112 MiB)",
+            "Bytes reserved now by blocks read ahead and upload parts (at most half of what the limit leaves beyond 128 MiB)",
             Unit::Bytes,
             m.memory_in_transit.clone(),
         );
