@@ -313,3 +313,82 @@ fn fault_matrix() {
         }
     }
 }
+
+/// A listing or HEAD asked before a file's upload completed and answered after it describes
+/// the version before (S3's, or the file's dirty attributes when the listing began): the file
+/// must not shrink in the kernel's eyes. Found by tests/load.rs as appends read back short; the
+/// proxy holds the answers to make the window wide. Per round, the file is clean or dirty when
+/// the listing is asked (S3 answers with its older version; or the listing carries the file's
+/// attributes before the last append); or a `stat` whose HEAD is held (the attributes were due
+/// for checking with S3).
+#[test]
+fn an_answer_given_after_an_upload_does_not_shrink_the_file() {
+    use std::io::Write;
+    let s = server();
+    let bucket = s.bucket("listrace");
+    let proxy = FaultProxy::start(&s.endpoint, seed());
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount_via(&proxy, &bucket, cache.path(), &[]);
+    for round in 0..9u64 {
+        let (dirty_when_asked, by_head) = (round % 3 == 1, round % 3 == 2);
+        let name = format!("f{round}");
+        let path = m.path().join(&name);
+        let mut want = pattern(3000 + round as usize * 500, round);
+        std::fs::write(&path, &want).unwrap();
+        common::flush(&m);
+        let mut open = None;
+        if dirty_when_asked {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let tail = pattern(700, 50 + round);
+            f.write_all(&tail).unwrap();
+            want.extend_from_slice(&tail);
+            open = Some(f);
+        }
+        let asker = if by_head {
+            // Past the metadata TTL (1 s): the stat asks S3.
+            std::thread::sleep(Duration::from_millis(1100));
+            proxy.hold_next_head(Duration::from_millis(1500));
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::fs::metadata(&path).unwrap();
+                vec![]
+            })
+        } else {
+            proxy.hold_listings(Duration::from_millis(1500));
+            let root = m.path().to_owned();
+            std::thread::spawn(move || names(&root))
+        };
+        // The question is asked now; the append, close and upload happen while it is held.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut f = match open.take() {
+            Some(f) => f,
+            None => std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap(),
+        };
+        let tail = pattern(5000, 90 + round);
+        f.write_all(&tail).unwrap();
+        want.extend_from_slice(&tail);
+        drop(f);
+        common::flush(&m);
+        let listed = asker.join().unwrap();
+        proxy.hold_listings(Duration::ZERO);
+        assert!(by_head || listed.contains(&name), "{listed:?}");
+        let size = std::fs::metadata(&path).unwrap().len();
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(
+            (size, got.len(), sha256(&got)),
+            (want.len() as u64, want.len(), sha256(&want)),
+            "round {round} (dirty when asked: {dirty_when_asked}, by HEAD: {by_head})"
+        );
+        assert_eq!(
+            s.sha256_streaming(&bucket, &name),
+            Some(sha256(&want)),
+            "{name} in S3"
+        );
+    }
+}

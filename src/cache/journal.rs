@@ -2,6 +2,10 @@
 //! but not yet in S3). Records are replaced atomically: write a temporary file, fsync it, rename
 //! it over the record, fsync the directory. A crash leaves either the old or the new record,
 //! plus at most a stray temporary file that [`Journal::load`] removes.
+//!
+//! A record is its JSON, then a line `crc32 XXXXXXXX` (CRC-32/IEEE of the JSON bytes, 8 hex
+//! digits): a record the disk damaged is reported unreadable and left in place, never taken
+//! for another file's size, key or times (records of version 1 have no such line).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -14,9 +18,59 @@ use serde::{Deserialize, Serialize};
 use super::CacheDir;
 use crate::write::local::Coverage;
 
-/// Version of the record encoding, stored in every record.
-pub const RECORD_VERSION: u32 = 1;
+/// Version of the record encoding, stored in every record. 2: records end with a checksum
+/// line; version 1 records (without one) are still read.
+pub const RECORD_VERSION: u32 = 2;
 const RECORD_SUFFIX: &str = ".rec";
+/// Starts the checksum line. JSON escapes newlines inside strings, so a raw newline is only
+/// ever this line's.
+const CHECKSUM_LINE: &[u8] = b"\ncrc32 ";
+
+/// A record's bytes: its JSON and the checksum line.
+fn encode(record: &FileRecord) -> std::io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(CHECKSUM_LINE);
+    bytes.extend_from_slice(format!("{crc:08x}\n").as_bytes());
+    Ok(bytes)
+}
+
+/// The record in `bytes`, or why it can't be trusted.
+fn decode(bytes: &[u8]) -> Result<FileRecord, String> {
+    let at = bytes
+        .windows(CHECKSUM_LINE.len())
+        .rposition(|w| w == CHECKSUM_LINE);
+    let (json, checked) = match at {
+        Some(at) => {
+            let (json, line) = bytes.split_at(at);
+            let digits = line[CHECKSUM_LINE.len()..].trim_ascii_end();
+            // Exactly as written: 8 lowercase hex digits (a flipped case bit is damage too).
+            if digits.len() != 8
+                || !digits
+                    .iter()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return Err("its checksum line is damaged".into());
+            }
+            if digits != format!("{:08x}", crc32fast::hash(json)).as_bytes() {
+                return Err("checksum mismatch: the record is damaged".into());
+            }
+            (json, true)
+        }
+        None => (bytes, false),
+    };
+    let record: FileRecord = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    if record.version > RECORD_VERSION {
+        return Err(format!(
+            "record version {} is newer than {RECORD_VERSION}",
+            record.version
+        ));
+    }
+    if record.version >= 2 && !checked {
+        return Err("its checksum line is missing: the record was cut short".into());
+    }
+    Ok(record)
+}
 
 /// Where a journalled file stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,7 +162,7 @@ impl Journal {
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             ..record.clone()
         };
-        let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+        let bytes = encode(&record)?;
         crate::metrics::time_journal_sync(|| {
             write_atomically(&self.dir, &self.record_path(record.id), &bytes)
         })
@@ -154,17 +208,7 @@ impl Journal {
             }
             let parsed = fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<FileRecord>(&b).map_err(|e| e.to_string()))
-                .and_then(|r| {
-                    if r.version > RECORD_VERSION {
-                        Err(format!(
-                            "record version {} is newer than {RECORD_VERSION}",
-                            r.version
-                        ))
-                    } else {
-                        Ok(r)
-                    }
-                });
+                .and_then(|b| decode(&b));
             match parsed {
                 Ok(record) => loaded.records.push(record),
                 // A record being replaced by a running mount may vanish between listing and
@@ -254,8 +298,8 @@ mod tests {
 
     proptest::proptest! {
         /// A record cut short at any byte, with any bit flipped, or replaced by any bytes:
-        /// loading never panics and never deletes it. A cut record is reported unreadable
-        /// (and left in place for the owner to look at), never taken for a shorter one.
+        /// loading never panics and never deletes it. A cut or flipped record is reported
+        /// unreadable (and left in place for the owner to look at), never taken for another.
         #[test]
         fn damaged_records_are_reported_and_kept(
             cut in proptest::prelude::any::<proptest::sample::Index>(),
@@ -272,12 +316,14 @@ mod tests {
             let cut_at = cut.index(whole.len());
             let mut flipped = whole.clone();
             flipped[flip.index(whole.len())] ^= 1 << bit;
-            for (damaged, is_cut) in [(whole[..cut_at].to_vec(), true), (flipped, false), (garbage.clone(), false)] {
+            // Only the final newline may go: the checksum line is whole without it.
+            let cut_damages = cut_at < whole.len() - 1;
+            for (damaged, must_fail) in [(whole[..cut_at].to_vec(), cut_damages), (flipped, true), (garbage.clone(), false)] {
                 fs::write(&path, &damaged).unwrap();
                 let loaded = journal.load().unwrap();
                 proptest::prop_assert!(path.exists(), "a damaged record was deleted");
                 proptest::prop_assert_eq!(loaded.records.len() + loaded.unreadable.len(), 1);
-                if is_cut && damaged.iter().any(|b| !b.is_ascii_whitespace()) && damaged.len() < whole.trim_ascii_end().len() {
+                if must_fail {
                     proptest::prop_assert_eq!(loaded.unreadable.len(), 1);
                 }
             }
@@ -361,5 +407,38 @@ mod tests {
         let loaded = journal.load().unwrap();
         assert!(loaded.records.is_empty());
         assert_eq!(loaded.unreadable.len(), 1);
+    }
+
+    #[test]
+    fn version_1_records_without_a_checksum_are_read_and_version_2_needs_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let journal = Journal::new(&cache);
+        let old = FileRecord {
+            version: 1,
+            ..record(4, "from an older keepfs")
+        };
+        fs::write(journal.record_path(4), serde_json::to_vec(&old).unwrap()).unwrap();
+        let now = record(5, "cut at the end of its JSON");
+        fs::write(journal.record_path(5), serde_json::to_vec(&now).unwrap()).unwrap();
+        let loaded = journal.load().unwrap();
+        assert_eq!(loaded.records, vec![old]);
+        assert_eq!(loaded.unreadable.len(), 1);
+        assert!(loaded.unreadable[0].1.contains("checksum line is missing"));
+        // A bit flipped inside a value that still parses (the size) is caught.
+        journal.put(&record(6, "k")).unwrap();
+        let path = journal.record_path(6);
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"size\":42", "\"size\":43");
+        fs::write(&path, text).unwrap();
+        let loaded = journal.load().unwrap();
+        assert!(
+            loaded
+                .unreadable
+                .iter()
+                .any(|(p, why)| *p == path && why.contains("checksum mismatch"))
+        );
+        assert!(loaded.records.iter().all(|r| r.id != 6));
     }
 }

@@ -38,6 +38,8 @@ pub struct Listed {
     etag: Option<String>,
     from_head: bool,
     from_server: bool,
+    /// When the listing began (before its snapshot of dirty files and its first request).
+    asked: Instant,
 }
 
 impl Listed {
@@ -383,9 +385,10 @@ impl<S: ObjectStore> Namespace<S> {
         if self.known_absent(parent, &dir, name, &path).await {
             return Err(FsError::NotFound);
         }
-        if let Some(meta) = self.statahead.answer(&self.store, &dir, name).await {
-            return Ok(self.remember_current(&path, self.seen_object(&meta, true)));
+        if let Some((meta, sent)) = self.statahead.answer(&self.store, &dir, name).await {
+            return Ok(self.remember_current(&path, self.seen_object(&meta, true), sent));
         }
+        let asked = Instant::now();
         let seen = match self.resolve(&path).await {
             Ok(seen) => seen,
             // Files written here, not yet in S3, make their directory exist (as in listings).
@@ -410,20 +413,34 @@ impl<S: ObjectStore> Namespace<S> {
             }
             Err(e) => return Err(e),
         };
-        Ok(self.remember_current(&path, seen))
+        Ok(self.remember_current(&path, seen, asked))
     }
 
     /// Registers what was seen of `path` from S3, unless it is a file written here now: then
     /// its attributes as they are at this moment. What S3 or a listing said was asked for
     /// before, and a write since (an append by a log writer) would otherwise shrink the file
     /// in the kernel's eyes, which reads no further than the size it was told.
-    fn remember_current(&self, path: &str, seen: Seen) -> Attr {
-        if seen.attr.kind == NodeKind::File
-            && let Some(attr) = self.dirty_attr(&self.object_key(path))
-        {
-            return self.table().remember(path, self.seen_dirty(&attr));
+    ///
+    /// A file that stopped being dirty since `asked` (when the answer was asked for) is no
+    /// different: S3's answer may predate the upload of its last version, and a listing's
+    /// snapshot of dirty files predates its last writes; it is registered as it was when it
+    /// stopped being dirty (its last version, until `getattr` asks S3).
+    fn remember_current(&self, path: &str, seen: Seen, asked: Instant) -> Attr {
+        if seen.attr.kind == NodeKind::File {
+            let key = self.object_key(path);
+            if let Some(attr) = self
+                .dirty_attr(&key)
+                .or_else(|| self.left_since(&key, asked))
+            {
+                return self.table().remember(path, self.seen_dirty(&attr));
+            }
         }
         self.table().remember(path, seen)
+    }
+
+    /// See [`DirtyFiles::left_since`].
+    fn left_since(&self, key: &str, asked: Instant) -> Option<DirtyAttr> {
+        self.dirty.as_ref().and_then(|d| d.left_since(key, asked))
     }
 
     /// Whether `name` is known to be absent from directory `dir` (inode `parent`) without a
@@ -502,6 +519,7 @@ impl<S: ObjectStore> Namespace<S> {
             return Ok(attr);
         }
         let key = self.object_key(&path);
+        let asked = Instant::now();
         let meta = match self.store.head(&key).await {
             Ok(meta) => meta,
             Err(e) if e.is_unavailable() => {
@@ -510,15 +528,30 @@ impl<S: ObjectStore> Namespace<S> {
             }
             Err(e) => return Err(FsError::store(&key, e)),
         };
-        Ok(self.update_from_head(ino, &meta).unwrap_or(attr))
+        Ok(self.update_from_head(ino, &meta, asked).unwrap_or(attr))
     }
 
-    /// Refreshes a live node from a HEAD result, unless the object changed kind or version
-    /// (another inode: the kernel finds it with its next lookup).
-    fn update_from_head(&self, ino: u64, meta: &ObjectMeta) -> Option<Attr> {
+    /// Refreshes a live node from a HEAD sent at `asked`, unless the object changed kind or
+    /// version (another inode: the kernel finds it with its next lookup). A file written here
+    /// that stopped being dirty since `asked` takes its attributes from then instead: the HEAD
+    /// may predate its last upload (see [`Namespace::remember_current`]).
+    fn update_from_head(&self, ino: u64, meta: &ObjectMeta, asked: Instant) -> Option<Attr> {
         let seen = self.seen_object(meta, true);
+        let left = self
+            .path_of(ino)
+            .ok()
+            .and_then(|(path, _)| self.left_since(&self.object_key(&path), asked));
         let mut table = self.table();
         let node = table.get_mut(ino)?;
+        if node.written_here
+            && let Some(attr) = left
+        {
+            node.attr = Attr {
+                ino,
+                ..self.seen_dirty(&attr).attr
+            };
+            return Some(node.attr.clone());
+        }
         let same = node.written_here || same_version(&node.etag, &meta.etag);
         if node.attr.kind != seen.attr.kind || !same {
             // The name leads to another object now: the next lookup asks the server and
@@ -618,6 +651,7 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::NotDirectory);
         }
         let prefix = dir_key(&self.prefix, &dir);
+        let asked = Instant::now();
         let mut entries: BTreeMap<String, Listed> = BTreeMap::new();
         // Dirty files first: one whose upload completes while S3 is being listed is then in
         // this snapshot or in the listing, never in neither.
@@ -758,7 +792,10 @@ impl<S: ObjectStore> Namespace<S> {
             let names = entries.keys().cloned().collect();
             self.table().complete.listed(&dir, ticket, names, pages);
         }
-        Ok(entries.into_values().collect())
+        Ok(entries
+            .into_values()
+            .map(|entry| Listed { asked, ..entry })
+            .collect())
     }
 
     /// The entries of directory `dir` the inode table holds, for a listing while S3 is down.
@@ -780,6 +817,7 @@ impl<S: ObjectStore> Namespace<S> {
                     etag: node.etag.clone(),
                     from_head: node.from_head,
                     from_server: false,
+                    asked: Instant::now(),
                 };
                 (name, listed)
             })
@@ -810,6 +848,7 @@ impl<S: ObjectStore> Namespace<S> {
             etag: seen.etag,
             from_head: seen.from_head,
             from_server: seen.from_server,
+            asked: Instant::now(),
         }
     }
 
@@ -822,7 +861,7 @@ impl<S: ObjectStore> Namespace<S> {
             from_head: entry.from_head,
             from_server: entry.from_server,
         };
-        Ok(self.remember_current(&join(&dir, &entry.name), seen))
+        Ok(self.remember_current(&join(&dir, &entry.name), seen, entry.asked))
     }
 
     /// The parent of directory `ino` (for `..`); the root is its own parent.
@@ -846,6 +885,7 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::Stale);
         }
         let key = self.object_key(&path);
+        let asked = Instant::now();
         let meta = match self.store.head(&key).await {
             Ok(meta) => meta,
             Err(e) if e.is_unavailable() => {
@@ -869,7 +909,7 @@ impl<S: ObjectStore> Namespace<S> {
             }
             Err(e) => return Err(FsError::store(&key, e)),
         };
-        if self.update_from_head(ino, &meta).is_none() {
+        if self.update_from_head(ino, &meta, asked).is_none() {
             // Replaced since the kernel looked it up: ESTALE makes the kernel look the name up
             // again (LOOKUP_REVAL) and open the new version's inode, so no descriptor of this
             // inode ever sees another version's bytes (`update_from_head` unlinked it, so that

@@ -118,15 +118,15 @@ impl Statahead {
         self.dirs.invalidate(dir);
     }
 
-    /// HEAD of `name` in `dir` as statahead has it (sent now if it was not), and the next
-    /// names' HEADs sent. `None` when `dir` has no recent listing naming `name` as an object,
-    /// or its HEAD failed: the caller then asks the server itself.
+    /// HEAD of `name` in `dir` as statahead has it (sent now if it was not) and when it was
+    /// sent, and the next names' HEADs sent. `None` when `dir` has no recent listing naming
+    /// `name` as an object, or its HEAD failed: the caller then asks the server itself.
     pub async fn answer<S: ObjectStore>(
         &self,
         store: &Arc<S>,
         dir: &str,
         name: &str,
-    ) -> Option<ObjectMeta> {
+    ) -> Option<(ObjectMeta, Instant)> {
         let ahead = self.dirs.get(dir)?;
         let at = ahead
             .names
@@ -153,7 +153,7 @@ impl Statahead {
             state.answers.get(&at).cloned()
         }?;
         let meta = own.get().await?;
-        (own.sent.elapsed() < self.ttl).then_some(meta)
+        (own.sent.elapsed() < self.ttl).then_some((meta, own.sent))
     }
 
     fn send<S: ObjectStore>(&self, store: &Arc<S>, key: &str) -> Arc<Answer> {

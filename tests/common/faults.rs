@@ -67,6 +67,10 @@ struct Plan {
     rate: f64,
     kinds: Vec<Fault>,
     stall: Duration,
+    /// How long answers to listings (ListObjectsV2), and the next HEAD's answer, are held
+    /// after the server gave them.
+    hold_listings: Duration,
+    hold_next_head: Option<Duration>,
     /// A burst under way: its fault and the requests it still takes.
     burst: Option<(Fault, u32)>,
     injected: BTreeMap<Fault, u64>,
@@ -139,6 +143,17 @@ impl FaultProxy {
         self.plan().stall = stall;
     }
 
+    /// Holds every answer to a listing (ListObjectsV2) for `hold` after the server gave it:
+    /// what it describes is then older than what happens meanwhile. `Duration::ZERO` stops.
+    pub fn hold_listings(&self, hold: Duration) {
+        self.plan().hold_listings = hold;
+    }
+
+    /// [`FaultProxy::hold_listings`] for the answer to the next HEAD request only.
+    pub fn hold_next_head(&self, hold: Duration) {
+        self.plan().hold_next_head = Some(hold);
+    }
+
     /// Requests seen and faults injected so far, by kind.
     pub fn counts(&self) -> (u64, BTreeMap<Fault, u64>) {
         let plan = self.plan();
@@ -152,8 +167,9 @@ impl Drop for FaultProxy {
     }
 }
 
-/// The fault for the next request, if any, and how long a stall lasts.
-fn choose(shared: &Shared) -> (Option<Fault>, Duration) {
+/// The fault for the next request, if any, how long a stall lasts and how long its answer is
+/// held once given (`listing`: the request is a ListObjectsV2; else a HEAD or not held).
+fn choose(shared: &Shared, listing: bool, head: bool) -> (Option<Fault>, Duration, Duration) {
     let mut plan = shared.plan.lock().unwrap_or_else(|e| e.into_inner());
     plan.requests += 1;
     let fault = if let Some((fault, left)) = plan.burst {
@@ -174,7 +190,12 @@ fn choose(shared: &Shared) -> (Option<Fault>, Duration) {
     if let Some(fault) = fault {
         *plan.injected.entry(fault).or_default() += 1;
     }
-    (fault, plan.stall)
+    let hold = match (listing, head) {
+        (true, _) => plan.hold_listings,
+        (_, true) => plan.hold_next_head.take().unwrap_or_default(),
+        _ => Duration::ZERO,
+    };
+    (fault, plan.stall, hold)
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -251,7 +272,12 @@ async fn handle(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?
         .to_bytes();
-    let (fault, stall) = choose(shared);
+    let listing = parts.method == hyper::Method::GET
+        && parts
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
+    let (fault, stall, hold) = choose(shared, listing, parts.method == hyper::Method::HEAD);
     match fault {
         Some(Fault::Latency) => {
             let ms = rand::rng().random_range(50..300);
@@ -271,6 +297,7 @@ async fn handle(
         _ => {}
     }
     let (mut answer, body) = forward(shared, parts, body).await?;
+    tokio::time::sleep(hold).await;
     let half = body.slice(..body.len() / 2);
     match fault {
         Some(Fault::ResetMidBody) if body.len() > 1 => {

@@ -275,6 +275,15 @@ impl DirtyFiles {
         self.files().get(key).map(|f| f.attr.clone())
     }
 
+    /// `key`'s attributes when it stopped being dirty here (uploaded and closed, unlinked,
+    /// renamed away), if that was at or after `asked`: an answer from S3 to a request sent at
+    /// `asked` may describe the version before this mount's last one, and a listing taken then
+    /// may hold the file's attributes from before its last write. Remembered for 10 minutes
+    /// (the last 100 000 keys).
+    pub fn left_since(&self, key: &str, asked: std::time::Instant) -> Option<DirtyAttr> {
+        self.files().departures.since(key, asked)
+    }
+
     /// Dirty keys that start with `prefix`, with their attributes.
     /// Whether any dirty file's key starts with `prefix`.
     pub fn any_under(&self, prefix: &str) -> bool {
@@ -839,5 +848,41 @@ mod tests {
             "a new file under the same key is not the one uploaded"
         );
         assert!(dirty.attr("again").is_some());
+    }
+
+    #[test]
+    fn departures_tell_what_a_file_was_when_it_stopped_being_dirty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let (dirty, _) = DirtyFiles::open(&cache).unwrap();
+        let before = std::time::Instant::now();
+        dirty.create("log", attr(), None, b"one").unwrap();
+        dirty
+            .write(dirty.id_of("log").unwrap(), 3, b" two")
+            .unwrap();
+        dirty.persist("log").unwrap();
+        assert_eq!(dirty.left_since("log", before), None, "still dirty");
+        let snapshot = dirty.snapshot("log").unwrap();
+        assert_eq!(dirty.uploaded(&snapshot, "\"e1\""), UploadOutcome::Clean);
+        let left = dirty
+            .left_since("log", before)
+            .expect("left after `before`");
+        assert_eq!(left.size, 7, "its size when its last version was uploaded");
+        let after = std::time::Instant::now();
+        assert_eq!(dirty.left_since("log", after), None, "asked after it left");
+        assert_eq!(dirty.left_since("other", before), None);
+    }
+
+    #[test]
+    fn departures_are_bounded() {
+        let mut departures = table::Departures::default();
+        for i in 0..table::Departures::KEPT + 10 {
+            departures.record(&format!("k{}", i % (table::Departures::KEPT + 5)), &attr());
+        }
+        assert!(departures.len() <= table::Departures::KEPT);
+        // The newest is kept; the key recorded first and not since is not.
+        let long_ago = std::time::Instant::now() - std::time::Duration::from_secs(1);
+        assert!(departures.since("k4", long_ago).is_some());
+        assert!(departures.since("k7", long_ago).is_none());
     }
 }

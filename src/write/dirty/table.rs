@@ -1,10 +1,10 @@
 //! The table of dirty files: by key for the namespace and the uploader, by [`FileId`] for
 //! open handles, and the files unlinked while open.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{DirtyAttr, FileId};
 use crate::cache::journal::FileRecord;
@@ -20,6 +20,8 @@ pub(super) struct Table {
     /// Files unlinked, renamed over or replaced while handles had them open: they live, with
     /// no journal record (never uploaded), until their last handle is released.
     pub(super) unlinked: HashMap<FileId, DirtyFile>,
+    /// When keys last left `by_key`.
+    pub(super) departures: Departures,
 }
 
 impl Table {
@@ -40,9 +42,12 @@ impl Table {
         old
     }
 
+    /// Takes `key`'s file out of the table (uploaded and closed, unlinked, renamed away),
+    /// recording when.
     pub(super) fn remove(&mut self, key: &str) -> Option<DirtyFile> {
         let file = self.by_key.remove(key)?;
         self.keys.remove(&file.fid);
+        self.departures.record(key, &file.attr);
         Some(file)
     }
 
@@ -161,6 +166,51 @@ pub(super) enum Journalled {
 }
 
 /// A new [`FileId`].
+/// When keys stopped being dirty and their attributes then, for
+/// [`DirtyFiles::left_since`](super::DirtyFiles::left_since): the last [`Departures::KEPT`] of
+/// them, none older than [`Departures::WINDOW`].
+#[derive(Default)]
+pub(super) struct Departures {
+    last: HashMap<String, (Instant, DirtyAttr)>,
+    /// Every departure in time order (a key may appear more than once; `last` has its latest).
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Departures {
+    /// How long a departure is remembered: longer than a listing or HEAD takes to be answered
+    /// (retries included, see `store::s3`), after which no answer still on its way was asked
+    /// before it.
+    pub(super) const WINDOW: Duration = Duration::from_secs(600);
+    /// Most departures remembered (~100 bytes each).
+    pub(super) const KEPT: usize = 100_000;
+
+    pub(super) fn record(&mut self, key: &str, attr: &DirtyAttr) {
+        let now = Instant::now();
+        self.last.insert(key.to_owned(), (now, attr.clone()));
+        self.order.push_back((now, key.to_owned()));
+        while let Some((when, _)) = self.order.front()
+            && (self.order.len() > Self::KEPT || now.duration_since(*when) > Self::WINDOW)
+        {
+            let (when, key) = self.order.pop_front().expect("front exists");
+            if self.last.get(&key).is_some_and(|(last, _)| *last == when) {
+                self.last.remove(&key);
+            }
+        }
+    }
+
+    /// How many departures are held (at most [`Departures::KEPT`] keys, each once).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// `key`'s attributes when it left, if it left at or after `asked`.
+    pub(super) fn since(&self, key: &str, asked: Instant) -> Option<DirtyAttr> {
+        let (left, attr) = self.last.get(key)?;
+        (*left >= asked).then(|| attr.clone())
+    }
+}
+
 pub(super) fn new_fid() -> FileId {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
