@@ -255,6 +255,7 @@ fn config(endpoint: &str, mountpoint: &Path, cache_dir: &Path) -> anyhow::Result
         max_prefetch: 64 << 20,
         fuse_threads: 4,
         connect_timeout: Duration::from_secs(5),
+        request_timeout: keepfs::store::DEFAULT_REQUEST_TIMEOUT,
         cache_dir: cache_dir.to_owned(),
         read_write: true,
         durability: keepfs::config::Durability::Local,

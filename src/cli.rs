@@ -281,6 +281,12 @@ pub struct MountArgs {
     #[arg(long, default_value = "5", value_name = "DURATION")]
     pub connect_timeout: String,
 
+    /// How long one attempt of a request waits for S3 to begin answering before it is retried
+    /// (a server that accepts a request and never answers); uploads and server-side copies get
+    /// 10 times as long. At least 1 s.
+    #[arg(long, default_value = "30", value_name = "DURATION")]
+    pub request_timeout: String,
+
     /// Serve Prometheus metrics at http://HOST:PORT/metrics, with /healthz (the process
     /// answers) and /readyz (the mount answers), for example 127.0.0.1:9464 or 0.0.0.0:9464 in
     /// a pod. Off by default.
@@ -333,6 +339,7 @@ impl MountArgs {
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),
+            request_timeout: parse_duration(&self.request_timeout)?.max(Duration::from_secs(1)),
             shutdown_grace: parse_duration(&self.shutdown_grace)?,
             read_write: !self.read_only && self.snapshot.is_none(),
             durability: self.durability,

@@ -169,6 +169,8 @@ pub struct MountConfig {
     pub fuse_threads: usize,
     /// Bound on the pre-mount bucket check (connect, list, retries).
     pub connect_timeout: Duration,
+    /// See [`crate::store::S3StoreConfig::request_timeout`].
+    pub request_timeout: Duration,
     /// How long a stop signal waits for uploads before unmounting.
     pub shutdown_grace: Duration,
     /// The cache directory this mount owns (locked while mounted).

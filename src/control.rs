@@ -100,8 +100,15 @@ pub struct MountRecord {
     pub region: Option<String>,
     pub force_path_style: bool,
     pub connect_timeout_ms: u64,
+    /// Absent in records of mounts before `--request-timeout`: the default.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
     pub part_size: u64,
     pub upload_concurrency: usize,
+}
+
+fn default_request_timeout_ms() -> u64 {
+    crate::store::DEFAULT_REQUEST_TIMEOUT.as_millis() as u64
 }
 
 impl MountRecord {

@@ -211,6 +211,7 @@ fn upload_here(
         region: record.region.clone(),
         force_path_style: record.force_path_style,
         connect_timeout: Duration::from_millis(record.connect_timeout_ms),
+        request_timeout: Duration::from_millis(record.request_timeout_ms),
     }));
     runtime.block_on(renames.finish_interrupted(&store));
     if renames.has_pending() {

@@ -45,6 +45,7 @@ fn locate(at: &SnapshotLocation) -> Result<Located> {
                     region: record.region,
                     force_path_style: record.force_path_style,
                     connect_timeout: Duration::from_millis(record.connect_timeout_ms),
+                    request_timeout: Duration::from_millis(record.request_timeout_ms),
                 },
                 cache_dir: Some(dir),
             })
@@ -67,6 +68,7 @@ fn store_config(source: &S3Url, at: &SnapshotLocation) -> S3StoreConfig {
         region: at.region.clone(),
         force_path_style: at.force_path_style,
         connect_timeout: Duration::from_secs(5),
+        request_timeout: keepfs::store::DEFAULT_REQUEST_TIMEOUT,
     }
 }
 

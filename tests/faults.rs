@@ -317,10 +317,12 @@ fn fault_matrix() {
 /// A listing or HEAD asked before a file's upload completed and answered after it describes
 /// the version before (S3's, or the file's dirty attributes when the listing began): the file
 /// must not shrink in the kernel's eyes. Found by tests/load.rs as appends read back short; the
-/// proxy holds the answers to make the window wide. Per round, the file is clean or dirty when
-/// the listing is asked (S3 answers with its older version; or the listing carries the file's
-/// attributes before the last append); or a `stat` whose HEAD is held (the attributes were due
-/// for checking with S3).
+/// proxy holds the answers to make the window wide. Four shapes, one per round in turn: the
+/// file clean or dirty when the listing is asked (S3 answers with its older version; or the
+/// listing carries the file's attributes before the last append); a `stat` by path whose
+/// lookup's HEAD is held; an `fstat` of an open descriptor whose `getattr` HEAD is held. The
+/// HEADs' answers come while the file is dirty again in the first four rounds, after its
+/// upload in the next four.
 #[test]
 fn an_answer_given_after_an_upload_does_not_shrink_the_file() {
     use std::io::Write;
@@ -329,8 +331,9 @@ fn an_answer_given_after_an_upload_does_not_shrink_the_file() {
     let proxy = FaultProxy::start(&s.endpoint, seed());
     let cache = tempfile::tempdir().unwrap();
     let m = mount_via(&proxy, &bucket, cache.path(), &[]);
-    for round in 0..9u64 {
-        let (dirty_when_asked, by_head) = (round % 3 == 1, round % 3 == 2);
+    for round in 0..8u64 {
+        let shape = round % 4;
+        let (dirty_when_asked, by_head) = (shape == 1, shape >= 2);
         let name = format!("f{round}");
         let path = m.path().join(&name);
         let mut want = pattern(3000 + round as usize * 500, round);
@@ -347,13 +350,20 @@ fn an_answer_given_after_an_upload_does_not_shrink_the_file() {
             want.extend_from_slice(&tail);
             open = Some(f);
         }
+        let held_before = proxy.held();
         let asker = if by_head {
+            let reader = (shape == 3).then(|| std::fs::File::open(&path).unwrap());
             // Past the metadata TTL (1 s): the stat asks S3.
             std::thread::sleep(Duration::from_millis(1100));
-            proxy.hold_next_head(Duration::from_millis(1500));
+            // First while the file is dirty again, then once its upload is done.
+            let hold = if round < 4 { 1500 } else { 4000 };
+            proxy.hold_next_head(Duration::from_millis(hold));
             let path = path.clone();
             std::thread::spawn(move || {
-                std::fs::metadata(&path).unwrap();
+                match reader {
+                    Some(f) => f.metadata().unwrap(),
+                    None => std::fs::metadata(&path).unwrap(),
+                };
                 vec![]
             })
         } else {
@@ -377,17 +387,80 @@ fn an_answer_given_after_an_upload_does_not_shrink_the_file() {
         common::flush(&m);
         let listed = asker.join().unwrap();
         proxy.hold_listings(Duration::ZERO);
+        assert!(
+            proxy.held() > held_before,
+            "round {round}: no answer was held"
+        );
         assert!(by_head || listed.contains(&name), "{listed:?}");
         let size = std::fs::metadata(&path).unwrap().len();
         let got = std::fs::read(&path).unwrap();
         assert_eq!(
             (size, got.len(), sha256(&got)),
             (want.len() as u64, want.len(), sha256(&want)),
-            "round {round} (dirty when asked: {dirty_when_asked}, by HEAD: {by_head})"
+            "round {round} (shape {shape})"
         );
         assert_eq!(
             s.sha256_streaming(&bucket, &name),
             Some(sha256(&want)),
+            "{name} in S3"
+        );
+    }
+}
+
+/// A server that takes requests and never answers (each stall here lasts 10 minutes) costs a
+/// call a few attempts of `--request-timeout`, not forever: reads return the right bytes or
+/// an error, each within a bound far below a stall, and written files reach S3 once the
+/// server answers again.
+#[test]
+fn a_server_that_stops_answering_costs_timeouts_not_forever() {
+    let s = server();
+    let bucket = s.bucket("stalls");
+    let objects: Vec<Vec<u8>> = (0..6).map(|i| pattern(200_000, 600 + i)).collect();
+    for (i, data) in objects.iter().enumerate() {
+        s.put(&bucket, &format!("o{i}"), data);
+    }
+    let proxy = FaultProxy::start(&s.endpoint, seed());
+    proxy.set_stall(Duration::from_secs(600));
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount_via(&proxy, &bucket, cache.path(), &["--request-timeout", "1s"]);
+    proxy.inject(0.3, &[Fault::Stall]);
+    let (mut ok, mut errors) = (0, 0);
+    let mut slowest = Duration::ZERO;
+    for round in 0..3 {
+        for (i, data) in objects.iter().enumerate() {
+            let started = std::time::Instant::now();
+            match std::fs::read(m.path().join(format!("o{i}"))) {
+                Ok(got) => {
+                    assert_eq!(sha256(&got), sha256(data), "o{i} in round {round}");
+                    ok += 1;
+                }
+                Err(_) => errors += 1,
+            }
+            slowest = slowest.max(started.elapsed());
+        }
+        let written = pattern(50_000, 700 + round);
+        std::fs::write(m.path().join(format!("w{round}")), &written).unwrap();
+    }
+    let (requests, injected) = proxy.counts();
+    println!(
+        "reads: {ok} right, {errors} errors, slowest {slowest:?}; {requests} requests, stalls {:?}",
+        injected.get(&Fault::Stall)
+    );
+    assert!(
+        injected.get(&Fault::Stall).is_some_and(|n| *n > 0),
+        "no stall injected"
+    );
+    assert!(ok > 0, "no read succeeded");
+    // One read is a HEAD and a GET, each with the SDK's 3 attempts of 1 s (and backoff): a
+    // read that waited for a stall would take 10 minutes.
+    assert!(slowest < Duration::from_secs(60), "a read took {slowest:?}");
+    proxy.heal();
+    common::flush(&m);
+    for round in 0..3 {
+        let name = format!("w{round}");
+        assert_eq!(
+            s.sha256_streaming(&bucket, &name),
+            Some(sha256(&pattern(50_000, 700 + round))),
             "{name} in S3"
         );
     }

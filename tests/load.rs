@@ -137,10 +137,11 @@ fn client(
                 let name = format!("shared/{id}-{n}");
                 let data = pattern(rng.random_range(0..4096), n + 7);
                 std::fs::write(root.join(&name), &data).unwrap();
-                if std::fs::read_dir(root.join("shared"))
+                if let Err(e) = std::fs::read_dir(root.join("shared"))
                     .and_then(|entries| entries.collect::<std::io::Result<Vec<_>>>())
-                    .is_err()
                 {
+                    // A listing is whole or EIO; nothing else.
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "listing shared: {e}");
                     shared_list_errors.fetch_add(1, Ordering::Relaxed);
                 }
                 files.insert(name, data);

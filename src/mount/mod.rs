@@ -237,6 +237,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             region: config.region.clone(),
             force_path_style: config.force_path_style,
             connect_timeout: config.connect_timeout,
+            request_timeout: config.request_timeout,
         })
         .await;
         check_bucket(&store, &config).await?;
@@ -374,6 +375,7 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
             region: config.region.clone(),
             force_path_style: config.force_path_style,
             connect_timeout_ms: config.connect_timeout.as_millis() as u64,
+            request_timeout_ms: config.request_timeout.as_millis() as u64,
             part_size: config.part_size,
             upload_concurrency: config.upload_concurrency,
         };

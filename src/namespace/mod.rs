@@ -443,6 +443,13 @@ impl<S: ObjectStore> Namespace<S> {
         self.dirty.as_ref().and_then(|d| d.left_since(key, asked))
     }
 
+    /// See [`DirtyFiles::forget_departure`]; `path` relative to the mount.
+    fn forget_departure(&self, path: &str) {
+        if let Some(dirty) = &self.dirty {
+            dirty.forget_departure(&self.object_key(path));
+        }
+    }
+
     /// Whether `name` is known to be absent from directory `dir` (inode `parent`) without a
     /// request for it: the directory was known in full less than the TTL ago, or is listed
     /// again now that lookups of missing names have cost as much (see [`complete`]).
@@ -533,18 +540,22 @@ impl<S: ObjectStore> Namespace<S> {
 
     /// Refreshes a live node from a HEAD sent at `asked`, unless the object changed kind or
     /// version (another inode: the kernel finds it with its next lookup). A file written here
-    /// that stopped being dirty since `asked` takes its attributes from then instead: the HEAD
-    /// may predate its last upload (see [`Namespace::remember_current`]).
+    /// that is dirty now, or stopped being dirty since `asked`, takes its local attributes
+    /// instead: the HEAD may predate its last upload (see [`Namespace::remember_current`]).
     fn update_from_head(&self, ino: u64, meta: &ObjectMeta, asked: Instant) -> Option<Attr> {
         let seen = self.seen_object(meta, true);
-        let left = self
-            .path_of(ino)
-            .ok()
-            .and_then(|(path, _)| self.left_since(&self.object_key(&path), asked));
+        // Written here and dirty now, or since the HEAD was sent: what it is here wins.
+        let local = self.path_of(ino).ok().and_then(|(path, _)| {
+            let key = self.object_key(&path);
+            self.dirty_attr(&key)
+                .or_else(|| self.left_since(&key, asked))
+        });
         let mut table = self.table();
+        let linked = table.is_linked(ino);
         let node = table.get_mut(ino)?;
         if node.written_here
-            && let Some(attr) = left
+            && linked
+            && let Some(attr) = local
         {
             node.attr = Attr {
                 ino,
@@ -582,6 +593,10 @@ impl<S: ObjectStore> Namespace<S> {
 
     /// Records that `ino` now lives at `path`.
     pub fn renamed(&self, ino: u64, path: &str) {
+        if let Ok((old, _)) = self.path_of(ino) {
+            self.forget_departure(&old);
+        }
+        self.forget_departure(path);
         self.table().rename(ino, path);
     }
 
@@ -606,6 +621,9 @@ impl<S: ObjectStore> Namespace<S> {
 
     /// Forgets the path of `ino` after an unlink, so the next lookup asks again.
     pub fn unlinked(&self, ino: u64) {
+        if let Ok((path, _)) = self.path_of(ino) {
+            self.forget_departure(&path);
+        }
         self.table().unlink(ino);
     }
 

@@ -158,12 +158,14 @@ impl Statahead {
 
     fn send<S: ObjectStore>(&self, store: &Arc<S>, key: &str) -> Arc<Answer> {
         let (store, key, permits) = (store.clone(), key.to_owned(), self.permits.clone());
+        // Taken before the HEAD can go out: an answer is never older than this says.
+        let sent = Instant::now();
         let task = tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.ok()?;
             store.head(&key).await.ok()
         });
         Arc::new(Answer {
-            sent: Instant::now(),
+            sent,
             task: Mutex::new(Some(task)),
             meta: OnceCell::new(),
         })

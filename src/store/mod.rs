@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-pub use s3::{S3Store, S3StoreConfig};
+pub use s3::{DEFAULT_REQUEST_TIMEOUT, S3Store, S3StoreConfig, TRANSFER_TIMEOUT_FACTOR};
 pub use tree::{CopyFrom, MAX_COPY_OBJECT, TreeObject};
 
 /// What HEAD (or a listing) tells about one object version.

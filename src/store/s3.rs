@@ -32,7 +32,21 @@ pub struct S3StoreConfig {
     pub force_path_style: bool,
     /// How long a TCP/TLS connect may take before the attempt fails.
     pub connect_timeout: Duration,
+    /// How long an attempt may wait for the server to begin its answer (response headers,
+    /// counted from when the request starts to go out) before it fails and is retried; requests
+    /// that carry a body or copy on the server get [`TRANSFER_TIMEOUT_FACTOR`] times as long.
+    pub request_timeout: Duration,
 }
+
+/// How many times `--request-timeout` PutObject, UploadPart, CopyObject and UploadPartCopy get:
+/// their wait includes sending the body (a part of up to 5 GiB, see the S3 multipart limits) or
+/// the server's copy, which some servers finish before they answer.
+pub const TRANSFER_TIMEOUT_FACTOR: u32 = 10;
+
+/// The request timeout unless set (`--request-timeout`): far above a healthy answer's time to
+/// first byte (S3 answers most requests within 100-200 ms), short enough that a server that
+/// never answers costs a FUSE call a few attempts of it, not forever.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The aws-sdk-s3 implementation of [`ObjectStore`].
 #[derive(Debug, Clone)]
@@ -54,6 +68,15 @@ pub struct S3Store {
     listings_encoded: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The client's timeouts: connecting, and waiting for an answer to begin (see
+/// [`S3StoreConfig::request_timeout`]).
+fn timeouts(connect: Duration, request: Duration) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(connect)
+        .read_timeout(request)
+        .build()
+}
+
 impl S3Store {
     /// Builds a client from the default credential/region chain plus `config`.
     pub async fn new(config: &S3StoreConfig) -> Self {
@@ -64,11 +87,7 @@ impl S3Store {
         let shared = loader.load().await;
         let mut builder = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(config.force_path_style)
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(config.connect_timeout)
-                    .build(),
-            );
+            .timeout_config(timeouts(config.connect_timeout, config.request_timeout));
         if shared.region().is_none() {
             builder = builder.region(Region::from_static("us-east-1"));
         }
@@ -77,6 +96,22 @@ impl S3Store {
         }
         builder = builder.interceptor(crate::metrics::S3Metrics);
         Self::over(Client::from_conf(builder.build()), &config.bucket)
+    }
+
+    /// The config override for requests that carry a body or copy on the server: the same
+    /// timeouts with [`TRANSFER_TIMEOUT_FACTOR`] times the read timeout.
+    pub(super) fn transfer_timeouts(&self) -> aws_sdk_s3::config::Builder {
+        let current = self.client.config().timeout_config().cloned();
+        let connect = current.as_ref().and_then(|t| t.connect_timeout());
+        let read = current.as_ref().and_then(|t| t.read_timeout());
+        let mut timeouts = TimeoutConfig::builder();
+        if let Some(connect) = connect {
+            timeouts = timeouts.connect_timeout(connect);
+        }
+        if let Some(read) = read {
+            timeouts = timeouts.read_timeout(read * TRANSFER_TIMEOUT_FACTOR);
+        }
+        aws_sdk_s3::config::Builder::default().timeout_config(timeouts.build())
     }
 
     fn over(client: Client, bucket: &str) -> Self {
@@ -163,7 +198,12 @@ impl S3Store {
                 .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
                 .set_metadata(Some(metadata.clone()));
         }
-        let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
+        let out = req
+            .customize()
+            .config_override(self.transfer_timeouts())
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
         written_etag(
             out.copy_object_result().and_then(|r| r.e_tag()),
             "CopyObject",
@@ -535,6 +575,8 @@ impl ObjectStore for S3Store {
             .set_if_none_match(if_none_match)
             .set_if_match(if_match)
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(self.transfer_timeouts())
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
@@ -577,6 +619,8 @@ impl ObjectStore for S3Store {
             .upload_id(upload_id)
             .part_number(number)
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(self.transfer_timeouts())
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
@@ -604,6 +648,8 @@ impl ObjectStore for S3Store {
             .copy_source(copy_source(&self.bucket, source, None))
             .copy_source_if_match(source_etag)
             .copy_source_range(format!("bytes={start}-{}", end - 1))
+            .customize()
+            .config_override(self.transfer_timeouts())
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;

@@ -198,6 +198,8 @@ impl S3Store {
             .key(to)
             .copy_source(copy_source(from.bucket, from.key, from.version))
             .copy_source_if_match(from.etag)
+            .customize()
+            .config_override(self.transfer_timeouts())
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
@@ -268,7 +270,12 @@ impl S3Store {
             if end > start {
                 req = req.copy_source_range(format!("bytes={start}-{}", end - 1));
             }
-            let out = req.send().await.map_err(|e| classify(e, &self.bucket))?;
+            let out = req
+                .customize()
+                .config_override(self.transfer_timeouts())
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.bucket))?;
             let etag = written_etag(
                 out.copy_part_result().and_then(|r| r.e_tag()),
                 "UploadPartCopy",
@@ -315,6 +322,8 @@ impl S3Store {
             .key(key)
             .content_type("application/json")
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(self.transfer_timeouts())
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;

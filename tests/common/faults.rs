@@ -71,6 +71,8 @@ struct Plan {
     /// after the server gave them.
     hold_listings: Duration,
     hold_next_head: Option<Duration>,
+    /// Answers held so far.
+    held: u64,
     /// A burst under way: its fault and the requests it still takes.
     burst: Option<(Fault, u32)>,
     injected: BTreeMap<Fault, u64>,
@@ -154,6 +156,11 @@ impl FaultProxy {
         self.plan().hold_next_head = Some(hold);
     }
 
+    /// How many answers were held (see [`FaultProxy::hold_listings`]).
+    pub fn held(&self) -> u64 {
+        self.plan().held
+    }
+
     /// Requests seen and faults injected so far, by kind.
     pub fn counts(&self) -> (u64, BTreeMap<Fault, u64>) {
         let plan = self.plan();
@@ -195,6 +202,9 @@ fn choose(shared: &Shared, listing: bool, head: bool) -> (Option<Fault>, Duratio
         (_, true) => plan.hold_next_head.take().unwrap_or_default(),
         _ => Duration::ZERO,
     };
+    if !hold.is_zero() {
+        plan.held += 1;
+    }
     (fault, plan.stall, hold)
 }
 

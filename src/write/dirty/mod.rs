@@ -275,13 +275,19 @@ impl DirtyFiles {
         self.files().get(key).map(|f| f.attr.clone())
     }
 
-    /// `key`'s attributes when it stopped being dirty here (uploaded and closed, unlinked,
-    /// renamed away), if that was at or after `asked`: an answer from S3 to a request sent at
+    /// `key`'s attributes when it stopped being dirty here (its last version uploaded, no
+    /// handle open), if that was at or after `asked`: an answer from S3 to a request sent at
     /// `asked` may describe the version before this mount's last one, and a listing taken then
-    /// may hold the file's attributes from before its last write. Remembered for 10 minutes
-    /// (the last 100 000 keys).
+    /// may hold the file's attributes from before its last write. Remembered for 5 minutes
+    /// (the last 20 000 keys).
     pub fn left_since(&self, key: &str, asked: std::time::Instant) -> Option<DirtyAttr> {
         self.files().departures.since(key, asked)
+    }
+
+    /// Forgets when `key` left (see [`DirtyFiles::left_since`]): its name was renamed over or
+    /// unlinked, and what it was says nothing about what is there now.
+    pub fn forget_departure(&self, key: &str) {
+        self.files().departures.forget(key);
     }
 
     /// Dirty keys that start with `prefix`, with their attributes.

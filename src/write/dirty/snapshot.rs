@@ -163,7 +163,7 @@ impl DirtyFiles {
                         f.in_s3 = Some(f.generation);
                         (None, f.record.clone())
                     } else {
-                        let clean = files.remove(&snapshot.key).expect("present");
+                        let clean = files.remove_uploaded(&snapshot.key).expect("present");
                         (Some(files.unlink(clean)), Arc::default())
                     }
                 }

@@ -42,11 +42,16 @@ impl Table {
         old
     }
 
-    /// Takes `key`'s file out of the table (uploaded and closed, unlinked, renamed away),
-    /// recording when.
     pub(super) fn remove(&mut self, key: &str) -> Option<DirtyFile> {
         let file = self.by_key.remove(key)?;
         self.keys.remove(&file.fid);
+        Some(file)
+    }
+
+    /// Takes `key`'s file out of the table because S3 holds its last version and no handle
+    /// has it open, recording when and its attributes then (see [`Departures`]).
+    pub(super) fn remove_uploaded(&mut self, key: &str) -> Option<DirtyFile> {
+        let file = self.remove(key)?;
         self.departures.record(key, &file.attr);
         Some(file)
     }
@@ -165,29 +170,35 @@ pub(super) enum Journalled {
     Discarded,
 }
 
-/// A new [`FileId`].
-/// When keys stopped being dirty and their attributes then, for
-/// [`DirtyFiles::left_since`](super::DirtyFiles::left_since): the last [`Departures::KEPT`] of
-/// them, none older than [`Departures::WINDOW`].
+/// When keys stopped being dirty because their last version reached S3, and their attributes
+/// then, for [`DirtyFiles::left_since`](super::DirtyFiles::left_since): the last
+/// [`Departures::KEPT`] of them, none older than [`Departures::WINDOW`].
 #[derive(Default)]
 pub(super) struct Departures {
-    last: HashMap<String, (Instant, DirtyAttr)>,
+    last: HashMap<Arc<str>, (Instant, DirtyAttr)>,
     /// Every departure in time order (a key may appear more than once; `last` has its latest).
-    order: VecDeque<(Instant, String)>,
+    order: VecDeque<(Instant, Arc<str>)>,
 }
 
 impl Departures {
     /// How long a departure is remembered: longer than a listing or HEAD takes to be answered
-    /// (retries included, see `store::s3`), after which no answer still on its way was asked
-    /// before it.
-    pub(super) const WINDOW: Duration = Duration::from_secs(600);
-    /// Most departures remembered (~100 bytes each).
-    pub(super) const KEPT: usize = 100_000;
+    /// (3 attempts of `--request-timeout`, 30 s, and backoff), after which no answer still on
+    /// its way was asked before it.
+    pub(super) const WINDOW: Duration = Duration::from_secs(300);
+    /// Most departures remembered: ~250 bytes each with a 100-byte key (5 MiB), 100 files
+    /// uploaded a second for 200 s.
+    pub(super) const KEPT: usize = 20_000;
 
     pub(super) fn record(&mut self, key: &str, attr: &DirtyAttr) {
         let now = Instant::now();
-        self.last.insert(key.to_owned(), (now, attr.clone()));
-        self.order.push_back((now, key.to_owned()));
+        let key: Arc<str> = Arc::from(key);
+        self.last.insert(key.clone(), (now, attr.clone()));
+        self.order.push_back((now, key));
+        self.prune(now);
+    }
+
+    /// Drops departures beyond [`Departures::KEPT`] or older than [`Departures::WINDOW`].
+    fn prune(&mut self, now: Instant) {
         while let Some((when, _)) = self.order.front()
             && (self.order.len() > Self::KEPT || now.duration_since(*when) > Self::WINDOW)
         {
@@ -198,6 +209,11 @@ impl Departures {
         }
     }
 
+    /// Forgets `key`'s departure: the name now leads elsewhere (renamed over, unlinked).
+    pub(super) fn forget(&mut self, key: &str) {
+        self.last.remove(key);
+    }
+
     /// How many departures are held (at most [`Departures::KEPT`] keys, each once).
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
@@ -205,12 +221,14 @@ impl Departures {
     }
 
     /// `key`'s attributes when it left, if it left at or after `asked`.
-    pub(super) fn since(&self, key: &str, asked: Instant) -> Option<DirtyAttr> {
+    pub(super) fn since(&mut self, key: &str, asked: Instant) -> Option<DirtyAttr> {
+        self.prune(Instant::now());
         let (left, attr) = self.last.get(key)?;
         (*left >= asked).then(|| attr.clone())
     }
 }
 
+/// A new [`FileId`].
 pub(super) fn new_fid() -> FileId {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
