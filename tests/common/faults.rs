@@ -67,6 +67,8 @@ struct Plan {
     rate: f64,
     kinds: Vec<Fault>,
     stall: Duration,
+    /// Faults only for requests that change the bucket (PUT, POST, DELETE).
+    writes_only: bool,
     /// How long answers to listings (ListObjectsV2), and the next HEAD's answer, are held
     /// after the server gave them.
     hold_listings: Duration,
@@ -133,6 +135,14 @@ impl FaultProxy {
         plan.rate = rate;
         plan.kinds = kinds.to_vec();
         plan.burst = None;
+        plan.writes_only = false;
+    }
+
+    /// [`FaultProxy::inject`] for requests that change the bucket only (PUT, POST, DELETE:
+    /// uploads, copies, deletes); reads, HEADs and listings pass untouched.
+    pub fn inject_on_writes(&self, rate: f64, kinds: &[Fault]) {
+        self.inject(rate, kinds);
+        self.plan().writes_only = true;
     }
 
     /// Stops injecting faults (requests held by a stall still finish their wait).
@@ -176,10 +186,17 @@ impl Drop for FaultProxy {
 
 /// The fault for the next request, if any, how long a stall lasts and how long its answer is
 /// held once given (`listing`: the request is a ListObjectsV2; else a HEAD or not held).
-fn choose(shared: &Shared, listing: bool, head: bool) -> (Option<Fault>, Duration, Duration) {
+fn choose(
+    shared: &Shared,
+    listing: bool,
+    head: bool,
+    write: bool,
+) -> (Option<Fault>, Duration, Duration) {
     let mut plan = shared.plan.lock().unwrap_or_else(|e| e.into_inner());
     plan.requests += 1;
-    let fault = if let Some((fault, left)) = plan.burst {
+    let fault = if plan.writes_only && !write {
+        None
+    } else if let Some((fault, left)) = plan.burst {
         plan.burst = (left > 1).then_some((fault, left - 1));
         Some(fault)
     } else {
@@ -287,7 +304,11 @@ async fn handle(
             .uri
             .query()
             .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
-    let (fault, stall, hold) = choose(shared, listing, parts.method == hyper::Method::HEAD);
+    let write = matches!(
+        parts.method,
+        hyper::Method::PUT | hyper::Method::POST | hyper::Method::DELETE
+    );
+    let (fault, stall, hold) = choose(shared, listing, parts.method == hyper::Method::HEAD, write);
     match fault {
         Some(Fault::Latency) => {
             let ms = rand::rng().random_range(50..300);
