@@ -297,16 +297,6 @@ fn kill_9_while_s3_misbehaves_loses_nothing_acknowledged() {
     torture("torturefaults", Some(&proxy));
 }
 
-/// Faults the SDK retries: no operation is expected to fail because of them.
-const RETRIED: [Fault; 6] = [
-    Fault::Latency,
-    Fault::ResetBeforeAnswer,
-    Fault::ResetMidBody,
-    Fault::TruncatedWrongLength,
-    Fault::ServerError,
-    Fault::SlowDown,
-];
-
 /// The torture run on bucket `name`; with `proxy`, through it, faults on while uploads run
 /// and keepfs is killed.
 fn torture(name: &str, proxy: Option<&FaultProxy>) {
@@ -345,7 +335,7 @@ fn torture(name: &str, proxy: Option<&FaultProxy>) {
         // The background uploads meet faults while the workload runs (its own reads and
         // lookups pass untouched: an error there would be the fault's, not keepfs's).
         if let Some(proxy) = proxy {
-            proxy.inject_on_writes(0.2, &RETRIED);
+            proxy.inject_on_writes(0.2, &Fault::retried());
         }
         for _ in 0..rng.random_range(3..15) {
             step(&mut rng, m.path(), &mut model, &mut open);
@@ -353,7 +343,7 @@ fn torture(name: &str, proxy: Option<&FaultProxy>) {
         }
         // A random moment of the background uploads.
         if let Some(proxy) = proxy {
-            proxy.inject(0.2, &RETRIED);
+            proxy.inject(0.2, &Fault::retried());
         }
         // Through the proxy, long enough for uploads to begin (they wait a moment after a
         // close for more changes) and meet the faults.

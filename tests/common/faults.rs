@@ -56,6 +56,15 @@ impl Fault {
         Fault::NotFound,
         Fault::Stall,
     ];
+
+    /// The kinds the SDK retries (throttling, 5xx, broken or cut answers, slowness): no
+    /// operation is expected to fail because of them alone.
+    pub fn retried() -> Vec<Fault> {
+        Fault::ALL
+            .into_iter()
+            .filter(|k| !matches!(k, Fault::Forbidden | Fault::NotFound | Fault::Stall))
+            .collect()
+    }
 }
 
 /// Requests that make up a burst, the first included.
