@@ -76,8 +76,8 @@ struct Plan {
     rate: f64,
     kinds: Vec<Fault>,
     stall: Duration,
-    /// Faults only for requests that change the bucket (PUT, POST, DELETE).
-    writes_only: bool,
+    /// Faults only for requests that upload (see [`FaultProxy::inject_on_uploads`]).
+    uploads_only: bool,
     /// How long answers to listings (ListObjectsV2), and the next HEAD's answer, are held
     /// after the server gave them.
     hold_listings: Duration,
@@ -144,14 +144,16 @@ impl FaultProxy {
         plan.rate = rate;
         plan.kinds = kinds.to_vec();
         plan.burst = None;
-        plan.writes_only = false;
+        plan.uploads_only = false;
     }
 
-    /// [`FaultProxy::inject`] for requests that change the bucket only (PUT, POST, DELETE:
-    /// uploads, copies, deletes); reads, HEADs and listings pass untouched.
-    pub fn inject_on_writes(&self, rate: f64, kinds: &[Fault]) {
+    /// [`FaultProxy::inject`] for uploads only: PUT without `x-amz-copy-source` (PutObject,
+    /// UploadPart) and POST but DeleteObjects (create and complete a multipart upload). keepfs runs them in the
+    /// background, so no system call waits for them; reads, lookups, listings, and the copies
+    /// and deletes a rename or unlink waits for, pass untouched.
+    pub fn inject_on_uploads(&self, rate: f64, kinds: &[Fault]) {
         self.inject(rate, kinds);
-        self.plan().writes_only = true;
+        self.plan().uploads_only = true;
     }
 
     /// Stops injecting faults (requests held by a stall still finish their wait).
@@ -199,11 +201,11 @@ fn choose(
     shared: &Shared,
     listing: bool,
     head: bool,
-    write: bool,
+    upload: bool,
 ) -> (Option<Fault>, Duration, Duration) {
     let mut plan = shared.plan.lock().unwrap_or_else(|e| e.into_inner());
     plan.requests += 1;
-    let fault = if plan.writes_only && !write {
+    let fault = if plan.uploads_only && !upload {
         None
     } else if let Some((fault, left)) = plan.burst {
         plan.burst = (left > 1).then_some((fault, left - 1));
@@ -313,11 +315,14 @@ async fn handle(
             .uri
             .query()
             .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
-    let write = matches!(
-        parts.method,
-        hyper::Method::PUT | hyper::Method::POST | hyper::Method::DELETE
-    );
-    let (fault, stall, hold) = choose(shared, listing, parts.method == hyper::Method::HEAD, write);
+    // POST ?delete is DeleteObjects, not an upload.
+    let upload = parts.method == hyper::Method::POST
+        && !parts
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "delete" || p == "delete="))
+        || parts.method == hyper::Method::PUT && !parts.headers.contains_key("x-amz-copy-source");
+    let (fault, stall, hold) = choose(shared, listing, parts.method == hyper::Method::HEAD, upload);
     match fault {
         Some(Fault::Latency) => {
             let ms = rand::rng().random_range(50..300);
