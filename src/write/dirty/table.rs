@@ -20,7 +20,7 @@ pub(super) struct Table {
     /// Files unlinked, renamed over or replaced while handles had them open: they live, with
     /// no journal record (never uploaded), until their last handle is released.
     pub(super) unlinked: HashMap<FileId, DirtyFile>,
-    /// When keys last left `by_key`.
+    /// When keys left `by_key` because their last version reached S3 (see [`Departures`]).
     pub(super) departures: Departures,
 }
 
