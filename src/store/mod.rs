@@ -8,6 +8,7 @@ mod keys;
 pub mod probe;
 mod s3;
 mod tree;
+mod whole;
 
 use std::collections::HashMap;
 use std::future::Future;

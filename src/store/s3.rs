@@ -94,7 +94,9 @@ impl S3Store {
         if let Some(url) = &config.endpoint_url {
             builder = builder.endpoint_url(url);
         }
-        builder = builder.interceptor(crate::metrics::S3Metrics);
+        builder = builder
+            .interceptor(crate::metrics::S3Metrics)
+            .interceptor(super::whole::WholeReplies);
         Self::over(Client::from_conf(builder.build()), &config.bucket)
     }
 
@@ -131,6 +133,7 @@ impl S3Store {
             .config()
             .to_builder()
             .interceptor(crate::metrics::S3Metrics)
+            .interceptor(super::whole::WholeReplies)
             .build();
         Self::over(Client::from_conf(config), bucket)
     }
@@ -301,6 +304,22 @@ pub(super) fn check_listing(
     }
 }
 
+/// The continuation token of a ListObjectsV2 reply: `None` on the last page; a reply that
+/// says it is truncated but gives no token can't be continued and is refused rather than
+/// taken as the end.
+pub(super) fn next_token(
+    is_truncated: Option<bool>,
+    token: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    match (is_truncated.unwrap_or(false), token) {
+        (false, _) => Ok(None),
+        (true, Some(token)) if !token.is_empty() => Ok(Some(token.to_owned())),
+        (true, _) => Err(StoreError::Other(
+            "listing reply truncated without a continuation token (cut short?)".to_owned(),
+        )),
+    }
+}
+
 /// The ETag a write's XML reply must carry (CompleteMultipartUpload, CopyObject,
 /// UploadPartCopy); a reply without one was cut short. PutObject and UploadPart send theirs
 /// as a header, which a cut body can't lose (and s3s-fs omits for `dir/` markers).
@@ -407,11 +426,7 @@ impl S3Store {
             .iter()
             .filter_map(|p| listed_key(p.prefix()?, encoded))
             .collect();
-        let next_token = if out.is_truncated().unwrap_or(false) {
-            out.next_continuation_token().map(str::to_owned)
-        } else {
-            None
-        };
+        let next_token = next_token(out.is_truncated(), out.next_continuation_token())?;
         Ok(ListPage {
             objects,
             prefixes,
@@ -733,5 +748,35 @@ impl ObjectStore for S3Store {
             Ok(_) | Err(StoreError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_reply_that_says_less_than_it_holds_is_refused() {
+        assert!(check_listing(None, None, 0).is_err(), "no IsTruncated");
+        assert!(
+            check_listing(Some(false), Some(100), 50).is_err(),
+            "KeyCount above"
+        );
+        assert!(check_listing(Some(false), Some(100), 100).is_ok());
+        // Servers that count keys only send less than the entries with prefixes.
+        assert!(check_listing(Some(true), Some(10), 12).is_ok());
+        assert!(check_listing(Some(false), None, 3).is_ok());
+    }
+
+    #[test]
+    fn a_truncated_listing_needs_a_token_to_go_on() {
+        assert_eq!(next_token(Some(false), Some("k")).unwrap(), None);
+        assert_eq!(next_token(None, None).unwrap(), None);
+        assert_eq!(
+            next_token(Some(true), Some("k")).unwrap().as_deref(),
+            Some("k")
+        );
+        assert!(next_token(Some(true), None).is_err());
+        assert!(next_token(Some(true), Some("")).is_err());
     }
 }

@@ -11,7 +11,9 @@ use aws_sdk_s3::types::{BucketVersioningStatus, EncodingType};
 use bytes::Bytes;
 
 use super::keys::listed_key;
-use super::s3::{S3Store, check_listing, classify, copy_source, to_system_time, written_etag};
+use super::s3::{
+    S3Store, check_listing, classify, copy_source, next_token, to_system_time, written_etag,
+};
 use super::{ObjectStore, Precondition, StoreError};
 
 /// The largest object one CopyObject may copy: 5 GiB
@@ -169,11 +171,7 @@ impl S3Store {
                     });
                 }
                 progress(objects.len());
-                token = out
-                    .is_truncated()
-                    .unwrap_or(false)
-                    .then(|| out.next_continuation_token().map(str::to_owned))
-                    .flatten();
+                token = next_token(out.is_truncated(), out.next_continuation_token())?;
                 if token.is_none() {
                     break;
                 }

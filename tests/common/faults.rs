@@ -29,6 +29,8 @@ pub enum Fault {
     /// The answer's headers and half of its body, then the connection breaks.
     ResetMidBody,
     /// Half of the body with a `Content-Length` that says so: a well-formed, short answer.
+    /// An XML body is cut after the last end of a tag in its first half, where a reader
+    /// that takes the end of the input for the end of the document sees nothing wrong.
     TruncatedWrongLength,
     /// 500 InternalError, the request not forwarded.
     ServerError,
@@ -356,6 +358,12 @@ async fn handle(
             Ok(hyper::Response::from_parts(answer, stream.boxed()))
         }
         Some(Fault::TruncatedWrongLength) if body.len() > 1 => {
+            let half = if body.starts_with(b"<") {
+                let end = half.iter().rposition(|b| *b == b'>').map_or(0, |at| at + 1);
+                body.slice(..end)
+            } else {
+                half
+            };
             answer.headers.insert(
                 hyper::header::CONTENT_LENGTH,
                 hyper::header::HeaderValue::from(half.len()),
