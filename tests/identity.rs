@@ -574,6 +574,122 @@ fn special_files_and_timestamps_survive_a_remount_from_s3() {
     check(m.path());
 }
 
+/// A listing gives an object's size and LastModified, not the mode, owner and times keepfs keeps
+/// in its metadata: what the kernel is told of a listed file must still be what a HEAD says,
+/// from the first `ls -l` on a fresh mount. Found with `tar -c` of a directory just listed:
+/// "file changed as we read it" (exit 1), the listing's ctime against the HEAD's; and with
+/// `--allow-other` the listing's 0644 let others open a 0600 file.
+#[test]
+fn listed_files_show_their_stored_modes_and_times_from_the_first_ls() {
+    let s = server();
+    let bucket = s.bucket("listattrs");
+    let m = Mount::new(&format!("s3://{bucket}"), &[]);
+    fs::create_dir(m.path().join("d")).unwrap();
+    // Small (could be a symlink), past the symlink bound, and several blocks.
+    let files = [
+        ("small", 10, 0o600),
+        ("mid", 5_000, 0o640),
+        ("big", 700_000, 0o400),
+    ];
+    let c = |p: &std::path::Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    for (i, (name, size, mode)) in files.iter().enumerate() {
+        let path = m.path().join("d").join(name);
+        fs::write(&path, pattern(*size, i as u64)).unwrap();
+        let times = [
+            libc::timespec {
+                tv_sec: 1_500_000_000 + i as i64,
+                tv_nsec: 0,
+            },
+            libc::timespec {
+                tv_sec: 1_600_000_000 + i as i64,
+                tv_nsec: 250_000_000,
+            },
+        ];
+        // SAFETY: utimensat on a valid path with two valid timespecs.
+        assert_eq!(
+            unsafe { libc::utimensat(libc::AT_FDCWD, c(&path).as_ptr(), times.as_ptr(), 0) },
+            0
+        );
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
+    }
+    let stat = |root: &std::path::Path| -> Vec<(u32, i64, i64, i64, u64)> {
+        files
+            .iter()
+            .map(|(name, _, _)| {
+                let meta = fs::symlink_metadata(root.join("d").join(name)).unwrap();
+                (
+                    meta.mode(),
+                    meta.mtime(),
+                    meta.mtime_nsec(),
+                    meta.ctime(),
+                    meta.size(),
+                )
+            })
+            .collect()
+    };
+    let here = stat(m.path());
+    flush(&m);
+    drop(m);
+    // From S3 alone, with a long TTL: whatever the listing hands the kernel, it keeps that long.
+    let empty = tempfile::tempdir().unwrap();
+    let m = Mount::new(
+        &format!("s3://{bucket}"),
+        &[
+            "--cache-dir",
+            empty.path().to_str().unwrap(),
+            "--metadata-ttl",
+            "300",
+        ],
+    );
+    let ls = |m: &Mount| {
+        let out = std::process::Command::new("ls")
+            .args(["-l", "--time-style=+%s.%N"])
+            .arg(m.path().join("d"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = ls(&m);
+    assert_eq!(
+        stat(m.path()),
+        here,
+        "after ls -l of a fresh mount\n{listed}"
+    );
+    for (i, (name, _, mode)) in files.iter().enumerate() {
+        let line = listed
+            .lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .unwrap();
+        let shown = match mode {
+            0o600 => "-rw-------",
+            0o640 => "-rw-r-----",
+            _ => "-r--------",
+        };
+        assert!(line.starts_with(shown), "{name}: {line}");
+        assert!(
+            line.contains(&format!(" {}.250000000 ", 1_600_000_000 + i)),
+            "{name}'s mtime: {line}"
+        );
+    }
+    // tar reads each file between two stats and compares them.
+    let tar = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg("/dev/null")
+        .arg("-C")
+        .arg(m.path())
+        .arg("d")
+        .output()
+        .unwrap();
+    assert!(
+        tar.status.success(),
+        "tar -c: {}",
+        String::from_utf8_lossy(&tar.stderr)
+    );
+    assert_eq!(stat(m.path()), here, "after reading every file");
+    assert_eq!(ls(&m), listed, "a second ls -l");
+}
+
 /// What happens to a file while a descriptor has it open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Change {

@@ -300,6 +300,13 @@ fn other_users_get_what_the_modes_allow_and_nothing_without_allow_other() {
         !as_nobody(&format!("cat {p}/private.txt")),
         "0600: not readable"
     );
+    // Larger than a symlink could be: nothing but a HEAD tells its mode.
+    std::fs::write(m.path().join("private.bin"), vec![7u8; 100_000]).unwrap();
+    std::fs::set_permissions(
+        m.path().join("private.bin"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     common::flush(&m);
     assert_eq!(
         s.get(&bucket, "shared/theirs.txt").as_deref(),
@@ -307,4 +314,36 @@ fn other_users_get_what_the_modes_allow_and_nothing_without_allow_other() {
     );
     let meta = s.metadata(&bucket, "shared/theirs.txt").unwrap();
     assert_eq!(meta.get("uid").map(String::as_str), Some("65534"));
+    drop(m);
+    // A fresh mount: a listing shows the private files before anything HEADed them. The
+    // kernel checks permissions against what it was told; it must never be the listing's
+    // default 0644.
+    let empty = tempfile::tempdir().unwrap();
+    let m = Mount::new(
+        &format!("s3://{bucket}"),
+        &[
+            "--allow-other",
+            "--metadata-ttl",
+            "300",
+            "--cache-dir",
+            empty.path().to_str().unwrap(),
+        ],
+    );
+    let p = m.path().display().to_string();
+    assert!(
+        as_nobody(&format!("ls -l {p} >/dev/null")),
+        "listing the root"
+    );
+    for name in ["private.txt", "private.bin"] {
+        assert!(
+            !as_nobody(&format!("cat {p}/{name} >/dev/null 2>&1")),
+            "{name} (0600) read by another user after a listing"
+        );
+        let mode = std::fs::metadata(m.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    assert!(as_nobody(&format!("cat {p}/public.txt >/dev/null")));
 }

@@ -79,9 +79,9 @@ pub(super) fn readdirplus<S: ObjectStore>(
             Err(e) => return reply.error(errno(op, &e)),
         };
         let fattr = fuse_attr(fs, &attr);
-        // The kernel looks up (HEADs) a listed object that may be a symlink before
-        // trusting its type.
-        let entry_ttl = if entry.may_be_symlink() {
+        // The kernel looks up (HEADs) a listed object before trusting its type, mode,
+        // owner and times: only a HEAD tells them.
+        let entry_ttl = if entry.unverified() {
             Duration::ZERO
         } else {
             ttl

@@ -83,11 +83,15 @@ const META_RDEV: &str = "rdev";
 /// symlink.
 pub const MAX_SYMLINK_TARGET: u32 = 4096;
 
-/// Whether `attr`, known without HEAD metadata (`from_head` false), may belong to a symlink:
-/// a listing can't tell a small object holding a link target from a file. Larger objects
-/// can't be symlinks.
-pub fn may_be_symlink(attr: &Attr, from_head: bool) -> bool {
-    !from_head && attr.kind == NodeKind::File && attr.size <= u64::from(MAX_SYMLINK_TARGET)
+/// Whether `attr`, known without HEAD metadata (`from_head` false), may differ from what a
+/// HEAD would say: a listing gives an object's size, ETag and LastModified only, so a small
+/// object holding a link target looks like a file, and the mode, owner and times keepfs keeps
+/// in `x-amz-meta-*` show as the defaults and LastModified. Such attributes are never handed
+/// to the kernel to keep: it would check permissions against them (a 0600 object readable by
+/// others with `--allow-other`), and `tar` and `rsync` would see a file's times change once
+/// something HEADs it.
+pub fn unverified(attr: &Attr, from_head: bool) -> bool {
+    !from_head && attr.kind == NodeKind::File
 }
 
 /// The `x-amz-meta-*` that store `mode` (type bits included), owner and mtime.

@@ -43,10 +43,10 @@ pub struct Listed {
 }
 
 impl Listed {
-    /// Whether this listed object may really be a symlink (see [`attr::may_be_symlink`]);
-    /// files written on this mount are known.
-    pub fn may_be_symlink(&self) -> bool {
-        self.from_server && attr::may_be_symlink(&self.attr, self.from_head)
+    /// Whether this listed object's attributes are only the listing's (see
+    /// [`attr::unverified`]); files written on this mount are known.
+    pub fn unverified(&self) -> bool {
+        self.from_server && attr::unverified(&self.attr, self.from_head)
     }
 }
 
@@ -372,10 +372,11 @@ impl<S: ObjectStore> Namespace<S> {
         }
         {
             let mut table = self.table();
-            // A small object known only from a listing may be a symlink: ask (HEAD).
+            // An object known only from a listing may be a symlink, and its mode, owner and
+            // times are the listing's guesses: ask (HEAD).
             if let Some(node) = table.find(&path)
                 && node.validated_within(self.ttl)
-                && !attr::may_be_symlink(&node.attr, node.from_head)
+                && !attr::unverified(&node.attr, node.from_head)
             {
                 let attr = node.attr.clone();
                 table.add_lookup(attr.ino);
@@ -518,7 +519,10 @@ impl<S: ObjectStore> Namespace<S> {
             let table = self.table();
             let node = table.get(ino).ok_or(FsError::StaleInode(ino))?;
             // An unlinked or replaced inode keeps what it was: its key is someone else's now.
-            let fresh = node.validated_within(self.ttl) || !table.is_linked(ino);
+            // What a listing alone said is never fresh.
+            let fresh = (node.validated_within(self.ttl)
+                && !attr::unverified(&node.attr, node.from_head))
+                || !table.is_linked(ino);
             (node.path.clone(), node.attr.clone(), fresh)
         };
         // Directories carry nothing to re-validate; the root always exists.
@@ -803,7 +807,7 @@ impl<S: ObjectStore> Namespace<S> {
             let objects = entries
                 .values()
                 // Only these get lookups while the listing is fresh (see fs/listing.rs).
-                .filter(|e| e.may_be_symlink())
+                .filter(|e| e.unverified())
                 .map(|e| (e.name.clone(), self.object_key(&join(&dir, &e.name))))
                 .collect();
             self.statahead.listed(&dir, objects);

@@ -60,7 +60,7 @@ impl Answer {
 /// The listed objects of one directory, in name order, and the answers sent for them.
 struct DirAhead {
     /// `(name, key)` of the objects the listing showed that the kernel will look up: those
-    /// that may be symlinks (the kernel is told not to trust their listed type).
+    /// known from the listing only (the kernel is told not to keep their attributes).
     names: Vec<(String, String)>,
     state: Mutex<DirState>,
 }
