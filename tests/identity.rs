@@ -641,15 +641,7 @@ fn listed_files_show_their_stored_modes_and_times_from_the_first_ls() {
             "300",
         ],
     );
-    let ls = |m: &Mount| {
-        let out = std::process::Command::new("ls")
-            .args(["-l", "--time-style=+%s.%N"])
-            .arg(m.path().join("d"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let ls = |m: &Mount| common::ls_l(&m.path().join("d"), "%s.%N");
     let listed = ls(&m);
     assert_eq!(
         stat(m.path()),

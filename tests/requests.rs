@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
 use common::scrape::{delta, metrics_addr, scrape};
@@ -28,7 +27,13 @@ fn ls_l_heads_each_listed_object_once_and_sends_no_per_entry_listing() {
     const FILES: usize = 90;
     const LINKS: usize = 10;
     // Half small enough to be symlinks, half larger.
-    let size = |i: usize| if i.is_multiple_of(2) { 100 + i } else { 5_000 + i };
+    let size = |i: usize| {
+        if i.is_multiple_of(2) {
+            100 + i
+        } else {
+            5_000 + i
+        }
+    };
     let s = server();
     let bucket = s.bucket("statahead");
     let source = format!("s3://{bucket}");
@@ -57,15 +62,7 @@ fn ls_l_heads_each_listed_object_once_and_sends_no_per_entry_listing() {
     );
     let addr = metrics_addr(&m);
     assert!(m.path().join("d").is_dir());
-    let ls_l = || {
-        let out = Command::new("ls")
-            .args(["-l", "--time-style=+"])
-            .arg(m.path().join("d"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let ls_l = || common::ls_l(&m.path().join("d"), "");
     let (_, before) = scrape(&addr);
     let listing = ls_l();
     let (_, after) = scrape(&addr);

@@ -758,6 +758,18 @@ pub fn skipped(message: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
 }
 
+/// `ls -l` of `dir` with times as `ls --time-style=+FORMAT` shows them; its output.
+pub fn ls_l(dir: &Path, time_format: &str) -> String {
+    let out = std::process::Command::new("ls")
+        .arg("-l")
+        .arg(format!("--time-style=+{time_format}"))
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub fn sha256(data: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(data);
