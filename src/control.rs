@@ -112,6 +112,18 @@ fn default_request_timeout_ms() -> u64 {
 }
 
 impl MountRecord {
+    /// How to reach the bucket again, as the mount did.
+    pub fn store_config(&self) -> crate::store::S3StoreConfig {
+        crate::store::S3StoreConfig {
+            bucket: self.bucket.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            force_path_style: self.force_path_style,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+
     /// Records it in cache directory `dir` (atomically).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;

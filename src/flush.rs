@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::CacheDir;
 use crate::control::{self, Live, MountRecord};
-use crate::store::{S3Store, S3StoreConfig};
+use crate::store::{ObjectStore, S3Store};
 use crate::write::renames::DirRenames;
 use crate::write::{DirtyFiles, UploadConfig, Uploader};
 
@@ -205,14 +205,18 @@ fn upload_here(
         .enable_all()
         .build()
         .map_err(io("starting the runtime"))?;
-    let store = runtime.block_on(S3Store::new(&S3StoreConfig {
-        bucket: record.bucket.clone(),
-        endpoint_url: record.endpoint_url.clone(),
-        region: record.region.clone(),
-        force_path_style: record.force_path_style,
-        connect_timeout: Duration::from_millis(record.connect_timeout_ms),
-        request_timeout: Duration::from_millis(record.request_timeout_ms),
-    }));
+    let config = record.store_config();
+    let store = runtime.block_on(S3Store::new(&config));
+    // The check also finds how the server encodes listings, which finishing a directory
+    // rename reads. Not reaching S3 now is no reason to stop: uploads retry until the timeout.
+    let prefix = record
+        .source
+        .parse::<crate::config::S3Url>()
+        .map(|url| url.prefix)
+        .unwrap_or_default();
+    if let Err(e) = runtime.block_on(store.check_access(&prefix)) {
+        tracing::warn!("checking access to {}: {e}", record.source);
+    }
     runtime.block_on(renames.finish_interrupted(&store));
     if renames.has_pending() {
         return Err(FlushError::Io {

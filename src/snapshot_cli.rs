@@ -22,6 +22,15 @@ struct Located {
     cache_dir: Option<PathBuf>,
 }
 
+impl Located {
+    /// The store, its access checked (see [`S3Store::connect`]).
+    fn store(&self, runtime: &tokio::runtime::Runtime) -> Result<S3Store> {
+        runtime
+            .block_on(S3Store::connect(&self.config, &self.source.prefix))
+            .with_context(|| format!("reaching {}", self.source))
+    }
+}
+
 fn locate(at: &SnapshotLocation) -> Result<Located> {
     let cache_dir = match (&at.cache_dir, &at.target) {
         (Some(dir), _) => Some(dir.clone()),
@@ -39,14 +48,7 @@ fn locate(at: &SnapshotLocation) -> Result<Located> {
             })?;
             Ok(Located {
                 source: record.source.parse()?,
-                config: S3StoreConfig {
-                    bucket: record.bucket,
-                    endpoint_url: record.endpoint_url,
-                    region: record.region,
-                    force_path_style: record.force_path_style,
-                    connect_timeout: Duration::from_millis(record.connect_timeout_ms),
-                    request_timeout: Duration::from_millis(record.request_timeout_ms),
-                },
+                config: record.store_config(),
                 cache_dir: Some(dir),
             })
         }
@@ -140,7 +142,7 @@ pub fn run(command: &SnapshotCommand) -> Result<()> {
                     }
                     let bar = Bar::new();
                     let report = |p: Progress| bar.show(&p);
-                    let store = runtime.block_on(S3Store::new(&located.config));
+                    let store = located.store(&runtime)?;
                     let manifest = runtime.block_on(async {
                         take::check_absent(&store, &located.source.prefix, name).await?;
                         take::record(&store, &located.source, name, 0, Vec::new(), &report).await
@@ -164,7 +166,7 @@ pub fn run(command: &SnapshotCommand) -> Result<()> {
         }
         SnapshotCommand::List { at, json } => {
             let located = locate(at)?;
-            let store = runtime.block_on(S3Store::new(&located.config));
+            let store = located.store(&runtime)?;
             let listed = runtime.block_on(restore::list(&store, &located.source))?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&listed)?);
@@ -193,7 +195,7 @@ pub fn run(command: &SnapshotCommand) -> Result<()> {
         }
         SnapshotCommand::Delete { name, at } => {
             let located = locate(at)?;
-            let store = runtime.block_on(S3Store::new(&located.config));
+            let store = located.store(&runtime)?;
             let bar = Bar::new();
             let report = |p: Progress| bar.show(&p);
             let n = runtime.block_on(restore::delete(&store, &located.source, name, &report))?;
@@ -211,14 +213,19 @@ pub fn run(command: &SnapshotCommand) -> Result<()> {
                 Some(to) => to.parse()?,
                 None => located.source.clone(),
             };
-            let store = runtime.block_on(S3Store::new(&located.config));
+            let store = located.store(&runtime)?;
             let into = if target.bucket == located.source.bucket {
                 store.clone()
             } else {
-                runtime.block_on(S3Store::new(&S3StoreConfig {
-                    bucket: target.bucket.clone(),
-                    ..located.config.clone()
-                }))
+                runtime
+                    .block_on(S3Store::connect(
+                        &S3StoreConfig {
+                            bucket: target.bucket.clone(),
+                            ..located.config.clone()
+                        },
+                        &target.prefix,
+                    ))
+                    .with_context(|| format!("reaching {target}"))?
             };
             let bar = Bar::new();
             let report = |p: Progress| bar.show(&p);

@@ -146,6 +146,8 @@ fn write_tree(root: &Path) {
     std::fs::set_permissions(root.join("a/b/secret"), PermissionsExt::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink("one.bin", root.join("a/link")).unwrap();
     std::fs::write(root.join("doomed.txt"), b"deleted after the snapshot").unwrap();
+    // Names a listing must encode and decode exactly (s3s-fs only echoes EncodingType).
+    std::fs::write(root.join("a/plus+percent%41 space.txt"), b"odd name").unwrap();
 }
 
 #[test]
@@ -153,6 +155,47 @@ fn snapshot_list_view_restore_and_delete() {
     let _serial = one_at_a_time();
     for versioned in bucket_kinds() {
         round_trip(versioned);
+    }
+}
+
+/// `keepfs snapshot` by URL, without a mount: names a listing must encode and decode exactly
+/// are recorded and restored as they are (the command probes how the server encodes
+/// listings, as a mount does; s3s-fs only echoes `EncodingType`).
+#[test]
+fn a_snapshot_by_url_keeps_names_that_need_encoding() {
+    let _one = one_at_a_time();
+    let s = server();
+    let bucket = s.bucket("snap-names");
+    let names = [
+        "plus+sign",
+        "percent%41",
+        "space in it",
+        "caf\u{e9}",
+        "a/b%2Fc+d",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        s.put(
+            &bucket,
+            &format!("vol/{name}"),
+            &pattern(1000 + i, i as u64),
+        );
+    }
+    let flags = s3_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let source = format!("s3://{bucket}/vol");
+    let mut create = vec!["create", "n1", &source];
+    create.extend(&flags);
+    snapshot_ok(&create);
+    let to = format!("s3://{bucket}/back");
+    let mut restore = vec!["restore", "n1", &source, "--to", &to];
+    restore.extend(&flags);
+    snapshot_ok(&restore);
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(
+            s.get(&bucket, &format!("back/{name}")).map(|b| sha256(&b)),
+            Some(sha256(&pattern(1000 + i, i as u64))),
+            "{name} restored"
+        );
     }
 }
 

@@ -100,6 +100,19 @@ impl S3Store {
         Self::over(Client::from_conf(builder.build()), &config.bucket)
     }
 
+    /// [`S3Store::new`], then [`ObjectStore::check_access`] of `prefix`: what the commands
+    /// that work on a bucket without a mount (`keepfs snapshot`, `keepfs flush`) start with,
+    /// so that a wrong bucket or credentials is a clear error before any work, and listing
+    /// replies are decoded as the server really sends them.
+    ///
+    /// # Errors
+    /// The check's [`StoreError`]: `NoSuchBucket`, `AccessDenied`, unreachable, ...
+    pub async fn connect(config: &S3StoreConfig, prefix: &str) -> Result<Self, StoreError> {
+        let store = Self::new(config).await;
+        store.check_access(prefix).await?;
+        Ok(store)
+    }
+
     /// The config override for requests that carry a body or copy on the server: the same
     /// timeouts with [`TRANSFER_TIMEOUT_FACTOR`] times the read timeout.
     pub(super) fn transfer_timeouts(&self) -> aws_sdk_s3::config::Builder {
