@@ -3,6 +3,7 @@
 
 mod dir;
 mod disk;
+pub mod heads;
 pub mod journal;
 mod memory;
 

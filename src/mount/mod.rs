@@ -15,6 +15,7 @@ mod point;
 pub use point::check_mountpoint;
 use point::{lazy_unmount, mount_device, tune_read_ahead, unmount};
 
+use crate::cache::heads::HeadLog;
 use crate::cache::{CacheDir, CacheDirError, DiskCache, MemoryCache};
 use crate::config::MountConfig;
 use crate::control::{self, Live, MountRecord};
@@ -273,6 +274,18 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         defaults,
         config.metadata_ttl,
     );
+    // A snapshot's versions are not the bucket's: its answers are not kept.
+    let namespace = match config.snapshot {
+        None => {
+            let source = format!(
+                "{} {}",
+                config.endpoint_url.as_deref().unwrap_or("aws"),
+                config.source
+            );
+            namespace.with_head_log(Arc::new(HeadLog::open(cache_dir.path(), &source)))
+        }
+        Some(_) => namespace,
+    };
     let disk_cache = match config
         .disk_cache
         .then(|| DiskCache::open(&cache_dir.blocks_dir(), config.max_cache_size))

@@ -23,8 +23,9 @@ use inodes::{InodeTable, Seen, version};
 pub use names::normalize_prefix;
 use names::{InvalidName, check_component, dir_key, is_reserved, join};
 
+use crate::cache::heads::HeadLog;
 use crate::error::FsError;
-use crate::store::{ObjectMeta, ObjectStore};
+use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use crate::write::{DirtyAttr, DirtyFiles};
 
 /// How many skipped keys are remembered for "log once"; beyond it they are logged again.
@@ -75,6 +76,9 @@ pub struct Namespace<S> {
     made_dirs: Mutex<HashMap<String, Attr>>,
     /// HEADs of listed objects sent ahead of the kernel's lookups (`ls -l`).
     statahead: statahead::Statahead,
+    /// HEAD answers kept across restarts: a listed object of a version HEADed before needs
+    /// no HEAD.
+    heads: Option<Arc<HeadLog>>,
 }
 
 impl<S: ObjectStore> Namespace<S> {
@@ -92,6 +96,35 @@ impl<S: ObjectStore> Namespace<S> {
             dirty: None,
             made_dirs: Mutex::new(HashMap::new()),
             statahead: statahead::Statahead::new(ttl),
+            heads: None,
+        }
+    }
+
+    /// Keeps HEAD answers in `heads` and answers listed objects from it.
+    pub fn with_head_log(mut self, heads: Arc<HeadLog>) -> Self {
+        self.heads = Some(heads);
+        self
+    }
+
+    /// HEAD of `key`; the answer is kept in the HEAD log.
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        let meta = self.store.head(key).await?;
+        self.keep_head(key, &meta);
+        Ok(meta)
+    }
+
+    fn keep_head(&self, key: &str, meta: &ObjectMeta) {
+        if let Some(heads) = &self.heads {
+            heads.record(key, meta);
+        }
+    }
+
+    /// A listed object: what a HEAD of the same version said if the HEAD log holds it, else
+    /// the listing's attributes (unverified: the kernel looks it up before using them).
+    fn seen_listed(&self, key: &str, meta: &ObjectMeta) -> Seen {
+        match self.heads.as_ref().and_then(|h| h.answer(key, meta)) {
+            Some(headed) => self.seen_object(&headed, true),
+            None => self.seen_object(meta, false),
         }
     }
 
@@ -387,6 +420,7 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::NotFound);
         }
         if let Some((meta, sent)) = self.statahead.answer(&self.store, &dir, name).await {
+            self.keep_head(&self.object_key(&path), &meta);
             return Ok(self.remember_current(&path, self.seen_object(&meta, true), sent));
         }
         let asked = Instant::now();
@@ -485,7 +519,7 @@ impl<S: ObjectStore> Namespace<S> {
         let key = self.object_key(path);
         let as_dir = dir_key(&self.prefix, path);
         let (head, list) = tokio::join!(
-            self.store.head(&key),
+            self.head(&key),
             self.store.list_page(&as_dir, None, Some(1))
         );
         let list = match (list, &head) {
@@ -531,7 +565,7 @@ impl<S: ObjectStore> Namespace<S> {
         }
         let key = self.object_key(&path);
         let asked = Instant::now();
-        let meta = match self.store.head(&key).await {
+        let meta = match self.head(&key).await {
             Ok(meta) => meta,
             Err(e) if e.is_unavailable() => {
                 outage_warning(&path, &e);
@@ -758,7 +792,7 @@ impl<S: ObjectStore> Namespace<S> {
                 if entries.contains_key(name) || gone.contains(key) {
                     continue; // the directory of the same name wins; or removed here
                 }
-                let seen = self.seen_object(meta, false);
+                let seen = self.seen_listed(key, meta);
                 entries.insert(name.to_owned(), self.listed(&dir, name, seen));
             }
             token = page.next_token;
@@ -908,7 +942,7 @@ impl<S: ObjectStore> Namespace<S> {
         }
         let key = self.object_key(&path);
         let asked = Instant::now();
-        let meta = match self.store.head(&key).await {
+        let meta = match self.head(&key).await {
             Ok(meta) => meta,
             Err(e) if e.is_unavailable() => {
                 // The version seen last is read from the caches (S3 can't serve it anyway).

@@ -62,6 +62,11 @@ impl TestServer {
         self.kind != ServerKind::Other
     }
 
+    /// Whether listings carry each object's ETag (s3s-fs 0.14's delimited listings don't).
+    pub fn lists_etags(&self) -> bool {
+        self.kind != ServerKind::S3sFs
+    }
+
     /// Whether the server checks signatures (moto accepts any credentials).
     pub fn checks_credentials(&self) -> bool {
         self.kind != ServerKind::Moto
