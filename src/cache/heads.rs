@@ -1,4 +1,4 @@
-//! HEAD answers kept across restarts (`heads.log` in the cache directory).
+//! HEAD answers kept across restarts (`heads-<source hash>.log` in the cache directory).
 //!
 //! A listing gives an object's size, ETag and LastModified but not the `x-amz-meta-*` that hold
 //! its mode, owner and times, so every listed file is HEADed before the kernel sees its
@@ -12,6 +12,10 @@
 //! object's ETag, the MD5 of its bytes, but gives it a new LastModified
 //! (<https://docs.aws.amazon.com/AmazonS3/latest/API/API_CopyObject.html>). Seconds because
 //! HEAD's `Last-Modified` is an HTTP date (RFC 9110 §5.6.7) while listings carry milliseconds.
+//! A change in the same second as the version it replaces would keep both; so an answer is
+//! kept only when it was received [`SETTLED`] or more after its LastModified: any later change
+//! then carries a later second (with up to a second of clock skew between server and mount).
+//! Only the metadata attributes are read from ([`ATTRIBUTE_METADATA`]) is kept.
 //!
 //! The log is a cache: lines are appended without fsync, a line torn by a crash or damaged on
 //! disk fails its checksum and is skipped (that object is HEADed again), and an unreadable log
@@ -25,13 +29,13 @@ use std::io::{Read, Write};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
 use super::dir::private_file;
-use super::journal::write_atomically;
+use crate::namespace::ATTRIBUTE_METADATA;
 use crate::store::ObjectMeta;
 
 /// The log's name in the cache directory for `source` (what identifies the bucket: endpoint,
@@ -43,13 +47,19 @@ pub fn file_name(source: &str) -> String {
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     format!("heads-{hex}.log")
 }
-/// Answers kept (least recently used go first): at about 200 bytes each, 10 MiB of memory at
-/// most, and a directory of this many files lists without a HEAD after a restart.
+/// Answers kept (least recently used go first): a directory of this many files lists without
+/// a HEAD after a restart. An answer takes its key, ETag and up to seven short values: about
+/// 300 bytes for a 60-byte key, 15 MiB for all of them (keys can be up to 1 KiB: 65 MiB).
 pub const MAX_ENTRIES: usize = 50_000;
+/// How long after its LastModified an answer must be received to be kept (see the module
+/// doc).
+pub const SETTLED: Duration = Duration::from_secs(2);
+/// The log is rewritten once it is this large, whatever the count of its lines.
+const MAX_BYTES: u64 = 64 << 20;
 /// Lines of this format carry `"v":1`; others are skipped.
 const VERSION: u32 = 1;
-/// The log is read at most this far at start: a log of `MAX_ENTRIES` lines is about a tenth.
-const MAX_READ: u64 = 128 << 20;
+/// The log is read at most this far at start (a rewrite keeps it below [`MAX_BYTES`]).
+const MAX_READ: u64 = 2 * MAX_BYTES;
 
 /// One line of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,15 +101,24 @@ struct State {
     /// The log opened for appending; `None` once writing failed (the cache then lives in
     /// memory only).
     file: Option<File>,
-    /// Lines in the file, superseded ones included.
+    /// Lines in the file, superseded ones included, and its size in bytes.
     lines: usize,
+    bytes: u64,
 }
 
 /// The log and what it holds; one per mount.
 pub struct HeadLog {
     path: PathBuf,
-    dir: PathBuf,
     state: Mutex<State>,
+}
+
+/// The temporary file a rewrite of `log` goes through, beside it (a crash may leave it: the
+/// next rewrite truncates it).
+fn tmp_path(log: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(log.file_name().unwrap_or_default());
+    name.push(".tmp");
+    log.with_file_name(name)
 }
 
 fn seconds(t: SystemTime) -> u64 {
@@ -174,15 +193,15 @@ impl HeadLog {
         }
         let log = Self {
             path,
-            dir: dir.to_owned(),
             state: Mutex::new(State {
                 kept,
                 file: None,
                 lines,
+                bytes: bytes.len() as u64,
             }),
         };
         let mut state = log.lock();
-        if torn || state.lines > 2 * state.kept.len() + 1000 {
+        if torn || state.lines > 2 * state.kept.len() + 1000 || state.bytes > MAX_BYTES {
             log.rewrite(&mut state);
         } else {
             state.file = log.append_handle();
@@ -213,26 +232,48 @@ impl HeadLog {
             bytes.extend(encode(&kept.line(key)));
         }
         state.file = None;
-        match write_atomically(&self.dir, &self.path, &bytes) {
+        // A temporary file renamed over the log, not synced: the log is a cache, and a crash
+        // leaves the old log, the new one, or a torn line that is skipped.
+        let tmp = tmp_path(&self.path);
+        let written = private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(&bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        match written {
             Ok(()) => {
                 state.lines = state.kept.len();
+                state.bytes = bytes.len() as u64;
                 state.file = self.append_handle();
             }
             Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
                 tracing::warn!(path = %self.path.display(), "rewriting the HEAD log: {e}");
             }
         }
     }
 
-    /// Keeps HEAD answer `meta` of `key` (nothing for an answer without an ETag).
+    /// Keeps HEAD answer `meta` of `key`, just received: nothing for an answer without an
+    /// ETag or received less than [`SETTLED`] after its LastModified.
     pub fn record(&self, key: &str, meta: &ObjectMeta) {
-        if meta.etag.is_empty() {
+        let settled = meta
+            .last_modified
+            .checked_add(SETTLED)
+            .is_some_and(|t| t <= SystemTime::now());
+        if meta.etag.is_empty() || !settled {
             return;
         }
         let kept = Kept {
             etag: meta.etag.clone(),
             modified: seconds(meta.last_modified),
-            metadata: meta.user_metadata.clone(),
+            metadata: meta
+                .user_metadata
+                .iter()
+                .filter(|(k, _)| ATTRIBUTE_METADATA.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
         let mut state = self.lock();
         if state.kept.get(key) == Some(&kept) {
@@ -246,15 +287,17 @@ impl HeadLog {
                 state.file = None;
             } else {
                 state.lines += 1;
+                state.bytes += line.len() as u64;
             }
         }
-        if state.file.is_some() && state.lines > 2 * MAX_ENTRIES {
+        if state.file.is_some() && (state.lines > 2 * MAX_ENTRIES || state.bytes > MAX_BYTES) {
             self.rewrite(&mut state);
         }
     }
 
-    /// `listed` (from a listing) with the user metadata of a kept answer for the same version
-    /// of `key`: what a HEAD would say now. `None` if no answer for that version is kept.
+    /// `listed` (from a listing) with the user metadata and LastModified (whole seconds, as
+    /// HEAD gives it) of a kept answer for the same version of `key`: what a HEAD would say
+    /// now. `None` if no answer for that version is kept.
     pub fn answer(&self, key: &str, listed: &ObjectMeta) -> Option<ObjectMeta> {
         if listed.etag.is_empty() {
             return None;
@@ -264,6 +307,7 @@ impl HeadLog {
         (kept.etag == listed.etag && kept.modified == seconds(listed.last_modified)).then(|| {
             ObjectMeta {
                 user_metadata: kept.metadata.clone(),
+                last_modified: UNIX_EPOCH + Duration::from_secs(kept.modified),
                 ..listed.clone()
             }
         })
@@ -274,7 +318,6 @@ impl HeadLog {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::Duration;
 
     const SOURCE: &str = "http://127.0.0.1:9000 s3://bucket/prefix/";
 
@@ -302,7 +345,11 @@ mod tests {
         // The listing's milliseconds against the HEAD's whole second: the same version.
         let got = log.answer("a", &listed("\"e1\"", 100, 218)).unwrap();
         assert_eq!(got.user_metadata["mode"], "33152");
-        assert_eq!(got.last_modified, listed("\"e1\"", 100, 218).last_modified);
+        assert_eq!(
+            got.last_modified,
+            UNIX_EPOCH + Duration::from_secs(100),
+            "HEAD's second"
+        );
         assert!(
             log.answer("a", &listed("\"e2\"", 100, 0)).is_none(),
             "other ETag"
@@ -349,6 +396,31 @@ mod tests {
         let log = HeadLog::open(dir.path(), SOURCE);
         assert!(log.answer("a", &listed("\"e\"", 100, 0)).is_some());
         assert!(log.answer("d", &listed("\"e\"", 103, 0)).is_some());
+    }
+
+    #[test]
+    fn only_settled_answers_and_attribute_metadata_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = HeadLog::open(dir.path(), SOURCE);
+        // Written a moment ago: a change in the same second could follow unseen.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        log.record("fresh", &meta("\"e\"", now, 0, "33188"));
+        assert!(log.answer("fresh", &listed("\"e\"", now, 0)).is_none());
+        let mut other = meta("\"e\"", 100, 0, "33188");
+        other
+            .user_metadata
+            .insert("app-secret-ish".to_owned(), "x".repeat(2000));
+        other
+            .user_metadata
+            .insert("uid".to_owned(), "1000".to_owned());
+        log.record("old", &other);
+        let got = log.answer("old", &listed("\"e\"", 100, 0)).unwrap();
+        let mut names: Vec<&str> = got.user_metadata.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["mode", "uid"]);
     }
 
     #[test]

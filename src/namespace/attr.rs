@@ -79,6 +79,12 @@ const META_CTIME: &str = "ctime";
 /// Device number of a device node (s3fs-fuse's `x-amz-meta-rdev`).
 const META_RDEV: &str = "rdev";
 
+/// The user metadata names attributes are read from: all a HEAD's answer needs to keep to
+/// give them again.
+pub const ATTRIBUTE_METADATA: [&str; 7] = [
+    META_MODE, META_UID, META_GID, META_MTIME, META_ATIME, META_CTIME, META_RDEV,
+];
+
 /// Symlink targets longer than this are refused (Linux PATH_MAX): a larger object is never a
 /// symlink.
 pub const MAX_SYMLINK_TARGET: u32 = 4096;

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use attr::{
-    Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata, stored_metadata_of, with_times,
+    ATTRIBUTE_METADATA, Attr, Defaults, MAX_SYMLINK_TARGET, NodeKind, stored_metadata,
+    stored_metadata_of, with_times,
 };
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen, version};

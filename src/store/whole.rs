@@ -69,8 +69,11 @@ pub struct CutReply;
 /// How much of a body's beginning is kept to find the root element's name: the XML
 /// declaration and a root start tag with its namespace fit many times over.
 const HEAD: usize = 1024;
-/// How much of a body's end is kept: the end tag of any S3 root element and trailing space.
+/// How much of a body's end is kept (space after the end excluded): the end tag of any S3
+/// root element.
 const TAIL: usize = 256;
+/// The UTF-8 byte order mark a document may begin with (XML 1.0 §4.3.3).
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// A reply body that fails at its end unless it was a whole XML document.
 struct Checked {
@@ -89,11 +92,22 @@ impl Checked {
     }
 
     fn see(&mut self, data: &[u8]) {
+        // Space before the document (servers send spaces to keep a long CompleteMultipartUpload
+        // or CopyObject alive) and a byte order mark don't count towards the head.
+        let mut data = data;
+        if self.head.is_empty() {
+            data = data.trim_ascii_start();
+            data = data.strip_prefix(BOM).unwrap_or(data).trim_ascii_start();
+        }
         let room = HEAD.saturating_sub(self.head.len());
         self.head.extend_from_slice(&data[..data.len().min(room)]);
-        self.tail.extend_from_slice(data);
-        if self.tail.len() > TAIL {
-            self.tail.drain(..self.tail.len() - TAIL);
+        // Space after the end tag doesn't count towards the tail: it never decides.
+        let content = data.trim_ascii_end();
+        if !content.is_empty() {
+            self.tail.extend_from_slice(content);
+            if self.tail.len() > TAIL {
+                self.tail.drain(..self.tail.len() - TAIL);
+            }
         }
     }
 }
@@ -106,17 +120,21 @@ pub(crate) fn is_whole(head: &[u8], tail: &[u8]) -> bool {
         return false;
     };
     let end = tail.trim_ascii_end();
-    let mut closing = b"</".to_vec();
-    closing.extend_from_slice(root);
-    closing.push(b'>');
+    let Some(before_gt) = end.strip_suffix(b">") else {
+        return false;
+    };
+    // An end tag may have space before its `>` (XML 1.0 §3.1, ETag ::= '</' Name S? '>').
+    let mut opening = b"</".to_vec();
+    opening.extend_from_slice(root);
     let empty_root = find(start_tag, b">").is_some_and(|gt| gt > 0 && start_tag[gt - 1] == b'/');
-    end.ends_with(&closing) || (empty_root && end.ends_with(b"/>"))
+    before_gt.trim_ascii_end().ends_with(&opening) || (empty_root && before_gt.ends_with(b"/"))
 }
 
 /// The name of the first element in `head`, past the XML declaration, processing
 /// instructions, comments and white space, and the rest of `head` after the name.
 fn root_element(head: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut rest = head.trim_ascii_start();
+    rest = rest.strip_prefix(BOM).unwrap_or(rest).trim_ascii_start();
     loop {
         if let Some(after) = rest.strip_prefix(b"<?") {
             rest = after[find(after, b"?>")? + 2..].trim_ascii_start();
@@ -188,6 +206,26 @@ mod tests {
         assert!(whole("<Error><Code>x</Code></Error>"));
         assert!(whole("  \n<!-- c --><?pi x?><Root/>  "));
         assert!(whole("<Root a=\"1\" />"));
+        assert!(whole("\u{feff}<?xml version=\"1.0\"?><Root>x</Root >\n"));
+    }
+
+    #[test]
+    fn padding_before_and_after_the_document_is_no_cut() {
+        // Keep-alive spaces before a long CompleteMultipartUpload's reply, and padding after.
+        let doc = format!(
+            "{}<?xml version=\"1.0\"?>\n<CompleteMultipartUploadResult><ETag>\"x\"</ETag></CompleteMultipartUploadResult>{}",
+            " ".repeat(5000),
+            " \n".repeat(400)
+        );
+        for size in [1, 3, 100, 4096, 20_000] {
+            let mut checked = Checked::new(SdkBody::empty());
+            for chunk in doc.as_bytes().chunks(size) {
+                checked.see(chunk);
+            }
+            assert!(is_whole(&checked.head, &checked.tail), "chunks of {size}");
+        }
+        assert!(!whole("<Root><A>x</A>   \n  "));
+        assert!(!whole("<Root/   "));
     }
 
     #[test]
