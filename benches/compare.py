@@ -83,6 +83,7 @@ WORKLOADS = [
     ("untar_s3", "untar until in S3", "files/s"),
     ("ls_cold", "`ls -lR` cold", "entries/s"),
     ("ls_warm", "`ls -lR` warm", "entries/s"),
+    ("ls_restart", "`ls -lR` after a restart on the same cache directory", "entries/s"),
     ("find_cold", "`find` cold", "entries/s"),
     ("find_warm", "`find` warm", "entries/s"),
     ("rename_dir", "rename a directory of files", "files/s"),

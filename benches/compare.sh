@@ -318,6 +318,10 @@ wl_listing() {
     drop_caches; begin; ls -lR "$mnt/tree" >/dev/null; end ls_cold "$p" 0 "$list_entries"
     begin; ls -lR "$mnt/tree" >/dev/null; end ls_warm "$p" 0 "$list_entries"
     umount_peer "$mnt"
+    # A restart on the same cache directory (a pod's): what each peer kept of the metadata.
+    mount_peer "$p" "$mnt" "$cache"
+    drop_caches; begin; ls -lR "$mnt/tree" >/dev/null; end ls_restart "$p" 0 "$list_entries"
+    umount_peer "$mnt"
     rm -rf "$cache"
     # Rename: a directory of clean objects, there before the mount (rclone caches listings).
     "$s3raw" put-many "ren/$run/$p/a/" "$rename_files" 4096 >/dev/null
