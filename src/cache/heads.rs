@@ -38,8 +38,8 @@ use super::dir::private_file;
 use crate::namespace::ATTRIBUTE_METADATA;
 use crate::store::ObjectMeta;
 
-/// The log's name in the cache directory for `source` (what identifies the bucket: endpoint,
-/// bucket and prefix): `heads-<16 hex digits of its SHA-256>.log`. A cache directory later used
+/// The log's name in the cache directory for `source` (what identifies the bucket: the
+/// mount's source identity, URL and endpoint): `heads-<16 hex digits of its SHA-256>.log`. A cache directory later used
 /// for another bucket never lends one bucket's metadata to another's objects.
 pub fn file_name(source: &str) -> String {
     use sha2::Digest;
@@ -319,7 +319,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const SOURCE: &str = "http://127.0.0.1:9000 s3://bucket/prefix/";
+    const SOURCE: &str = "s3://bucket/prefix/ at http://127.0.0.1:9000";
 
     fn meta(etag: &str, secs: u64, millis: u64, mode: &str) -> ObjectMeta {
         ObjectMeta {
@@ -427,7 +427,7 @@ mod tests {
     fn another_source_has_another_log() {
         let dir = tempfile::tempdir().unwrap();
         HeadLog::open(dir.path(), SOURCE).record("a", &meta("\"e\"", 100, 0, "33188"));
-        let other = HeadLog::open(dir.path(), "http://127.0.0.1:9000 s3://other/prefix/");
+        let other = HeadLog::open(dir.path(), "s3://other/prefix/ at http://127.0.0.1:9000");
         assert!(other.answer("a", &listed("\"e\"", 100, 0)).is_none());
         assert!(
             HeadLog::open(dir.path(), SOURCE)

@@ -99,18 +99,24 @@ pub enum MountError {
     },
 }
 
+/// What identifies the objects a mount shows: its `s3://BUCKET/PREFIX/`, and the endpoint
+/// if one was given (`s3://b/p/ at http://host:port`). Cache directory state that belongs to
+/// one source (unuploaded files, kept HEAD answers) is never used for another.
+fn source_identity(source: &str, endpoint: Option<&str>) -> String {
+    match endpoint {
+        Some(e) => format!("{source} at {e}"),
+        None => source.to_owned(),
+    }
+}
+
 /// Refuses a cache directory whose unuploaded files (or unfinished renames) belong to another
 /// bucket, prefix or endpoint: they must never go to the wrong place.
 fn check_cache_source(cache_dir: &CacheDir, config: &MountConfig) -> Result<(), MountError> {
     let Ok(record) = MountRecord::load(cache_dir.path()) else {
         return Ok(()); // a new directory, or one from before mount.json existed
     };
-    let describe = |source: &str, endpoint: &Option<String>| match endpoint {
-        Some(e) => format!("{source} at {e}"),
-        None => source.to_owned(),
-    };
-    let theirs = describe(&record.source, &record.endpoint_url);
-    let ours = describe(&config.source.to_string(), &config.endpoint_url);
+    let theirs = source_identity(&record.source, record.endpoint_url.as_deref());
+    let ours = source_identity(&config.source.to_string(), config.endpoint_url.as_deref());
     let busy = |dir: PathBuf| {
         std::fs::read_dir(dir)
             .into_iter()
@@ -277,11 +283,8 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     // A snapshot's versions are not the bucket's: its answers are not kept.
     let namespace = match config.snapshot {
         None => {
-            let source = format!(
-                "{} {}",
-                config.endpoint_url.as_deref().unwrap_or("aws"),
-                config.source
-            );
+            let source =
+                source_identity(&config.source.to_string(), config.endpoint_url.as_deref());
             namespace.with_head_log(Arc::new(HeadLog::open(cache_dir.path(), &source)))
         }
         Some(_) => namespace,
