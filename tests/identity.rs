@@ -26,6 +26,20 @@ fn remount_from_s3(m: Mount, bucket: &str) -> (Mount, tempfile::TempDir) {
     (m, empty)
 }
 
+/// Sets atime and mtime of `path` with `utimensat` (flags 0), as `touch -d` does.
+fn set_times(path: &std::path::Path, times: [libc::timespec; 2]) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: utimensat with a valid NUL-terminated path and two valid timespecs.
+    let done = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(
+        done,
+        0,
+        "{}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
 fn read_all(path: &std::path::Path) -> Vec<u8> {
     fs::read(path).unwrap()
 }
@@ -541,11 +555,7 @@ fn special_files_and_timestamps_survive_a_remount_from_s3() {
             tv_nsec: 987_654_321,
         },
     ];
-    // SAFETY: utimensat on a valid path with two valid timespecs.
-    assert_eq!(
-        unsafe { libc::utimensat(libc::AT_FDCWD, c(&file).as_ptr(), times.as_ptr(), 0) },
-        0
-    );
+    set_times(&file, times);
     let before = fs::metadata(&file).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -591,7 +601,6 @@ fn listed_files_show_their_stored_modes_and_times_from_the_first_ls() {
         ("mid", 5_000, 0o640),
         ("big", 700_000, 0o400),
     ];
-    let c = |p: &std::path::Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
     for (i, (name, size, mode)) in files.iter().enumerate() {
         let path = m.path().join("d").join(name);
         fs::write(&path, pattern(*size, i as u64)).unwrap();
@@ -605,11 +614,7 @@ fn listed_files_show_their_stored_modes_and_times_from_the_first_ls() {
                 tv_nsec: 250_000_000,
             },
         ];
-        // SAFETY: utimensat on a valid path with two valid timespecs.
-        assert_eq!(
-            unsafe { libc::utimensat(libc::AT_FDCWD, c(&path).as_ptr(), times.as_ptr(), 0) },
-            0
-        );
+        set_times(&path, times);
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(*mode)).unwrap();
     }
     let stat = |root: &std::path::Path| -> Vec<(u32, i64, i64, i64, u64)> {
