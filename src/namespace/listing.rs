@@ -53,22 +53,13 @@ impl<S: ObjectStore> Namespace<S> {
             .map(|d| d.gone_under(&prefix))
             .unwrap_or_default();
         let ticket = self.table().complete.begin(&dir);
-        let mut next = NextPage::ask(&self.store, &prefix, None);
+        let mut token = None;
         let mut pages = 0u32;
         let mut from_known = false; // S3 unreachable: what the mount knows, not a count
         loop {
             pages += 1;
-            let page = match next.answer().await {
-                Ok(mut page) => {
-                    // The next page is asked for now, while this one is merged: the server
-                    // works on it meanwhile (a page of 1 000 keys takes about as long to
-                    // merge as to fetch).
-                    match page.next_token.take() {
-                        Some(token) => next = NextPage::ask(&self.store, &prefix, Some(token)),
-                        None => next = NextPage(None),
-                    }
-                    page
-                }
+            let page = match self.store.list_page(&prefix, token, None).await {
+                Ok(page) => page,
                 Err(e) if known_if_unavailable && e.is_unavailable() => {
                     // What the mount knows of the directory: entries the kernel holds, if
                     // they are all its last complete listing had. Else an error: a partial
@@ -133,7 +124,8 @@ impl<S: ObjectStore> Namespace<S> {
                 let seen = self.seen_listed(key, meta);
                 entries.insert(name.to_owned(), self.listed(&dir, name, seen));
             }
-            if next.is_done() {
+            token = page.next_token;
+            if token.is_none() {
                 break;
             }
         }
@@ -255,40 +247,5 @@ impl<S: ObjectStore> Namespace<S> {
             from_server: entry.from_server,
         };
         Ok(self.remember_current(&join(&dir, &entry.name), seen, entry.asked))
-    }
-}
-
-/// The listing page asked for next: in flight on its own task, so that the server answers it
-/// while the page before is merged. Dropped unanswered (an error, a cancelled listing), its
-/// request is cancelled. `None`: the last page is in.
-struct NextPage(Option<tokio::task::JoinHandle<Result<ListPage, StoreError>>>);
-
-impl NextPage {
-    fn ask<S: ObjectStore>(store: &Arc<S>, prefix: &str, token: Option<String>) -> Self {
-        let (store, prefix) = (store.clone(), prefix.to_owned());
-        NextPage(Some(tokio::spawn(async move {
-            store.list_page(&prefix, token, None).await
-        })))
-    }
-
-    fn is_done(&self) -> bool {
-        self.0.is_none()
-    }
-
-    async fn answer(&mut self) -> Result<ListPage, StoreError> {
-        let Some(task) = self.0.as_mut() else {
-            return Ok(ListPage::default());
-        };
-        let answer = task.await;
-        self.0 = None;
-        answer.unwrap_or_else(|e| Err(StoreError::Other(format!("listing task failed: {e}"))))
-    }
-}
-
-impl Drop for NextPage {
-    fn drop(&mut self) {
-        if let Some(task) = &self.0 {
-            task.abort();
-        }
     }
 }

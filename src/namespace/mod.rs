@@ -28,7 +28,7 @@ use names::{InvalidName, check_component, dir_key, is_reserved, join};
 
 use crate::cache::heads::HeadLog;
 use crate::error::FsError;
-use crate::store::{ListPage, ObjectMeta, ObjectStore, StoreError};
+use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use crate::write::{DirtyAttr, DirtyFiles};
 
 /// How many skipped keys are remembered for "log once"; beyond it they are logged again.
