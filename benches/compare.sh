@@ -371,7 +371,7 @@ wl_scale() {
 }
 
 ref_scale() {
-    reference scale_list 0 "$scale_files" "(raw paginated ListObjectsV2)" raw list big/
+    reference scale_list 0 "$scale_files" "(raw paginated ListObjectsV2, delimiter /)" raw list-dir big/
 }
 
 echo "peers: reference ${ran[*]}; $runs run(s); results in $out"

@@ -12,6 +12,8 @@
 //! s3raw put KEY MIB                        multipart upload from memory (16 × 8 MiB parts in flight)
 //! s3raw put-many PREFIX COUNT BYTES        COUNT PutObjects of BYTES, 16 in flight
 //! s3raw list PREFIX                        paginated ListObjectsV2 of everything under PREFIX
+//! s3raw list-dir PREFIX                    the same with delimiter `/`: one directory's entries,
+//!                                          the requests any directory listing sends
 //! s3raw rename PREFIX NEW                  CopyObject + DeleteObject of every key, 16 in flight
 //! s3raw wait PREFIX COUNT BYTES            until COUNT objects under PREFIX hold BYTES in all
 //!                                          (also prints lists=N: the ListObjectsV2 pages it asked for)
@@ -73,6 +75,7 @@ fn main() {
         }
         "put-many" => rt.block_on(put_many(&t, arg(1), 1, num(2), num(3) as usize)),
         "list" => rt.block_on(list(&t, arg(1))),
+        "list-dir" => rt.block_on(list_dir(&t, arg(1))),
         "rename" => rt.block_on(rename(&t, arg(1), arg(2))),
         "wait" => {
             let (bytes, objects, lists) = rt.block_on(wait(&t, arg(1), num(2), num(3)));
@@ -240,6 +243,28 @@ async fn keys_under(t: &common::Target, prefix: &str) -> Vec<(String, u64)> {
 async fn list(t: &common::Target, prefix: &str) -> (u64, u64) {
     let keys = keys_under(t, prefix).await;
     (keys.iter().map(|k| k.1).sum(), keys.len() as u64)
+}
+
+async fn list_dir(t: &common::Target, prefix: &str) -> (u64, u64) {
+    let pages = t
+        .client
+        .list_objects_v2()
+        .bucket(&t.bucket)
+        .prefix(prefix)
+        .delimiter("/")
+        .into_paginator()
+        .send();
+    let pages: Vec<_> = pages.try_collect().await.expect("ListObjectsV2");
+    let bytes = pages
+        .iter()
+        .flat_map(|p| p.contents())
+        .map(|o| o.size().unwrap_or(0) as u64)
+        .sum();
+    let entries = pages
+        .iter()
+        .map(|p| p.contents().len() + p.common_prefixes().len())
+        .sum::<usize>();
+    (bytes, entries as u64)
 }
 
 async fn rename(t: &common::Target, prefix: &str, new: &str) -> (u64, u64) {
