@@ -32,6 +32,9 @@ impl<S: ObjectStore> Namespace<S> {
             Err(_) => return Err(FsError::NotFound),
         }
         let path = join(&dir, name);
+        if self.object_key(&path).len() > MAX_KEY_LEN {
+            return Err(FsError::NotFound); // no key can name it
+        }
         let made = self.made_dirs().get(&path).cloned();
         if let Some(attr) = made {
             return Ok(self.table().remember(&path, self.seen_marker(attr)));
@@ -164,10 +167,15 @@ impl<S: ObjectStore> Namespace<S> {
     pub(super) async fn resolve(&self, path: &str) -> Result<Seen, FsError> {
         let key = self.object_key(path);
         let as_dir = dir_key(&self.prefix, path);
-        let (head, list) = tokio::join!(
-            self.head(&key),
-            self.store.list_page(&as_dir, None, Some(1))
-        );
+        // A prefix longer than any key holds nothing (some servers refuse to list it).
+        let listing = async {
+            if as_dir.len() > MAX_KEY_LEN {
+                Ok(crate::store::ListPage::default())
+            } else {
+                self.store.list_page(&as_dir, None, Some(1)).await
+            }
+        };
+        let (head, list) = tokio::join!(self.head(&key), listing);
         let list = match (list, &head) {
             (Ok(list), _) => list,
             // The key exists as an object; only whether it is also a directory is unknown.

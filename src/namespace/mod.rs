@@ -23,8 +23,8 @@ pub use attr::{
 };
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen, version};
-pub use names::normalize_prefix;
 use names::{InvalidName, check_component, dir_key, is_reserved, join};
+pub use names::{MAX_KEY_LEN, normalize_prefix};
 
 use crate::cache::heads::HeadLog;
 use crate::error::FsError;
@@ -188,11 +188,15 @@ impl<S: ObjectStore> Namespace<S> {
         if is_reserved(&dir, name) {
             return Err(FsError::Reserved);
         }
-        match check_component(name) {
-            Ok(()) => Ok(join(&dir, name)),
-            Err(InvalidName::TooLong) => Err(FsError::NameTooLong),
-            Err(_) => Err(FsError::InvalidArgument),
+        let path = match check_component(name) {
+            Ok(()) => join(&dir, name),
+            Err(InvalidName::TooLong) => return Err(FsError::NameTooLong),
+            Err(_) => return Err(FsError::InvalidArgument),
+        };
+        if self.object_key(&path).len() > MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
         }
+        Ok(path)
     }
 
     fn made_dirs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attr>> {
@@ -214,6 +218,9 @@ impl<S: ObjectStore> Namespace<S> {
     pub fn new_dir_marker(&self, parent: u64, name: &OsStr) -> Result<(String, String), FsError> {
         let path = self.new_child(parent, name)?;
         let marker = dir_key(&self.prefix, &path);
+        if marker.len() > MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
         Ok((path, marker))
     }
 

@@ -3,6 +3,13 @@
 /// The longest file name most Linux filesystems (and the kernel's FUSE layer) accept.
 pub const NAME_MAX: usize = 255;
 
+/// The longest object key, in bytes of UTF-8: "The name for a key is a sequence of Unicode
+/// characters whose UTF-8 encoding is at most 1,024 bytes long" (Amazon S3 User Guide, *Naming
+/// Amazon S3 objects*). A path whose key would be longer can't be stored: it gets
+/// `ENAMETOOLONG` when made, and can't exist when looked up. The kernel's own limit, `PATH_MAX`,
+/// is 4 096.
+pub const MAX_KEY_LEN: usize = 1024;
+
 /// Why a key component can't be shown as a file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InvalidName {

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use super::Vfs;
 use crate::error::FsError;
-use crate::namespace::{Attr, MAX_SYMLINK_TARGET, NodeKind, stored_metadata, stored_metadata_of};
+use crate::namespace::{
+    Attr, MAX_KEY_LEN, MAX_SYMLINK_TARGET, NodeKind, stored_metadata, stored_metadata_of,
+};
 use crate::store::{ObjectStore, Precondition};
 
 impl<S: ObjectStore> Vfs<S> {
@@ -313,6 +315,16 @@ impl<S: ObjectStore> Vfs<S> {
             .filter(|k| candidates.binary_search(k).is_ok())
             .collect();
         let keys = self.keys_under(&old_prefix).await?;
+        // Refused before anything moves: a key past S3's limit could never be written.
+        let longest = keys
+            .iter()
+            .chain(&local)
+            .map(String::len)
+            .max()
+            .unwrap_or(0);
+        if longest + new_prefix.len() > MAX_KEY_LEN + old_prefix.len() {
+            return Err(FsError::NameTooLong);
+        }
         self.detach_readers(|k| k.starts_with(&old_prefix)).await;
         let copies: Vec<(String, String)> = keys
             .iter()
