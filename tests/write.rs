@@ -1528,7 +1528,11 @@ fn names_whose_keys_would_pass_s3s_limit_are_refused_when_made() {
     let inner = pattern(500, 10);
     fs::write(sub.join(long('i', 200)), &inner).unwrap();
     common::flush(&m);
-    too_long(fs::rename(&sub, c.join(long('y', 217))), "directory rename");
+    // Refused before the empty directory it would replace is removed.
+    let occupied = c.join(long('y', 217));
+    fs::create_dir(&occupied).unwrap();
+    too_long(fs::rename(&sub, &occupied), "directory rename");
+    assert!(occupied.is_dir(), "the target directory is still there");
     assert_eq!(sha256_file(&sub.join(long('i', 200))), sha256(&inner));
     let moved = c.join(long('y', 216));
     fs::rename(&sub, &moved).unwrap();
@@ -1547,4 +1551,20 @@ fn names_whose_keys_would_pass_s3s_limit_are_refused_when_made() {
     assert_eq!(key(&renamed).len(), 1024);
     s.wait_for_object(&bucket, &key(&renamed), &sha256(&inner));
     assert_eq!(s.get(&bucket, &key(&sub.join(long('i', 200)))), None);
+    // Nothing refused reached S3.
+    for refused in [
+        deep.join(long('g', 217)),
+        deep.join(long('s', 217)),
+        deep.join(long('r', 217)),
+        occupied.join(long('i', 200)),
+    ] {
+        assert_eq!(
+            s.get(&bucket, &key(&refused)),
+            None,
+            "{}",
+            key(&refused).len()
+        );
+    }
+    let marker = format!("{}/", key(&deep.join(long('n', 216))));
+    assert_eq!(s.get(&bucket, &marker), None);
 }

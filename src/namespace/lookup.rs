@@ -32,9 +32,6 @@ impl<S: ObjectStore> Namespace<S> {
             Err(_) => return Err(FsError::NotFound),
         }
         let path = join(&dir, name);
-        if self.object_key(&path).len() > MAX_KEY_LEN {
-            return Err(FsError::NotFound); // no key can name it
-        }
         let made = self.made_dirs().get(&path).cloned();
         if let Some(attr) = made {
             return Ok(self.table().remember(&path, self.seen_marker(attr)));
@@ -44,6 +41,11 @@ impl<S: ObjectStore> Namespace<S> {
             return Ok(self.table().remember(&path, seen));
         }
         if self.is_gone(&self.object_key(&path)) {
+            return Err(FsError::NotFound);
+        }
+        // Not asked: no key can name it. (A file an earlier version took under such a name is
+        // found above, so that it can still be renamed to a shorter one.)
+        if self.object_key(&path).len() > MAX_KEY_LEN {
             return Err(FsError::NotFound);
         }
         {

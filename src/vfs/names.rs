@@ -283,6 +283,16 @@ impl<S: ObjectStore> Vfs<S> {
         if new_prefix.starts_with(&old_prefix) {
             return Err(FsError::InvalidArgument); // into itself
         }
+        if new_prefix.len() > old_prefix.len() {
+            // Refused before anything moves or is replaced: a key past S3's limit could never
+            // be written.
+            let keys = self.keys_under(&old_prefix).await?;
+            let local = writes.dirty.under(&old_prefix).into_keys();
+            let longest = keys.into_iter().chain(local).map(|k| k.len()).max();
+            if longest.unwrap_or(0) + new_prefix.len() > MAX_KEY_LEN + old_prefix.len() {
+                return Err(FsError::NameTooLong);
+            }
+        }
         match self.namespace.lookup(new_parent, new_name).await {
             Ok(target) => {
                 self.forget(target.ino, 1);
@@ -315,16 +325,6 @@ impl<S: ObjectStore> Vfs<S> {
             .filter(|k| candidates.binary_search(k).is_ok())
             .collect();
         let keys = self.keys_under(&old_prefix).await?;
-        // Refused before anything moves: a key past S3's limit could never be written.
-        let longest = keys
-            .iter()
-            .chain(&local)
-            .map(String::len)
-            .max()
-            .unwrap_or(0);
-        if longest + new_prefix.len() > MAX_KEY_LEN + old_prefix.len() {
-            return Err(FsError::NameTooLong);
-        }
         self.detach_readers(|k| k.starts_with(&old_prefix)).await;
         let copies: Vec<(String, String)> = keys
             .iter()
