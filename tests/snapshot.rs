@@ -91,17 +91,8 @@ fn bucket_kinds() -> Vec<bool> {
         ServerKind::Moto => true,
         ServerKind::S3sFs => false,
         ServerKind::Other => {
-            use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
             let probe = server().bucket("versioning-probe");
-            let config = VersioningConfiguration::builder()
-                .status(BucketVersioningStatus::Enabled)
-                .build();
-            let asked = server()
-                .client()
-                .put_bucket_versioning()
-                .bucket(&probe)
-                .versioning_configuration(config)
-                .send();
+            let asked = common::embedded::try_enable_versioning(server().client(), &probe);
             common::rt().block_on(asked).is_ok()
         }
     });

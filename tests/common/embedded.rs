@@ -320,6 +320,17 @@ pub fn sdk_client(endpoint: &str, access_key: &str, secret_key: &str) -> aws_sdk
 /// Turns versioning on for `bucket` (servers that keep versions: moto, AWS).
 #[allow(dead_code)] // the snapshot tests and benchmark use it, the demo doesn't
 pub async fn enable_versioning(client: &aws_sdk_s3::Client, bucket: &str) {
+    try_enable_versioning(client, bucket)
+        .await
+        .expect("enable versioning");
+}
+
+/// [`enable_versioning`], or the server's refusal (Garage answers 501).
+#[allow(dead_code)] // the snapshot tests use it, the demo and benchmarks don't
+pub async fn try_enable_versioning(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+) -> Result<(), impl std::fmt::Debug> {
     use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
     client
         .put_bucket_versioning()
@@ -331,5 +342,5 @@ pub async fn enable_versioning(client: &aws_sdk_s3::Client, bucket: &str) {
         )
         .send()
         .await
-        .expect("enable versioning");
+        .map(|_| ())
 }
