@@ -260,6 +260,7 @@ fn config(endpoint: &str, mountpoint: &Path, cache_dir: &Path) -> anyhow::Result
         read_write: true,
         durability: keepfs::config::Durability::Local,
         max_cache_size: None,
+        cache_min_free: keepfs::config::MinFree::DEFAULT,
         shutdown_grace: Duration::from_secs(5),
         part_size: 8 << 20,
         upload_concurrency: 16,

@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::cache::default_cache_dir;
 use crate::config::{
-    ConfigError, Durability, LogFormat, MountConfig, S3Url, parse_duration, parse_mode, parse_size,
+    ConfigError, Durability, LogFormat, MountConfig, S3Url, parse_duration, parse_min_free,
+    parse_mode, parse_size,
 };
 
 #[derive(Debug, Parser)]
@@ -257,6 +258,12 @@ pub struct MountArgs {
     #[arg(long)]
     pub no_disk_cache: bool,
 
+    /// Free space blocks read from S3 always leave on the cache disk: a size (K/M/G suffix) or a
+    /// share of the disk such as 10%. Below it, least recently used blocks are evicted and new
+    /// ones are not stored (a warning says so). Written data is not bound by it.
+    #[arg(long, default_value = "5%", value_name = "SIZE|PERCENT")]
+    pub cache_min_free: String,
+
     /// Largest read-ahead window of one sequential reader.
     #[arg(long, default_value = "64MiB", value_name = "SIZE")]
     pub max_prefetch: String,
@@ -336,6 +343,7 @@ impl MountArgs {
             },
             max_memory_cache: parse_size(&self.max_memory_cache)?,
             disk_cache: !self.no_disk_cache,
+            cache_min_free: parse_min_free(&self.cache_min_free)?,
             max_prefetch: parse_size(&self.max_prefetch)?.max(1 << 20),
             fuse_threads: usize::from(self.fuse_threads),
             connect_timeout: parse_duration(&self.connect_timeout)?.max(Duration::from_millis(100)),

@@ -28,6 +28,10 @@ pub enum ConfigError {
         overhead = crate::memory::OVERHEAD >> 20
     )]
     MemoryLimitTooSmall(String),
+    #[error(
+        "invalid --cache-min-free {0:?}: expected a size such as 2GiB or a share of the cache disk such as 5%"
+    )]
+    InvalidMinFree(String),
 }
 
 /// `s3://BUCKET[/PREFIX]`, parsed and checked.
@@ -100,6 +104,56 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         _ => return Err(err()),
     };
     num.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Free space the disk block cache always leaves on the cache disk (`--cache-min-free`).
+///
+/// Only clean cached blocks give way to it: they are optional copies of what S3 holds. Written
+/// data is kept as long as the disk has room (see `SEMANTICS.md`, *Cache space*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFree {
+    /// A fixed number of bytes.
+    Bytes(u64),
+    /// A share of the cache disk's size, 0–100 %.
+    Percent(u8),
+}
+
+impl MinFree {
+    /// The default, 5 % of the cache disk: room for written data and for the disk's other users.
+    pub const DEFAULT: MinFree = MinFree::Percent(5);
+
+    /// Bytes to leave free on a disk of `total` bytes.
+    pub fn of(self, total: u64) -> u64 {
+        match self {
+            MinFree::Bytes(bytes) => bytes,
+            // Split so that it neither overflows nor rounds away a whole disk at 100 %.
+            MinFree::Percent(p) => total / 100 * u64::from(p) + total % 100 * u64::from(p) / 100,
+        }
+    }
+}
+
+impl std::fmt::Display for MinFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MinFree::Bytes(bytes) => write!(f, "{bytes} bytes"),
+            MinFree::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// Parses `--cache-min-free`: a size as [`parse_size`] takes it, or `N%` with N from 0 to 100.
+pub fn parse_min_free(s: &str) -> Result<MinFree, ConfigError> {
+    let err = || ConfigError::InvalidMinFree(s.to_owned());
+    match s.trim().strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= 100)
+            .map(MinFree::Percent)
+            .ok_or_else(err),
+        None => parse_size(s).map(MinFree::Bytes).map_err(|_| err()),
+    }
 }
 
 /// Parses octal permission bits (`644`, `0755`).
@@ -179,6 +233,8 @@ pub struct MountConfig {
     pub read_write: bool,
     /// Bound on bytes written files hold in the cache directory (`None`: the disk's space).
     pub max_cache_size: Option<u64>,
+    /// Free space clean cached blocks always leave on the cache disk.
+    pub cache_min_free: MinFree,
     /// When close/fsync of a written file return.
     pub durability: Durability,
     /// Multipart part size in bytes (at least 5 MiB).
@@ -236,6 +292,24 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
         assert!(parse_size("12X").is_err() && parse_size("").is_err() && parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn min_free_is_a_size_or_a_share() {
+        assert_eq!(parse_min_free("0"), Ok(MinFree::Bytes(0)));
+        assert_eq!(parse_min_free("2GiB"), Ok(MinFree::Bytes(2 << 30)));
+        assert_eq!(parse_min_free("5%"), Ok(MinFree::Percent(5)));
+        assert_eq!(parse_min_free(" 100 %"), Ok(MinFree::Percent(100)));
+        for bad in ["101%", "-1%", "5.5%", "%", "lots", ""] {
+            assert_eq!(
+                parse_min_free(bad),
+                Err(ConfigError::InvalidMinFree(bad.to_owned())),
+                "{bad}"
+            );
+        }
+        assert_eq!(MinFree::Percent(5).of(1000), 50);
+        assert_eq!(MinFree::Percent(100).of(1 << 40), 1 << 40);
+        assert_eq!(MinFree::Bytes(7).of(1 << 40), 7);
         assert_eq!(parse_mode("644"), Ok(0o644));
         assert_eq!(parse_mode("0755"), Ok(0o755));
         assert!(parse_mode("999").is_err() && parse_mode("17777").is_err());

@@ -250,7 +250,15 @@ fn a_restarted_mount_reads_its_working_set_from_the_disk_cache() {
     let data = pattern((6 * MIB) as usize, 185);
     s.put(&bucket, "warm.bin", &data);
     let cache = tempfile::tempdir().unwrap();
-    let args = ["--read-only", "--cache-dir", cache.path().to_str().unwrap()];
+    // Blocks are cached on disk however full the test machine's disk is (the default leaves
+    // 5 % of it free; see the test below).
+    let args = [
+        "--read-only",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--cache-min-free",
+        "0",
+    ];
     let m = Mount::new(&format!("s3://{bucket}"), &args);
     assert_eq!(sha256_file(&m.path().join("warm.bin")), sha256(&data));
     // Blocks reach the disk in the background.
@@ -324,6 +332,84 @@ fn a_restarted_mount_reads_its_working_set_from_the_disk_cache() {
         refetched,
         256 << 10,
         "only the corrupt block is fetched again"
+    );
+}
+
+/// A cache disk with less free space than `--cache-min-free` keeps no blocks: the least recently
+/// used go, new ones stay in memory, reads are whole, and the log says why once.
+#[test]
+fn blocks_leave_cache_min_free_on_the_cache_disk() {
+    let s = server();
+    let bucket = s.bucket("minfree");
+    let first = pattern((2 * MIB) as usize, 187);
+    let second = pattern((2 * MIB) as usize, 188);
+    s.put(&bucket, "first.bin", &first);
+    s.put(&bucket, "second.bin", &second);
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    let m = Mount::new(
+        &format!("s3://{bucket}"),
+        &[
+            "--read-only",
+            "--cache-dir",
+            cache_arg,
+            "--cache-min-free",
+            "0",
+        ],
+    );
+    assert_eq!(sha256_file(&m.path().join("first.bin")), sha256(&first));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cached_blocks(cache.path()).len() < 8 {
+        assert!(Instant::now() < deadline, "blocks never reached the disk");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(m);
+
+    // No disk has more than all of itself free.
+    let m = Mount::new(
+        &format!("s3://{bucket}"),
+        &[
+            "--read-only",
+            "--cache-dir",
+            cache_arg,
+            "--cache-min-free",
+            "100%",
+        ],
+    );
+    assert_eq!(sha256_file(&m.path().join("second.bin")), sha256(&second));
+    assert_eq!(sha256_file(&m.path().join("first.bin")), sha256(&first));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cached_blocks(cache.path()).is_empty() || !m.log().contains("--cache-min-free") {
+        assert!(
+            Instant::now() < deadline,
+            "{} blocks still on disk; log:\n{}",
+            cached_blocks(cache.path()).len(),
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reads again, from memory, all correct; and one warning, not one per block.
+    assert_eq!(sha256_file(&m.path().join("second.bin")), sha256(&second));
+    assert!(cached_blocks(cache.path()).is_empty());
+    assert_eq!(
+        m.log().matches("short of free space").count(),
+        1,
+        "{}",
+        m.log()
+    );
+    drop(m);
+
+    // A value that is neither a size nor a share is refused before mounting.
+    let out = std::process::Command::new(common::keepfs_bin())
+        .args(["mount", &format!("s3://{bucket}"), "/nonexistent"])
+        .args(["--cache-min-free", "101%"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--cache-min-free") && stderr.contains("101%"),
+        "{stderr}"
     );
 }
 

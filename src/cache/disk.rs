@@ -10,12 +10,12 @@
 //!
 //! Clean blocks give way to written data: they are evicted (least recently used first) to keep
 //! within `--max-cache-size` (written data and blocks together) or, without it, within a
-//! quarter of the cache disk, always leaving [`DISK_RESERVE_PERCENT`] of the disk free.
+//! quarter of the cache disk, always leaving `--cache-min-free` of the disk free ([`MinFree`]).
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -23,11 +23,10 @@ use lru::LruCache;
 use sha2::{Digest, Sha256};
 
 use super::memory::{Block, BlockId};
+use crate::config::MinFree;
 
 const MAGIC: &[u8; 8] = b"KFSBLK01";
 const HEADER: usize = 16;
-/// Share of the cache disk always left free by clean blocks.
-pub const DISK_RESERVE_PERCENT: u64 = 5;
 
 /// A block file's name: the hash of what it holds.
 type BlockName = [u8; 32];
@@ -64,6 +63,10 @@ pub struct DiskCache {
     index: Mutex<(LruCache<BlockName, u64>, u64)>,
     /// `--max-cache-size`, shared with written data.
     limit: Option<u64>,
+    /// `--cache-min-free`: free space blocks leave on the disk.
+    min_free: MinFree,
+    /// Whether blocks are being turned away for want of free space (warned once per episode).
+    starved: AtomicBool,
     /// Bytes of written data in the cache directory (set once writes are enabled).
     dirty_bytes: OnceLock<OtherUsage>,
     pub stats: DiskCacheStats,
@@ -71,8 +74,9 @@ pub struct DiskCache {
 
 impl DiskCache {
     /// Opens the block store in `dir` (created 0700 if needed), indexing the blocks a previous
-    /// run left, oldest first.
-    pub fn open(dir: &Path, limit: Option<u64>) -> std::io::Result<Self> {
+    /// run left, oldest first. `limit` bounds blocks and written data together (bytes);
+    /// `min_free` is what blocks always leave free on the disk.
+    pub fn open(dir: &Path, limit: Option<u64>, min_free: MinFree) -> std::io::Result<Self> {
         make_dir(dir)?;
         for sub in 0..=255u8 {
             make_dir(&dir.join(format!("{sub:02x}")))?;
@@ -111,6 +115,8 @@ impl DiskCache {
             dir: dir.to_owned(),
             index: Mutex::new((lru, bytes)),
             limit,
+            min_free,
+            starved: AtomicBool::new(false),
             dirty_bytes: OnceLock::new(),
             stats: DiskCacheStats::default(),
         })
@@ -174,6 +180,11 @@ impl DiskCache {
         if !self.make_room(len) {
             return;
         }
+        if self.starved.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                "disk block cache: free space is back above --cache-min-free; storing blocks again"
+            );
+        }
         let path = self.path(&name);
         match write_block(&path, block) {
             Ok(()) => {
@@ -198,11 +209,20 @@ impl DiskCache {
                 Some(limit) => limit.saturating_sub(dirty),
                 None => total / 4,
             };
-            let reserve = total / 100 * DISK_RESERVE_PERCENT;
-            if self.index().1 + len <= budget && available >= len + reserve {
+            let reserve = self.min_free.of(total);
+            let above_reserve = available >= len + reserve;
+            if self.index().1 + len <= budget && above_reserve {
                 return true;
             }
             if !self.evict_one() {
+                if !above_reserve && !self.starved.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        available,
+                        reserve,
+                        min_free = %self.min_free,
+                        "disk block cache: the cache disk is short of free space; blocks read from S3 are kept in memory only until it has more than --cache-min-free"
+                    );
+                }
                 return false;
             }
         }
@@ -398,7 +418,7 @@ mod tests {
     #[test]
     fn blocks_survive_a_reopen_and_versions_do_not_mix() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(tmp.path(), Some(1 << 30)).unwrap();
+        let cache = DiskCache::open(tmp.path(), Some(1 << 30), MinFree::Bytes(0)).unwrap();
         cache.insert(&id("a/b", "e1", 0), &block(1, 1000));
         cache.insert(&id("a/b", "e1", 1), &block(2, 10));
         assert_eq!(
@@ -407,7 +427,7 @@ mod tests {
         );
         assert!(cache.get(&id("a/b", "e2", 0)).is_none(), "another version");
         drop(cache);
-        let cache = DiskCache::open(tmp.path(), Some(1 << 30)).unwrap();
+        let cache = DiskCache::open(tmp.path(), Some(1 << 30), MinFree::Bytes(0)).unwrap();
         assert_eq!(cache.usage().1, 2);
         assert_eq!(
             bytes_of(&cache.get(&id("a/b", "e1", 1)).unwrap()),
@@ -418,7 +438,7 @@ mod tests {
     #[test]
     fn corrupt_blocks_are_dropped_never_served() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(tmp.path(), Some(1 << 30)).unwrap();
+        let cache = DiskCache::open(tmp.path(), Some(1 << 30), MinFree::Bytes(0)).unwrap();
         let b = id("k", "e", 3);
         cache.insert(&b, &block(7, 4096));
         let path = cache.path(&block_name(&b));
@@ -440,7 +460,7 @@ mod tests {
     fn least_recently_used_blocks_go_first_and_written_data_counts() {
         let tmp = tempfile::tempdir().unwrap();
         let per_block = (HEADER + 1000) as u64;
-        let cache = DiskCache::open(tmp.path(), Some(3 * per_block)).unwrap();
+        let cache = DiskCache::open(tmp.path(), Some(3 * per_block), MinFree::Bytes(0)).unwrap();
         for i in 0..3 {
             cache.insert(&id("k", "e", i), &block(i as u8, 1000));
         }
@@ -458,5 +478,22 @@ mod tests {
         assert_eq!(cache.usage().1, 1);
         assert_eq!(cache.evict(1), per_block);
         assert_eq!(cache.usage(), (0, 0));
+    }
+
+    #[test]
+    fn blocks_leave_min_free_on_the_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), None, MinFree::Bytes(0)).unwrap();
+        cache.insert(&id("k", "e", 0), &block(1, 1000));
+        assert_eq!(cache.usage().1, 1);
+        drop(cache);
+        // Nothing is ever free enough for a reserve of the whole disk: the block a previous run
+        // left gives way, and new ones are not stored.
+        let cache = DiskCache::open(tmp.path(), None, MinFree::Percent(100)).unwrap();
+        assert_eq!(cache.usage().1, 1);
+        cache.insert(&id("k", "e", 1), &block(2, 1000));
+        assert_eq!(cache.usage(), (0, 0));
+        assert!(cache.get(&id("k", "e", 0)).is_none());
+        assert!(cache.starved.load(Ordering::Relaxed));
     }
 }

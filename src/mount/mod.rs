@@ -289,10 +289,13 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
         }
         Some(_) => namespace,
     };
-    let disk_cache = match config
-        .disk_cache
-        .then(|| DiskCache::open(&cache_dir.blocks_dir(), config.max_cache_size))
-    {
+    let disk_cache = match config.disk_cache.then(|| {
+        DiskCache::open(
+            &cache_dir.blocks_dir(),
+            config.max_cache_size,
+            config.cache_min_free,
+        )
+    }) {
         None => None,
         Some(Ok(disk)) => Some(Arc::new(disk)),
         Some(Err(e)) => {
