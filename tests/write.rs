@@ -1568,3 +1568,65 @@ fn names_whose_keys_would_pass_s3s_limit_are_refused_when_made() {
     let marker = format!("{}/", key(&deep.join(long('n', 216))));
     assert_eq!(s.get(&bucket, &marker), None);
 }
+
+/// Keys past S3's 1 024 bytes that a laxer server stored (moto keeps any key) are not listed:
+/// such a path can't be looked up, so `ls` would show a name that `stat` says is absent. They
+/// are logged once; keys at the limit show as usual.
+#[test]
+fn keys_a_lax_server_stored_past_s3s_limit_are_not_listed() {
+    let s = server();
+    let bucket = s.bucket("wkeyhide");
+    let long = |c: char, n: usize| c.to_string().repeat(n);
+    // "vol/" + four 200-byte directories: 808 bytes of key before a name.
+    let dir = format!(
+        "vol/{}/{}/{}/{}/",
+        long('a', 200),
+        long('b', 200),
+        long('c', 200),
+        long('d', 200)
+    );
+    let at_limit = format!("{dir}{}", long('f', 216));
+    let past = format!("{dir}{}", long('g', 217));
+    // A directory whose prefix ("name/") fits, holding a key that doesn't; and one whose
+    // prefix doesn't fit.
+    let in_fitting_dir = format!("{dir}{}/x", long('m', 215));
+    let in_long_dir = format!("{dir}{}/x", long('n', 216));
+    assert_eq!((at_limit.len(), past.len()), (1024, 1025));
+    if !s.try_put(&bucket, &past, b"p") {
+        common::skipped(
+            "long keys: this server refuses keys past 1 024 bytes, as S3 does; CI runs this on moto",
+        );
+        return;
+    }
+    let data = pattern(2000, 11);
+    s.put(&bucket, &at_limit, &data);
+    s.put(&bucket, &in_fitting_dir, b"x");
+    s.put(&bucket, &in_long_dir, b"x");
+    let m = Mount::new(&format!("s3://{bucket}/vol/"), &["--read-only"]);
+    let deep = m.path().join(&dir["vol/".len()..]);
+    let mut names: Vec<String> = fs::read_dir(&deep)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, [long('f', 216), long('m', 215)]);
+    // What is listed can be looked up and read; the fitting directory lists empty.
+    assert_eq!(sha256_file(&deep.join(long('f', 216))), sha256(&data));
+    assert_eq!(fs::read_dir(deep.join(long('m', 215))).unwrap().count(), 0);
+    let log = m.log();
+    for hidden in [
+        &past,
+        &in_long_dir[..in_long_dir.len() - 1],
+        &in_fitting_dir,
+    ] {
+        assert_eq!(
+            log.matches(hidden).count(),
+            1,
+            "{} bytes, logged once:\n{log}",
+            hidden.len()
+        );
+    }
+    assert!(log.contains("1 024-byte limit"), "{log}");
+    // Nothing was touched in S3.
+    assert_eq!(s.get(&bucket, &past).as_deref(), Some(&b"p"[..]));
+}

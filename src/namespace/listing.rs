@@ -94,7 +94,7 @@ impl<S: ObjectStore> Namespace<S> {
                     continue;
                 };
                 let name = name.trim_end_matches('/');
-                if let Err(why) = check_component(name) {
+                if let Err(why) = check_listed(sub, name) {
                     self.skip_key(sub, why);
                     continue;
                 }
@@ -111,7 +111,7 @@ impl<S: ObjectStore> Namespace<S> {
                 if name.is_empty() {
                     continue; // this directory's own marker
                 }
-                if let Err(why) = check_component(name) {
+                if let Err(why) = check_listed(key, name) {
                     self.skip_key(key, why);
                     continue;
                 }

@@ -23,7 +23,7 @@ pub use attr::{
 };
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Seen, version};
-use names::{InvalidName, check_component, dir_key, is_reserved, join};
+use names::{InvalidName, check_component, check_listed, dir_key, is_reserved, join};
 pub use names::{MAX_KEY_LEN, normalize_prefix};
 
 use crate::cache::heads::HeadLog;

@@ -20,6 +20,9 @@ pub enum InvalidName {
     Nul,
     /// A `/` inside one component: only a server that ignores the delimiter sends that.
     Slash,
+    /// A key (or a directory's prefix, `/` included) past [`MAX_KEY_LEN`]: a server laxer than
+    /// S3 stored it, but such a path can't be looked up, made or uploaded here.
+    KeyTooLong,
 }
 
 impl std::fmt::Display for InvalidName {
@@ -31,6 +34,7 @@ impl std::fmt::Display for InvalidName {
             InvalidName::TooLong => "component longer than 255 bytes",
             InvalidName::Nul => "contains a NUL byte",
             InvalidName::Slash => "contains a slash (listing ignored the delimiter)",
+            InvalidName::KeyTooLong => "key longer than S3's 1 024-byte limit",
         })
     }
 }
@@ -47,6 +51,17 @@ pub fn check_component(name: &str) -> Result<(), InvalidName> {
         _ if name.contains('/') => Err(InvalidName::Slash),
         _ => Ok(()),
     }
+}
+
+/// Checks a listed entry: `name` must be a file name ([`check_component`]) and `key` (an
+/// object's key, or a directory's prefix with its `/`) at most [`MAX_KEY_LEN`] bytes, so that
+/// what a listing shows can be looked up.
+pub fn check_listed(key: &str, name: &str) -> Result<(), InvalidName> {
+    check_component(name)?;
+    if key.len() > MAX_KEY_LEN {
+        return Err(InvalidName::KeyTooLong);
+    }
+    Ok(())
 }
 
 /// Whether `name` in directory `dir` (`""` for the root) is keepfs's own (the snapshots under
@@ -86,6 +101,21 @@ pub fn normalize_prefix(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+
+    #[test]
+    fn listed_keys_fit_s3s_limit() {
+        let dir = format!("{}/", "d".repeat(1000));
+        let name = |n: usize| "f".repeat(n);
+        assert_eq!(
+            check_listed(&format!("{dir}{}", name(23)), &name(23)),
+            Ok(())
+        );
+        assert_eq!(
+            check_listed(&format!("{dir}{}", name(24)), &name(24)),
+            Err(InvalidName::KeyTooLong)
+        );
+        assert_eq!(check_listed("a/..", ".."), Err(InvalidName::DotDot));
+    }
 
     proptest! {
         /// Whatever a key holds, a component accepted as a name can't leave its directory
