@@ -61,7 +61,9 @@ pub struct Seen {
 
 #[derive(Debug)]
 pub struct InodeTable {
-    nodes: HashMap<u64, Node>,
+    /// Boxed: a slot of the table is then 16 bytes, not 200, so the slack of a table grown for a
+    /// large directory (up to half its slots) costs little.
+    nodes: HashMap<u64, Box<Node>>,
     by_path: HashMap<String, u64>,
     /// When entries were last added to or removed from each directory this mount changed:
     /// its mtime and ctime (kept in memory, see [`InodeTable::touch_dir`]).
@@ -72,6 +74,16 @@ pub struct InodeTable {
     subdirs: HashMap<String, u32>,
     /// Directories known in full, kept up as names are linked and unlinked here.
     pub complete: CompleteDirs,
+}
+
+/// Gives a map's memory back once three quarters of its slots are empty (hash tables never
+/// shrink on their own): after the kernel forgets the inodes of a large directory, their table
+/// would otherwise stay as large as at its peak. Halving at a quarter full keeps the cost of
+/// the rehash amortised over the removals that led to it.
+fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
 }
 
 /// The directory holding `path` ("" for the root's entries).
@@ -126,7 +138,7 @@ impl InodeTable {
             lookups: 1,
         };
         Self {
-            nodes: HashMap::from([(ROOT_INO, root)]),
+            nodes: HashMap::from([(ROOT_INO, Box::new(root))]),
             by_path: HashMap::from([(String::new(), ROOT_INO)]),
             dir_changes: HashMap::new(),
             subdirs: HashMap::new(),
@@ -135,16 +147,16 @@ impl InodeTable {
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
-        self.nodes.get(&ino)
+        self.nodes.get(&ino).map(|n| &**n)
     }
 
     pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
-        self.nodes.get_mut(&ino)
+        self.nodes.get_mut(&ino).map(|n| &mut **n)
     }
 
     /// The live node linked at `path`, if the kernel holds one.
     pub fn find(&self, path: &str) -> Option<&Node> {
-        self.by_path.get(path).and_then(|ino| self.nodes.get(ino))
+        self.by_path.get(path).and_then(|ino| self.get(*ino))
     }
 
     /// Whether `ino` is still linked at its path (not unlinked, replaced or renamed over).
@@ -184,7 +196,7 @@ impl InodeTable {
                 let ino = self.free_ino(path, seen.attr.kind, version(&seen.etag));
                 self.nodes.insert(
                     ino,
-                    Node {
+                    Box::new(Node {
                         path: path.to_owned(),
                         attr: seen.attr.clone(),
                         etag: None,
@@ -193,7 +205,7 @@ impl InodeTable {
                         opened_etag: None,
                         written_here: false,
                         lookups: 0,
-                    },
+                    }),
                 );
                 self.by_path.insert(path.to_owned(), ino);
                 self.complete.linked(path);
@@ -375,6 +387,7 @@ impl InodeTable {
     pub fn children(&self, dir: &str) -> Vec<&Node> {
         self.nodes
             .values()
+            .map(|n| &**n)
             .filter(|n| {
                 !n.path.is_empty()
                     && parent_path(&n.path) == dir
@@ -397,6 +410,8 @@ impl InodeTable {
             if self.by_path.get(&node.path) == Some(&ino) {
                 self.by_path.remove(&node.path);
             }
+            shrink_if_sparse(&mut self.nodes);
+            shrink_if_sparse(&mut self.by_path);
             return true;
         }
         false
@@ -433,6 +448,29 @@ mod tests {
             etag: Some(etag.into()),
             from_head,
             from_server: true,
+        }
+    }
+
+    #[test]
+    fn tables_give_memory_back_once_the_kernel_forgets() {
+        let mut t = InodeTable::new(attr(NodeKind::Directory, 0, 0o755), Duration::from_secs(1));
+        let inos: Vec<u64> = (0..20_000)
+            .map(|i| {
+                let e = format!("e{i}");
+                t.remember(&format!("big/f{i}"), seen(NodeKind::File, &e, false, 0o644))
+                    .ino
+            })
+            .collect();
+        assert!(t.nodes.capacity() >= 20_000 && t.by_path.capacity() >= 20_000);
+        // The kernel forgets all but a few: what is left is still found.
+        for ino in &inos[10..] {
+            assert!(t.forget(*ino, 1));
+        }
+        assert_eq!(t.live_count(), 11);
+        assert!(t.nodes.capacity() <= 1024, "{}", t.nodes.capacity());
+        assert!(t.by_path.capacity() <= 1024, "{}", t.by_path.capacity());
+        for (i, ino) in inos[..10].iter().enumerate() {
+            assert_eq!(t.find(&format!("big/f{i}")).map(|n| n.attr.ino), Some(*ino));
         }
     }
 

@@ -171,9 +171,10 @@ impl<S: ObjectStore> Namespace<S> {
                 .values()
                 // Only these get lookups while the listing is fresh (see fs/listing.rs).
                 .filter(|e| e.unverified())
-                .map(|e| (e.name.clone(), self.object_key(&join(&dir, &e.name))))
+                .map(|e| e.name.clone())
                 .collect();
-            self.statahead.listed(&dir, objects);
+            self.statahead
+                .listed(&dir, dir_key(&self.prefix, &dir), objects);
             let names = entries.keys().cloned().collect();
             self.table().complete.listed(&dir, ticket, names, pages);
         }

@@ -59,9 +59,12 @@ impl Answer {
 
 /// The listed objects of one directory, in name order, and the answers sent for them.
 struct DirAhead {
-    /// `(name, key)` of the objects the listing showed that the kernel will look up: those
-    /// known from the listing only (the kernel is told not to keep their attributes).
-    names: Vec<(String, String)>,
+    /// Names of the objects the listing showed that the kernel will look up: those known from
+    /// the listing only (the kernel is told not to keep their attributes).
+    names: Vec<String>,
+    /// What a name is appended to for its key (the directory's prefix, `/` included); kept
+    /// once, not per name: a 100 000-entry directory would hold each key twice.
+    key_prefix: String,
     state: Mutex<DirState>,
 }
 
@@ -96,15 +99,16 @@ impl Statahead {
         self.ttl >= MIN_TTL
     }
 
-    /// Records directory `dir`'s listed objects, `(name, key)` sorted by name, replacing what
-    /// an earlier listing left.
-    pub fn listed(&self, dir: &str, names: Vec<(String, String)>) {
+    /// Records directory `dir`'s listed objects, names sorted, whose keys are `key_prefix` +
+    /// name, replacing what an earlier listing left.
+    pub fn listed(&self, dir: &str, key_prefix: String, names: Vec<String>) {
         if !self.enabled() || names.is_empty() {
             self.dirs.invalidate(dir);
             return;
         }
         let ahead = DirAhead {
             names,
+            key_prefix,
             state: Mutex::new(DirState {
                 window: FIRST_WINDOW,
                 ..DirState::default()
@@ -130,7 +134,7 @@ impl Statahead {
         let ahead = self.dirs.get(dir)?;
         let at = ahead
             .names
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .binary_search_by(|n| n.as_str().cmp(name))
             .ok()?;
         let own = {
             let mut state = ahead.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,7 +146,8 @@ impl Statahead {
                     .get(&i)
                     .is_some_and(|a| a.sent.elapsed() < self.ttl);
                 if !fresh {
-                    let answer = self.send(store, &ahead.names[i].1);
+                    let key = format!("{}{}", ahead.key_prefix, ahead.names[i]);
+                    let answer = self.send(store, key);
                     state.answers.insert(i, answer);
                 }
             }
@@ -156,8 +161,8 @@ impl Statahead {
         (own.sent.elapsed() < self.ttl).then_some((meta, own.sent))
     }
 
-    fn send<S: ObjectStore>(&self, store: &Arc<S>, key: &str) -> Arc<Answer> {
-        let (store, key, permits) = (store.clone(), key.to_owned(), self.permits.clone());
+    fn send<S: ObjectStore>(&self, store: &Arc<S>, key: String) -> Arc<Answer> {
+        let (store, permits) = (store.clone(), self.permits.clone());
         // Taken before the HEAD can go out: an answer is never older than this says.
         let sent = Instant::now();
         let task = tokio::spawn(async move {
