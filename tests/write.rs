@@ -1602,7 +1602,7 @@ fn keys_a_lax_server_stored_past_s3s_limit_are_not_listed() {
     s.put(&bucket, &at_limit, &data);
     s.put(&bucket, &in_fitting_dir, b"x");
     s.put(&bucket, &in_long_dir, b"x");
-    let m = Mount::new(&format!("s3://{bucket}/vol/"), &["--read-only"]);
+    let m = Mount::new(&format!("s3://{bucket}/vol/"), RW);
     let deep = m.path().join(&dir["vol/".len()..]);
     let mut names: Vec<String> = fs::read_dir(&deep)
         .unwrap()
@@ -1613,6 +1613,11 @@ fn keys_a_lax_server_stored_past_s3s_limit_are_not_listed() {
     // What is listed can be looked up and read; the fitting directory lists empty.
     assert_eq!(sha256_file(&deep.join(long('f', 216))), sha256(&data));
     assert_eq!(fs::read_dir(deep.join(long('m', 215))).unwrap().count(), 0);
+    // It lists empty, but S3 holds a key below it: rmdir is refused, as for any other
+    // non-empty directory (the directory would otherwise come back at the next lookup).
+    let e = fs::remove_dir(deep.join(long('m', 215))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY), "{e}");
+    assert!(deep.join(long('m', 215)).is_dir());
     let log = m.log();
     for hidden in [
         &past,

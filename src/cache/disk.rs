@@ -210,7 +210,8 @@ impl DiskCache {
                 None => total / 4,
             };
             let reserve = self.min_free.of(total);
-            let above_reserve = available >= len + reserve;
+            // Saturating: `--cache-min-free` takes any size, up to u64::MAX bytes.
+            let above_reserve = available.saturating_sub(reserve) >= len;
             if self.index().1 + len <= budget && above_reserve {
                 return true;
             }
@@ -489,11 +490,20 @@ mod tests {
         drop(cache);
         // Nothing is ever free enough for a reserve of the whole disk: the block a previous run
         // left gives way, and new ones are not stored.
-        let cache = DiskCache::open(tmp.path(), None, MinFree::Percent(100)).unwrap();
+        let mut cache = DiskCache::open(tmp.path(), None, MinFree::Percent(100)).unwrap();
         assert_eq!(cache.usage().1, 1);
         cache.insert(&id("k", "e", 1), &block(2, 1000));
         assert_eq!(cache.usage(), (0, 0));
         assert!(cache.get(&id("k", "e", 0)).is_none());
         assert!(cache.starved.load(Ordering::Relaxed));
+        // A reserve no disk holds, as a size: refused the same way, without overflowing.
+        cache.min_free = MinFree::Bytes(u64::MAX);
+        cache.insert(&id("k", "e", 2), &block(3, 1000));
+        assert_eq!(cache.usage(), (0, 0));
+        // Room again (here: a reserve of nothing): blocks are stored, and the episode is over.
+        cache.min_free = MinFree::Bytes(0);
+        cache.insert(&id("k", "e", 3), &block(4, 1000));
+        assert_eq!(cache.usage().1, 1);
+        assert!(!cache.starved.load(Ordering::Relaxed));
     }
 }

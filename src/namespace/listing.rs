@@ -14,23 +14,25 @@ impl<S: ObjectStore> Namespace<S> {
         }
     }
 
-    /// A fresh, complete listing of directory `ino`, sorted by name, or an error. Nothing is
-    /// registered. For decisions (is it empty?): never a partial answer.
-    pub async fn list(&self, ino: u64) -> Result<Vec<Listed>, FsError> {
-        self.list_entries(ino, false).await
+    /// Whether directory `ino` holds nothing, from a fresh, complete listing (never a partial
+    /// answer): no entry, and no key left out because it can't be shown (such a key keeps the
+    /// directory in S3, so `rmdir` must refuse it). Nothing is registered.
+    pub async fn is_empty(&self, ino: u64) -> Result<bool, FsError> {
+        let (entries, hidden) = self.list_entries(ino, false).await?;
+        Ok(entries.is_empty() && !hidden)
     }
 
     /// [`Namespace::list`] for showing a directory: while S3 can't be reached, the entries the
     /// mount knows. Call [`Namespace::remember`] for each entry handed to the kernel.
     pub async fn list_for_readdir(&self, ino: u64) -> Result<Vec<Listed>, FsError> {
-        self.list_entries(ino, true).await
+        Ok(self.list_entries(ino, true).await?.0)
     }
 
     pub(super) async fn list_entries(
         &self,
         ino: u64,
         known_if_unavailable: bool,
-    ) -> Result<Vec<Listed>, FsError> {
+    ) -> Result<(Vec<Listed>, bool), FsError> {
         let (dir, kind) = self.path_of(ino)?;
         if kind != NodeKind::Directory {
             return Err(FsError::NotDirectory);
@@ -56,6 +58,7 @@ impl<S: ObjectStore> Namespace<S> {
         let mut token = None;
         let mut pages = 0u32;
         let mut from_known = false; // S3 unreachable: what the mount knows, not a count
+        let mut hidden = false; // keys left out: they can't be shown
         loop {
             pages += 1;
             let page = match self.store.list_page(&prefix, token, None).await {
@@ -96,6 +99,7 @@ impl<S: ObjectStore> Namespace<S> {
                 let name = name.trim_end_matches('/');
                 if let Err(why) = check_listed(sub, name) {
                     self.skip_key(sub, why);
+                    hidden = true;
                     continue;
                 }
                 if is_reserved(&dir, name) {
@@ -113,6 +117,7 @@ impl<S: ObjectStore> Namespace<S> {
                 }
                 if let Err(why) = check_listed(key, name) {
                     self.skip_key(key, why);
+                    hidden = true;
                     continue;
                 }
                 if is_reserved(&dir, name) {
@@ -146,7 +151,7 @@ impl<S: ObjectStore> Namespace<S> {
                             .entry(sub.to_owned())
                             .or_insert_with(|| self.listed(&dir, sub, seen));
                     }
-                    Some(_) => {}
+                    Some(_) => hidden = true,
                     None => {
                         if entries
                             .get(rest)
@@ -173,15 +178,15 @@ impl<S: ObjectStore> Namespace<S> {
                 .filter(|e| e.unverified())
                 .map(|e| e.name.clone())
                 .collect();
-            self.statahead
-                .listed(&dir, dir_key(&self.prefix, &dir), objects);
+            self.statahead.listed(&dir, prefix.clone(), objects);
             let names = entries.keys().cloned().collect();
             self.table().complete.listed(&dir, ticket, names, pages);
         }
-        Ok(entries
+        let entries = entries
             .into_values()
             .map(|entry| Listed { asked, ..entry })
-            .collect())
+            .collect();
+        Ok((entries, hidden))
     }
 
     /// The entries of directory `dir` the inode table holds, for a listing while S3 is down.

@@ -156,7 +156,7 @@ impl<S: ObjectStore> Namespace<S> {
             complete::Known::Relist => {
                 // A listing just made answers, even where it took longer than the TTL.
                 match self.list_entries(parent, false).await {
-                    Ok(entries) => {
+                    Ok((entries, _)) => {
                         !entries.iter().any(|e| e.name == name) && self.table().find(path).is_none()
                     }
                     Err(_) => false, // the lookup asks, and reports what it finds

@@ -62,8 +62,8 @@ struct DirAhead {
     /// Names of the objects the listing showed that the kernel will look up: those known from
     /// the listing only (the kernel is told not to keep their attributes).
     names: Vec<String>,
-    /// What a name is appended to for its key (the directory's prefix, `/` included); kept
-    /// once, not per name: a 100 000-entry directory would hold each key twice.
+    /// What a name is appended to for its key (the directory's prefix, `/` included): kept
+    /// once per directory, where a key per name held each name twice and the prefix each time.
     key_prefix: String,
     state: Mutex<DirState>,
 }

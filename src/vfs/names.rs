@@ -151,7 +151,7 @@ impl<S: ObjectStore> Vfs<S> {
         if attr.kind != NodeKind::Directory {
             return Err(FsError::NotDirectory);
         }
-        if !self.namespace.list(attr.ino).await?.is_empty() {
+        if !self.namespace.is_empty(attr.ino).await? {
             return Err(FsError::NotEmpty);
         }
         let marker = self.namespace.removed_dir(attr.ino)?;
