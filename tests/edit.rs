@@ -374,8 +374,18 @@ fn blocks_leave_cache_min_free_on_the_cache_disk() {
             cache_arg,
             "--cache-min-free",
             "100%",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ],
     );
+    let addr = common::scrape::metrics_addr(&m);
+    let below = |addr: &str| {
+        let (text, samples) = common::scrape::scrape(addr);
+        *samples
+            .get("keepfs_disk_cache_below_min_free")
+            .unwrap_or_else(|| panic!("no gauge:\n{text}"))
+    };
+    assert_eq!(below(&addr), 0.0, "nothing was turned away yet");
     assert_eq!(sha256_file(&m.path().join("second.bin")), sha256(&second));
     assert_eq!(sha256_file(&m.path().join("first.bin")), sha256(&first));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -397,6 +407,7 @@ fn blocks_leave_cache_min_free_on_the_cache_disk() {
         "{}",
         m.log()
     );
+    assert_eq!(below(&addr), 1.0, "the gauge says why nothing is cached");
     drop(m);
 
     // A value that is neither a size nor a share is refused before mounting.

@@ -142,6 +142,12 @@ impl DiskCache {
         (index.1, index.0.len())
     }
 
+    /// Whether blocks are being turned away because the cache disk has less free space than
+    /// `--cache-min-free` (since the last block that could not be stored, until one can).
+    pub fn below_min_free(&self) -> bool {
+        self.starved.load(Ordering::Relaxed)
+    }
+
     /// Whether the block may be on disk (cheap: the index only).
     pub fn contains(&self, id: &BlockId) -> bool {
         self.index().0.contains(&block_name(id))

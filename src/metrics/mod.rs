@@ -92,6 +92,9 @@ pub struct Metrics {
     pub cache_hit_bytes: Family<CacheLabels, Counter>,
     pub cache_evictions: Family<CacheLabels, Counter>,
     pub cache_size: Family<CacheLabels, Gauge>,
+    /// 1 while the disk cache stores no blocks: the cache disk has less free space than
+    /// `--cache-min-free`; else 0.
+    pub disk_cache_below_min_free: Gauge,
     /// `--memory-limit` in bytes.
     pub memory_limit: Gauge,
     /// Bytes reserved by reads ahead and upload parts now (see [`crate::memory`]).
@@ -129,6 +132,7 @@ impl Metrics {
             cache_hit_bytes: Family::default(),
             cache_evictions: Family::default(),
             cache_size: Family::default(),
+            disk_cache_below_min_free: Gauge::default(),
             memory_limit: Gauge::default(),
             memory_in_transit: Gauge::default(),
             dirty_files: Gauge::default(),
@@ -226,6 +230,11 @@ impl Metrics {
             "Bytes of blocks the cache holds now",
             Unit::Bytes,
             m.cache_size.clone(),
+        );
+        r.register(
+            "disk_cache_below_min_free",
+            "1 while blocks read from S3 are not stored on the cache disk: it has less free space than --cache-min-free",
+            m.disk_cache_below_min_free.clone(),
         );
         r.register_with_unit(
             "memory_limit",

@@ -336,6 +336,8 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
                 m.cache_size
                     .get_or_create(&metrics::DISK)
                     .set(gauge_value(disk.usage().0));
+                m.disk_cache_below_min_free
+                    .set(i64::from(disk.below_min_free()));
             }
         });
     }
