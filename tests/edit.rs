@@ -346,17 +346,13 @@ fn blocks_leave_cache_min_free_on_the_cache_disk() {
     s.put(&bucket, "first.bin", &first);
     s.put(&bucket, "second.bin", &second);
     let cache = tempfile::tempdir().unwrap();
-    let cache_arg = cache.path().to_str().unwrap();
-    let m = Mount::new(
-        &format!("s3://{bucket}"),
-        &[
-            "--read-only",
-            "--cache-dir",
-            cache_arg,
-            "--cache-min-free",
-            "0",
-        ],
-    );
+    let mount = |min_free: &str, extra: &[&str]| {
+        let mut args = vec!["--read-only", "--cache-dir"];
+        args.extend([cache.path().to_str().unwrap(), "--cache-min-free", min_free]);
+        args.extend_from_slice(extra);
+        Mount::new(&format!("s3://{bucket}"), &args)
+    };
+    let m = mount("0", &[]);
     assert_eq!(sha256_file(&m.path().join("first.bin")), sha256(&first));
     let deadline = Instant::now() + Duration::from_secs(30);
     while cached_blocks(cache.path()).len() < 8 {
@@ -366,18 +362,7 @@ fn blocks_leave_cache_min_free_on_the_cache_disk() {
     drop(m);
 
     // No disk has more than all of itself free.
-    let m = Mount::new(
-        &format!("s3://{bucket}"),
-        &[
-            "--read-only",
-            "--cache-dir",
-            cache_arg,
-            "--cache-min-free",
-            "100%",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-    );
+    let m = mount("100%", &["--metrics-addr", "127.0.0.1:0"]);
     let addr = common::scrape::metrics_addr(&m);
     let below = |addr: &str| {
         let (text, samples) = common::scrape::scrape(addr);

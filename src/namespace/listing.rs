@@ -22,12 +22,16 @@ impl<S: ObjectStore> Namespace<S> {
         Ok(entries.is_empty() && !hidden)
     }
 
-    /// [`Namespace::list`] for showing a directory: while S3 can't be reached, the entries the
-    /// mount knows. Call [`Namespace::remember`] for each entry handed to the kernel.
+    /// A fresh, complete listing of directory `ino`, sorted by name, for showing it: while S3
+    /// can't be reached, the entries the mount knows. Call [`Namespace::remember`] for each
+    /// entry handed to the kernel.
     pub async fn list_for_readdir(&self, ino: u64) -> Result<Vec<Listed>, FsError> {
         Ok(self.list_entries(ino, true).await?.0)
     }
 
+    /// Directory `ino`'s entries, sorted by name, and whether the listing held keys left out
+    /// because they can't be shown. With `known_if_unavailable`, an unreachable S3 gives what
+    /// the mount knows (if that is the whole directory) instead of an error.
     pub(super) async fn list_entries(
         &self,
         ino: u64,

@@ -36,16 +36,17 @@ impl<S: ObjectStore> Namespace<S> {
         if let Some(attr) = made {
             return Ok(self.table().remember(&path, self.seen_marker(attr)));
         }
-        if let Some(attr) = self.dirty_attr(&self.object_key(&path)) {
+        let key = self.object_key(&path);
+        if let Some(attr) = self.dirty_attr(&key) {
             let seen = self.seen_dirty(&attr);
             return Ok(self.table().remember(&path, seen));
         }
-        if self.is_gone(&self.object_key(&path)) {
+        if self.is_gone(&key) {
             return Err(FsError::NotFound);
         }
         // Not asked: no key can name it. (A file an earlier version took under such a name is
         // found above, so that it can still be renamed to a shorter one.)
-        if self.object_key(&path).len() > MAX_KEY_LEN {
+        if key.len() > MAX_KEY_LEN {
             return Err(FsError::NotFound);
         }
         {
@@ -65,7 +66,7 @@ impl<S: ObjectStore> Namespace<S> {
             return Err(FsError::NotFound);
         }
         if let Some((meta, sent)) = self.statahead.answer(&self.store, &dir, name).await {
-            self.keep_head(&self.object_key(&path), &meta);
+            self.keep_head(&key, &meta);
             return Ok(self.remember_current(&path, self.seen_object(&meta, true), sent));
         }
         let asked = Instant::now();
